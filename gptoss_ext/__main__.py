@@ -1,0 +1,215 @@
+"""Command line: python -m gptoss_ext {generate, chat, make-checkpoint, info, bench}."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def load_or_embedded(args):
+    """The model named by --model, or the embedded random tiny model (and say so)."""
+    import gptoss_ext as g
+
+    device = _device(args.device)
+    if args.model:
+        t0 = time.perf_counter()
+        model = g.load_model(args.model, device=device, dtype=_dtype(args.dtype))
+        info = model.checkpoint_info
+        print(f"[loaded {info.path} ({info.layout} layout) on {device} in {time.perf_counter() - t0:.1f} s]",
+              file=sys.stderr)
+    else:
+        model = g.random_model(args.preset, seed=args.weights_seed, device=device, dtype=_dtype(args.dtype))
+        print(f"[no --model given: using the built-in random '{args.preset}' model (seed {args.weights_seed}); "
+              "its output is meaningless text. Point --model at a gpt-oss checkpoint folder for real output]",
+              file=sys.stderr)
+    return model
+
+
+def _add_model_args(p):
+    p.add_argument("--model", help="checkpoint folder (original/ or Hugging Face layout); default: built-in random model")
+    p.add_argument("--preset", default="tiny", help="preset of the built-in random model (default tiny)")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of the built-in random model's weights")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+
+
+def _add_sampling_args(p):
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def cmd_generate(args) -> int:
+    from . import tokenizer as tok
+    from .generate import check_sampling
+
+    check_sampling(args.temperature, args.top_p, args.top_k)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    tok.get_tokenizer()
+    model = load_or_embedded(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    ids = tok.encode(prompt, allow_special=not args.no_special)
+    stops = [int(s) for s in args.stop] if args.stop else [tok.RETURN, tok.CALL, tok.ENDOFTEXT]
+    dec = tok.StreamDecoder()
+    out = sys.stdout
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for token in model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stops,
+                                stream=True):
+        if first is None:
+            first = time.perf_counter() - t0
+        n += 1
+        out.write(dec.push(token))
+        out.flush()
+    out.write(dec.flush() + "\n")
+    dt = time.perf_counter() - t0
+    if n:
+        rate = (n - 1) / (dt - first) if n > 1 and dt > first else float("nan")
+        print(f"[{len(ids)} prompt tokens, {n} generated in {dt:.2f} s: first token after {first * 1000:.0f} ms, "
+              f"then {rate:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_make_checkpoint(args) -> int:
+    from .config import format_bytes, get_preset
+    from .synthetic import make_checkpoint
+
+    get_preset(args.preset)
+    t0 = time.perf_counter()
+    path = make_checkpoint(args.preset, args.out, layout=args.layout, seed=args.seed,
+                           quantized=args.experts == "mxfp4", shard_bytes=int(args.shard_gb * 1e9),
+                           overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"wrote {path} ({args.preset}, {args.layout} layout, {args.experts} experts, seed {args.seed}): "
+          f"{format_bytes(size)} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import gptoss_ext as g
+    from .config import format_bytes, format_count, get_preset
+
+    d = {"install": g.info()}
+    config = None
+    if args.model:
+        ci = g.inspect_checkpoint(args.model)
+        config = ci.config
+        d["checkpoint"] = {"path": str(ci.path), "layout": ci.layout,
+                           "experts": "mxfp4" if ci.quantized else "bf16",
+                           "files": len(ci.files), "bytes_on_disk": sum(f.stat().st_size for f in ci.files)}
+    elif args.preset:
+        config = get_preset(args.preset)
+    if config is not None:
+        s = config.summary()
+        if args.model and not d["checkpoint"]["experts"] == "mxfp4":
+            s["weight_bytes"] += int(config.param_counts()["expert_weights"] * 2 - s["weight_bytes_by_group"]["expert_weights"])
+        d["model"] = {**s, "config": config.to_original_dict(),
+                      "kv_cache_bytes": config.kv_cache_bytes(args.context, args.batch),
+                      "kv_cache_for": {"context": args.context, "batch": args.batch},
+                      "decode_bytes_per_step": config.decode_bytes_per_step(args.context, args.batch)}
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    for k, v in d["install"].items():
+        print(f"{k:22s} {v}")
+    if "checkpoint" in d:
+        for k, v in d["checkpoint"].items():
+            print(f"{k:22s} {format_bytes(v) if k == 'bytes_on_disk' else v}")
+    if "model" in d:
+        m = d["model"]
+        print(f"{'params':22s} {format_count(m['params'])} ({format_count(m['active_params'])} active per token)")
+        print(f"{'weight bytes':22s} {format_bytes(m['weight_bytes'])}")
+        for k, v in m["weight_bytes_by_group"].items():
+            print(f"{'  ' + k:22s} {format_bytes(v)}")
+        print(f"{'kv cache bytes':22s} {format_bytes(m['kv_cache_bytes'])} "
+              f"({args.context} tokens x batch {args.batch}, bf16)")
+        print(f"{'decode bytes/step':22s} {format_bytes(m['decode_bytes_per_step'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gptoss_ext", description="gpt-oss inference with CUDA kernels")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming text to stdout")
+    g.add_argument("prompt", help="prompt text ('-' reads stdin); special tokens like <|start|> are honoured")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--stop", nargs="*", help="stop token ids (default: <|return|> <|call|> <|endoftext|>)")
+    g.add_argument("--no-special", action="store_true", help="treat special-token text in the prompt as plain text")
+    g.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("make-checkpoint", help="write a random checkpoint of a preset's shapes")
+    m.add_argument("--preset", required=True)
+    m.add_argument("--layout", choices=["original", "hf"], default="original")
+    m.add_argument("--experts", choices=["mxfp4", "bf16"], default="mxfp4", help="bf16 needs --layout hf")
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shard-gb", type=float, default=4.0)
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(fn=cmd_make_checkpoint)
+
+    i = sub.add_parser("info", help="what is installed; with --model or --preset, the model's sizes")
+    i.add_argument("--model", help="checkpoint folder (only headers and config are read)")
+    i.add_argument("--preset")
+    i.add_argument("--context", type=int, default=8192, help="context for the KV-cache size (default 8192)")
+    i.add_argument("--batch", type=int, default=1)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    try:
+        from . import cli_chat
+        cli_chat.add_parser(sub, _add_model_args, _add_sampling_args)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from . import _extension
+
+        _extension.raise_deferred()
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # one clear line, no traceback (GPTOSS_DEBUG=1 shows it)
+        if os.environ.get("GPTOSS_DEBUG") == "1":
+            raise
+        known = ("CheckpointError", "TokenizerError", "ExtensionError", "ValueError", "FileExistsError",
+                 "FileNotFoundError", "PermissionError", "OutOfMemoryError")
+        kind = "" if type(e).__name__ in known else f"internal error ({type(e).__name__}): "
+        print(f"error: {kind}{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

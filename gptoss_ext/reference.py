@@ -1,0 +1,217 @@
+"""Plain-PyTorch version of every op: the oracle for the CUDA kernels and the CPU path.
+
+Written for clarity, not speed. Every op computes in float32 (float64 where cheap and it matters,
+e.g. RoPE angles) and returns the input's dtype, so on bf16 inputs the only error is the final
+rounding. Shapes use T = tokens, H = hidden, E = experts, Hq / Hkv = query / key-value heads,
+D = head_dim, S = key positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# FP4 E2M1 code -> value. Codes 8..15 are the negatives of 0..7 (8 is -0).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E8M0_BIAS = 127
+
+# An expert weight is passed either as MXFP4 (blocks [E, rows, cols/32, 16] uint8, scales
+# [E, rows, cols/32] uint8) tuple, or as a dense floating tensor [E, rows, cols].
+
+
+# ---- normalisation ---------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * scale, statistics in fp32."""
+    xf = x.float()
+    t = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (t * scale.float()).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor,
+                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: r = residual + x (rounded to residual's dtype),
+    returns (rms_norm(r) * scale, r). The norm sees the rounded r, as an unfused model would."""
+    r = (residual.float() + x.float()).to(residual.dtype)
+    return rms_norm(r, scale, eps), r
+
+
+# ---- YaRN rotary embedding ---------------------------------------------------------------------
+
+def yarn_inv_freq(head_dim: int, theta: float = 150000.0, factor: float = 32.0,
+                  original_context: int = 4096, ntk_alpha: float = 1.0,
+                  ntk_beta: float = 32.0) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies [head_dim/2] (float64) and the concentration factor.
+
+    Dims faster than beta rotations per original context keep their frequency (extrapolation);
+    dims slower than alpha rotations are divided by `factor` (interpolation); a linear ramp
+    blends the ones between. cos/sin are then scaled by 0.1*ln(factor) + 1."""
+    half = head_dim // 2
+    freq = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if factor <= 1.0:
+        return 1.0 / freq, 1.0
+    concentration = 0.1 * math.log(factor) + 1.0
+    low = half * math.log(original_context / (ntk_beta * 2 * math.pi)) / math.log(theta)
+    high = half * math.log(original_context / (ntk_alpha * 2 * math.pi)) / math.log(theta)
+    ramp = ((torch.arange(half, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    inv_freq = (1.0 / (factor * freq)) * ramp + (1.0 / freq) * (1 - ramp)
+    return inv_freq, concentration
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 150000.0,
+                 factor: float = 32.0, original_context: int = 4096, ntk_alpha: float = 1.0,
+                 ntk_beta: float = 32.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim/2] float32 for integer positions [T], concentration included.
+    Angles are formed in float64 so long positions stay exact."""
+    inv_freq, conc = yarn_inv_freq(head_dim, theta, factor, original_context, ntk_alpha, ntk_beta)
+    angles = positions.to(torch.float64).reshape(-1, 1).cpu() * inv_freq
+    cos = (angles.cos() * conc).to(torch.float32)
+    sin = (angles.sin() * conc).to(torch.float32)
+    return cos.to(positions.device), sin.to(positions.device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves: x [T, heads, D]; cos/sin [T, D/2]. x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    c, s = cos[:, None, :].float(), sin[:, None, :].float()
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
+              start: int = 0, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
+    """Causal GQA attention with a learned sink logit per query head.
+
+    q [T, Hq, D]: queries at positions start .. start+T-1.
+    k, v [S, Hkv, D]: keys / values at positions 0 .. S-1 (S >= start + T; later keys are masked).
+    sinks [Hq]: the sink joins each softmax denominator and contributes no value.
+    sliding_window > 0: query i sees keys j with i - window < j <= i.
+    Returns [T, Hq, D] in q's dtype.
+    """
+    T, Hq, D = q.shape
+    S, Hkv, _ = k.shape
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if S < start + T:
+        raise ValueError(f"keys cover {S} positions but queries reach position {start + T - 1}")
+    G = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    kf, vf = k.float(), v.float()
+    sink = sinks.float().view(Hkv, G, 1, 1)
+    kpos = torch.arange(S, device=q.device)
+    out = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
+    chunk = max(1, (1 << 24) // max(1, Hq * S))       # bound the [chunk, Hq, S] score tensor
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        qf = q[t0:t1].float().view(t1 - t0, Hkv, G, D)
+        scores = torch.einsum("tkgd,skd->kgts", qf, kf) * scale          # [Hkv, G, t, S]
+        qpos = start + torch.arange(t0, t1, device=q.device)
+        allowed = kpos[None, :] <= qpos[:, None]
+        if sliding_window > 0:
+            allowed &= (qpos[:, None] - kpos[None, :]) < sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        logits = torch.cat([scores, sink.expand(Hkv, G, t1 - t0, 1)], dim=-1)
+        probs = torch.softmax(logits, dim=-1)[..., :-1]                 # drop the sink column
+        o = torch.einsum("kgts,skd->tkgd", probs, vf)
+        out[t0:t1] = o.reshape(t1 - t0, Hq, D)
+    return out.to(q.dtype)
+
+
+# ---- router -------------------------------------------------------------------------------------
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[T, H] x [E, H] + [E] -> [T, E] float32."""
+    return F.linear(x.float(), weight.float(), bias.float())
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of logits [T, E] (descending; ties to the lower expert id) and the
+    softmax over those k logits. Returns (weights [T, k] float32, ids [T, k] int64)."""
+    order = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+    top, ids = order.values[:, :k], order.indices[:, :k]
+    return torch.softmax(top, dim=-1), ids
+
+
+def group_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a grouped GEMM needs from routing ids [T, k]:
+    counts [E] (pairs per expert), offsets [E+1] (exclusive prefix sum), and perm [T*k]: the flat
+    (token*k + slot) indices sorted by expert, ties kept in (token, slot) order. All int32."""
+    flat = ids.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    perm = torch.sort(flat, stable=True).indices
+    return counts.int(), offsets.int(), perm.int()
+
+
+# ---- MXFP4 and the expert MLP --------------------------------------------------------------------
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """blocks [..., G, 16] uint8 (two FP4 E2M1 codes a byte, low nibble first) and scales
+    [..., G] uint8 (E8M0, value 2^(s-127)) -> values [..., G*32]."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 shapes do not match: blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    lo = lut[(blocks & 0x0F).long()]
+    hi = lut[(blocks >> 4).long()]
+    vals = torch.stack((lo, hi), dim=-1).reshape(*blocks.shape[:-1], 32)
+    scale = torch.exp2(scales.float() - E8M0_BIAS)
+    return (vals * scale[..., None]).reshape(*blocks.shape[:-2], -1).to(dtype)
+
+
+def expert_weight(weight, e: int) -> torch.Tensor:
+    """Expert e's weight [rows, cols] in float32, from MXFP4 (blocks, scales) or dense [E, rows, cols]."""
+    if isinstance(weight, tuple):
+        blocks, scales = weight
+        return mxfp4_dequantize(blocks[e], scales[e])
+    return weight[e].float()
+
+
+def swiglu(u: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """u [..., 2I] with interleaved (gate, linear) columns -> [..., I]:
+    g = min(gate, limit), l = clamp(linear, -limit, limit), g * sigmoid(alpha g) * (l + 1)."""
+    gate, lin = u[..., 0::2], u[..., 1::2]
+    gate = gate.clamp(max=limit)
+    lin = lin.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (lin + 1)
+
+
+def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, mlp1_weight, mlp1_bias: torch.Tensor,
+            mlp2_weight, mlp2_bias: torch.Tensor, *, swiglu_alpha: float = 1.702,
+            swiglu_limit: float = 7.0) -> torch.Tensor:
+    """Weighted sum over each token's chosen experts of mlp2(swiglu(mlp1(x))).
+    x [T, H]; weights [T, k] float32; ids [T, k]; biases [E, 2I] and [E, H]. Returns float32 [T, H].
+    Each used expert is dequantized once, transiently."""
+    T, H = x.shape
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        u = xf[tok] @ expert_weight(mlp1_weight, e).T + mlp1_bias[e].float()     # [n, 2I]
+        h = swiglu(u, swiglu_alpha, swiglu_limit)                                # [n, I]
+        y = h @ expert_weight(mlp2_weight, e).T + mlp2_bias[e].float()          # [n, H]
+        out.index_add_(0, tok, y * weights[tok, slot, None])
+    return out
+
+
+def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight,
+        mlp1_bias: torch.Tensor, mlp2_weight, mlp2_bias: torch.Tensor, *, experts_per_token: int = 4,
+        swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> torch.Tensor:
+    """The MoE block on normed activations x [T, H]: router, top-k softmax, experts. Returns x's dtype."""
+    weights, ids = route(router_logits(x, gate_weight, gate_bias), experts_per_token)
+    out = experts(x, weights, ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
+                  swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    return out.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b in x's dtype (PyTorch accumulates in fp32)."""
+    return F.linear(x, weight, bias)
