@@ -5,15 +5,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _extension
+
+# Compare the compiled kernels (if any) with this torch and GPU first, so a mismatch fails here
+# with a rebuild hint rather than later with an undefined symbol.
+_extension.load_at_import()
+
 from .checkpoint import CheckpointError, inspect_checkpoint, load_model
 from .config import PRESETS, ModelConfig, get_preset
 from .generate import generate
 from .model import GptOss, KVCache
 from .synthetic import make_checkpoint, random_model
-
-# Compare the compiled kernels (if any) with this torch and GPU now, so a mismatch fails here with
-# a rebuild hint rather than later with an undefined symbol.
-_extension.load_at_import()
 
 
 def info() -> dict:

@@ -1,6 +1,6 @@
 """Finding and loading the compiled kernels (gptoss_ext/_C.so) with their build record.
 
-The build writes `_build_info.json` beside the library: the torch and CUDA versions it was compiled
+The build embeds a record in the library (a GPTOSS_BUILD_INFO string): the torch and CUDA versions it was compiled
 against and the GPU architectures in it. At import the record is compared with the running torch
 and GPU; a mismatch raises `ExtensionError` saying how to rebuild, instead of an `undefined symbol`
 or a "no kernel image is available" deep inside a call. GPTOSS_EXT_DISABLE=1 skips the kernels.
@@ -26,20 +26,26 @@ _state = {"loaded": False, "error": None, "info": None, "tried": False}
 
 
 def library_path() -> Path | None:
-    for name in ("_C.so",):
-        p = _HERE / name
-        if p.is_file():
-            return p
-    return None
+    found = sorted(_HERE.glob("_C*.so"))
+    return found[0] if found else None
 
 
 def build_info() -> dict | None:
-    p = _HERE / "_build_info.json"
-    if not p.is_file():
+    """The build record embedded in the library (read from the file, without loading it)."""
+    lib = library_path()
+    if lib is None:
         return None
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = lib.read_bytes()
+    except OSError:
+        return None
+    i = data.find(b"GPTOSS_BUILD_INFO:")
+    if i < 0:
+        return None
+    j = data.find(b"\0", i)
+    try:
+        return json.loads(data[i + len(b"GPTOSS_BUILD_INFO:"):j].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return None
 
 
@@ -80,7 +86,8 @@ def load(strict: bool = True) -> bool:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         archs = info.get("archs", [])
-        if not _arch_covers(archs, major, minor):
+        ptx_ok = any(int(p) <= major * 10 + minor for p in info.get("ptx", []) if p.isdigit())
+        if not (_arch_covers(archs, major, minor) or ptx_ok):
             _state["error"] = (f"GPU {torch.cuda.get_device_name()} is sm_{major}{minor}, kernels were built "
                                f"for {', '.join('sm_' + a for a in archs) or 'no architecture'}")
             if strict:

@@ -1,62 +1,134 @@
-"""The ops the model calls. CPU tensors always take the plain-PyTorch reference
-(`gptoss_ext.reference`); CUDA tensors take the compiled kernels (`torch.ops.gptoss_ext.*`) where
-they are built, and otherwise the reference with a one-time warning that names why."""
+"""The ops the model calls, and the Python face of the compiled kernels.
+
+Each op here picks its implementation from its inputs:
+  * CPU tensors: the plain-PyTorch reference (`gptoss_ext.reference`), always.
+  * CUDA bf16 tensors with the kernels built: `torch.ops.gptoss_ext.*` (outputs allocated here).
+  * CUDA tensors the kernels cannot serve (kernels not built, or float32): the reference, after a
+    one-time RuntimeWarning that names the op and the reason. Never silently.
+`reference_mode()` runs the reference on CUDA deliberately (for comparisons), without the warning.
+
+The `torch.ops.gptoss_ext` ops are out-variants (they write into tensors given to them); their
+fake implementations below let them trace and be captured in CUDA graphs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 import warnings
 
 import torch
 
+from . import _extension
 from . import reference as ref
 
-_warned_reference_on_cuda = False
+_local = threading.local()
+_warned: set[str] = set()
 
 
-def _reference_on_cuda(op: str) -> None:
-    global _warned_reference_on_cuda
-    if not _warned_reference_on_cuda:
-        _warned_reference_on_cuda = True
-        from ._extension import load_error
-        warnings.warn(
-            f"gptoss_ext: the CUDA kernels are not available ({load_error() or 'not built'}); "
-            f"'{op}' and the other ops run the slow plain-PyTorch reference on the GPU. "
-            "Rebuild with `pip install --no-build-isolation -e .` on a machine with nvcc.",
-            RuntimeWarning, stacklevel=3)
+@contextlib.contextmanager
+def reference_mode():
+    """Run every op through the reference implementation, on any device, inside this block."""
+    prev = getattr(_local, "reference", False)
+    _local.reference = True
+    try:
+        yield
+    finally:
+        _local.reference = prev
 
+
+def kernels_available() -> bool:
+    """The compiled kernels are loaded and a CUDA device is present."""
+    return _extension.available()
+
+
+def _use_kernel(op: str, t: torch.Tensor) -> bool:
+    if not t.is_cuda or getattr(_local, "reference", False):
+        return False
+    if not _extension.available():
+        reason = f"the CUDA kernels are not available ({_extension.load_error() or 'not built'})"
+    elif t.dtype != torch.bfloat16:
+        reason = f"the '{op}' kernel takes bfloat16, got {t.dtype}"
+    else:
+        return True
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"gptoss_ext: {reason}; '{op}' runs the slow plain-PyTorch reference on the GPU"
+                      + (" (rebuild with `pip install --no-build-isolation -e .` on a machine with nvcc)"
+                         if "not available" in reason else ""), RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _reference_on_cuda(op: str, t: torch.Tensor) -> None:
+    """For ops that have no kernel yet: the reference runs, and CUDA callers are told once."""
+    if t.is_cuda and not getattr(_local, "reference", False):
+        reason = f"no CUDA kernel for '{op}' yet"
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"gptoss_ext: {reason}; it runs the plain-PyTorch reference on the GPU",
+                          RuntimeWarning, stacklevel=3)
+
+
+# ---- linear (cuBLAS through torch) -------------------------------------------------------------
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight [out, in]^T + bias [out] (cuBLAS on CUDA)."""
+    """x [T, in] @ weight [out, in]^T + bias [out]; cuBLAS on CUDA."""
     return ref.linear(x, weight, bias)
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """rms_norm(x) * scale over the last dim; x [T, H]."""
+    if _use_kernel("rms_norm", x):
+        out = torch.empty_like(x)
+        torch.ops.gptoss_ext.rms_norm(x, scale, eps, out)
+        return out
+    return ref.rms_norm(x, scale, eps)
 
 
 def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, scale: torch.Tensor,
                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(residual + x) * scale, residual + x); x None means no add."""
+    """r = residual + x; returns (rms_norm(r) * scale, r). x None: no add (r = residual)."""
     if x is None:
-        if residual.is_cuda:
-            _reference_on_cuda("rms_norm")
-        return ref.rms_norm(residual, scale, eps), residual
-    if residual.is_cuda:
-        _reference_on_cuda("add_rms_norm")
+        return rms_norm(residual, scale, eps), residual
+    if _use_kernel("add_rms_norm", residual):
+        out = torch.empty_like(residual)
+        residual_out = torch.empty_like(residual)
+        torch.ops.gptoss_ext.add_rms_norm(x, residual, scale, eps, out, residual_out)
+        return out, residual_out
     return ref.add_rms_norm(x, residual, scale, eps)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, head_dim: int | None = None,
-         theta: float = 150000.0, factor: float = 32.0, original_context: int = 4096,
-         ntk_alpha: float = 1.0, ntk_beta: float = 32.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """YaRN RoPE on q [T, Hq, D] and k [T, Hkv, D] at positions [T]."""
-    if q.is_cuda:
-        _reference_on_cuda("rope")
+# ---- RoPE --------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _inv_freq(device: torch.device, head_dim: int, theta: float, factor: float, original_context: int,
+              ntk_alpha: float, ntk_beta: float) -> tuple[torch.Tensor, float]:
+    inv, conc = ref.yarn_inv_freq(head_dim, theta, factor, original_context, ntk_alpha, ntk_beta)
+    return inv.to(device), conc
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, theta: float = 150000.0,
+         factor: float = 32.0, original_context: int = 4096, ntk_alpha: float = 1.0,
+         ntk_beta: float = 32.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """YaRN RoPE on q [T, Hq, D] and k [T, Hkv, D] at integer positions [T].
+    The kernel path rotates q and k in place (they may be views of the fused qkv output)."""
+    if _use_kernel("rope", q):
+        inv, conc = _inv_freq(q.device, q.shape[-1], theta, factor, original_context, ntk_alpha, ntk_beta)
+        torch.ops.gptoss_ext.rope_(q, k, positions, inv, conc)
+        return q, k
     cos, sin = ref.rope_cos_sin(positions, q.shape[-1], theta, factor, original_context, ntk_alpha, ntk_beta)
     return ref.apply_rope(q, cos, sin), ref.apply_rope(k, cos, sin)
 
 
+# ---- attention and MoE (reference until their kernels land) ------------------------------------
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
               start: int = 0, sliding_window: int = 0) -> torch.Tensor:
     """Sink-aware causal GQA attention; see `reference.attention`."""
-    if q.is_cuda:
-        _reference_on_cuda("attention")
+    _reference_on_cuda("attention", q)
     return ref.attention(q, k, v, sinks, start=start, sliding_window=sliding_window)
 
 
@@ -64,7 +136,30 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         mlp2_weight, mlp2_bias, *, experts_per_token: int = 4, swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0) -> torch.Tensor:
     """The MoE block on normed activations [T, H]; see `reference.moe`."""
-    if x.is_cuda:
-        _reference_on_cuda("moe")
+    _reference_on_cuda("moe", x)
     return ref.moe(x, gate_weight, gate_bias, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
                    experts_per_token=experts_per_token, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+
+
+# ---- fake implementations (tracing, CUDA-graph capture) ----------------------------------------
+
+def _register_fakes() -> None:
+    if getattr(_register_fakes, "done", False):
+        return
+    _register_fakes.done = True
+
+    @torch.library.register_fake("gptoss_ext::rms_norm")
+    def _(x, scale, eps, out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::add_rms_norm")
+    def _(x, residual, scale, eps, out, residual_out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::rope_")
+    def _(q, k, positions, inv_freq, concentration):
+        return None
+
+
+if _extension.load(strict=False):
+    _register_fakes()

@@ -1,0 +1,64 @@
+// YaRN RoPE in place on q and k, bf16, cos/sin computed on the fly.
+//
+// One CTA per token. The D/2 angles are formed in fp64 (position up to 131072 x inv_freq keeps
+// full precision) and their cos/sin, scaled by the YaRN concentration, are shared through shared
+// memory by the token's Hq + Hkv heads. A work item is one 8-wide chunk of the first half with its
+// partner chunk in the second half: two 16-byte loads, two 16-byte stores. Bytes: 2 x T x (Hq+Hkv)
+// x D x 2. Works on strided views (q and k slices of the fused qkv projection output).
+#include "kernels/common.cuh"
+#include "kernels/rope.h"
+
+namespace gptoss {
+namespace {
+
+constexpr int kThreads = 128;
+
+__global__ void __launch_bounds__(kThreads) rope_kernel(
+    bf16* __restrict__ q, bf16* __restrict__ k,   // [T, Hq, D], [T, Hkv, D] (token strides below)
+    const int64_t* __restrict__ positions,        // [T]
+    const double* __restrict__ inv_freq,          // [D/2]
+    double concentration, int Hq, int Hkv, int D, int64_t q_stride, int64_t k_stride) {
+  __shared__ float cs[128], sn[128];
+  const int64_t t = blockIdx.x;
+  const int half = D / 2;
+  const double pos = static_cast<double>(positions[t]);
+  for (int d = threadIdx.x; d < half; d += blockDim.x) {
+    double s, c;
+    sincos(pos * inv_freq[d], &s, &c);
+    cs[d] = static_cast<float>(c * concentration);
+    sn[d] = static_cast<float>(s * concentration);
+  }
+  __syncthreads();
+  const int chunks = half / 8;                    // per head
+  const int items = (Hq + Hkv) * chunks;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int head = it / chunks, c8 = (it - head * chunks) * 8;
+    bf16* base = head < Hq ? q + t * q_stride + static_cast<int64_t>(head) * D
+                           : k + t * k_stride + static_cast<int64_t>(head - Hq) * D;
+    float x1[8], x2[8], y1[8], y2[8];
+    unpack(load_bf16x8_rw(base + c8), x1);
+    unpack(load_bf16x8_rw(base + half + c8), x2);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float c = cs[c8 + j], s = sn[c8 + j];
+      y1[j] = x1[j] * c - x2[j] * s;
+      y2[j] = x2[j] * c + x1[j] * s;
+    }
+    store_bf16x8(base + c8, pack(y1));
+    store_bf16x8(base + half + c8, pack(y2));
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_rope(bf16* q, bf16* k, const int64_t* positions, const double* inv_freq,
+                        double concentration, int64_t T, int Hq, int Hkv, int D, int64_t q_stride,
+                        int64_t k_stride, cudaStream_t stream) {
+  if (T == 0) return cudaSuccess;
+  if (D % 16 != 0 || D > 256 || T > INT32_MAX) return cudaErrorInvalidValue;
+  rope_kernel<<<static_cast<unsigned>(T), kThreads, 0, stream>>>(q, k, positions, inv_freq, concentration,
+                                                                 Hq, Hkv, D, q_stride, k_stride);
+  return cudaGetLastError();
+}
+
+}  // namespace gptoss

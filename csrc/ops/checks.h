@@ -1,0 +1,65 @@
+// Argument checks shared by the host wrappers. Every message names the op, the argument and what
+// was found, e.g. "gptoss_ext.add_rms_norm: 'scale' must have dtype BFloat16, got Float".
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace gptoss {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "gptoss_ext.", op, ": '", name, "' must be a CUDA tensor, got ", t.device());
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType dt) {
+  TORCH_CHECK(t.scalar_type() == dt, "gptoss_ext.", op, ": '", name, "' must have dtype ", dt, ", got ",
+              t.scalar_type());
+}
+
+inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), "gptoss_ext.", op, ": '", name, "' must be contiguous (shape ", shape_str(t),
+              ", strides ", t.strides(), ")");
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, "gptoss_ext.", op, ": '", name, "' must have ", dim, " dimensions, got shape ",
+              shape_str(t));
+}
+
+inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d, int64_t expected,
+                       const char* what) {
+  TORCH_CHECK(t.size(d) == expected, "gptoss_ext.", op, ": '", name, "' dim ", d, " must be ", expected, " (",
+              what, "), got shape ", shape_str(t));
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), "gptoss_ext.", op, ": '", name, "' is on ", t.device(),
+              " but the other arguments are on ", ref.device());
+}
+
+inline void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "gptoss_ext.", op, ": '", name,
+              "' must be 16-byte aligned (a view with an odd offset?)");
+}
+
+// A bf16 CUDA tensor of the given rank, contiguous, on ref's device.
+inline void check_bf16_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+                              const at::Tensor& ref) {
+  check_cuda(op, name, t);
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, at::kBFloat16);
+  check_dim(op, name, t, dim);
+  check_contiguous(op, name, t);
+}
+
+}  // namespace gptoss
+
+#define GPTOSS_CHECK_LAUNCH(op, err)                                                                  \
+  TORCH_CHECK((err) == cudaSuccess, "gptoss_ext.", op, ": kernel launch failed: ", cudaGetErrorString(err))

@@ -1,0 +1,54 @@
+// Host wrapper for the in-place YaRN RoPE kernel.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/rope.h"
+#include "ops/checks.h"
+#include "ops/ops.h"
+
+namespace gptoss {
+
+namespace {
+void check_heads(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  check_cuda(op, name, t);
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, at::kBFloat16);
+  check_dim(op, name, t, 3);
+  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), "gptoss_ext.", op, ": '", name,
+              "' must have contiguous heads (strides [*, ", t.size(2), ", 1]), got strides ", t.strides());
+  TORCH_CHECK(t.size(0) <= 1 || (t.stride(0) >= t.size(1) * t.size(2) && t.stride(0) % 8 == 0), "gptoss_ext.", op,
+              ": '", name, "' token stride must cover its heads and be a multiple of 8, got ", t.stride(0));
+  check_aligned16(op, name, t);
+}
+}  // namespace
+
+void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& inv_freq,
+           double concentration) {
+  const char* op = "rope_";
+  check_heads(op, "q", q, q);
+  check_heads(op, "k", k, q);
+  const int64_t T = q.size(0), D = q.size(2);
+  check_size(op, "k", k, 0, T, "tokens of q");
+  check_size(op, "k", k, 2, D, "head_dim of q");
+  TORCH_CHECK(D % 16 == 0 && D <= 256, "gptoss_ext.", op, ": head_dim must be a multiple of 16 and <= 256, got ", D);
+  check_cuda(op, "positions", positions);
+  check_same_device(op, "positions", positions, q);
+  check_dtype(op, "positions", positions, at::kLong);
+  check_dim(op, "positions", positions, 1);
+  check_contiguous(op, "positions", positions);
+  check_size(op, "positions", positions, 0, T, "tokens of q");
+  check_cuda(op, "inv_freq", inv_freq);
+  check_same_device(op, "inv_freq", inv_freq, q);
+  check_dtype(op, "inv_freq", inv_freq, at::kDouble);
+  check_dim(op, "inv_freq", inv_freq, 1);
+  check_contiguous(op, "inv_freq", inv_freq);
+  check_size(op, "inv_freq", inv_freq, 0, D / 2, "head_dim / 2");
+  const c10::cuda::OptionalCUDAGuard guard(q.device());
+  auto err = launch_rope(reinterpret_cast<__nv_bfloat16*>(q.data_ptr()), reinterpret_cast<__nv_bfloat16*>(k.data_ptr()),
+                         positions.data_ptr<int64_t>(), inv_freq.data_ptr<double>(), concentration, T,
+                         static_cast<int>(q.size(1)), static_cast<int>(k.size(1)), static_cast<int>(D),
+                         q.stride(0), k.stride(0), c10::cuda::getCurrentCUDAStream());
+  GPTOSS_CHECK_LAUNCH(op, err);
+}
+
+}  // namespace gptoss
