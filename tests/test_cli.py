@@ -1,0 +1,78 @@
+"""python -m gptoss_ext: smoke runs and bad input (one clear line, non-zero exit, no traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "gptoss_ext", *args], capture_output=True, text=True,
+                          input=stdin, cwd=ROOT, timeout=300)
+
+
+def test_generate_embedded_default(tokenizer_file):
+    r = run("generate", "Hello", "--max-new-tokens", "4", "--seed", "0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "built-in random 'tiny' model" in r.stderr and "tok/s" in r.stderr
+    assert r.stdout.strip()
+
+
+def test_generate_from_stdin_greedy_is_deterministic(tokenizer_file):
+    a = run("generate", "-", "--max-new-tokens", "4", "--temperature", "0", "--device", "cpu", stdin="Hi there")
+    b = run("generate", "-", "--max-new-tokens", "4", "--temperature", "0", "--device", "cpu", stdin="Hi there")
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_make_checkpoint_then_generate_and_info(tokenizer_file, tmp_path):
+    out = tmp_path / "ck"
+    r = run("make-checkpoint", "--preset", "tiny", "--layout", "hf", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout
+    r = run("generate", "Hi", "--model", str(out), "--max-new-tokens", "3", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "loaded" in r.stderr and "hf layout" in r.stderr
+    r = run("info", "--model", str(out), "--json")
+    d = json.loads(r.stdout)
+    assert d["checkpoint"]["layout"] == "hf" and d["model"]["params"] > 0 and d["model"]["kv_cache_bytes"] > 0
+
+
+def test_info():
+    r = run("info", "--preset", "gpt-oss-120b", "--context", "8192")
+    assert r.returncode == 0
+    assert "kernels_built" in r.stdout and "116.83B" in r.stdout and "kv cache bytes" in r.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["generate", "x", "--model", "/no/such/folder"], "checkpoint folder not found"),
+    (["generate", "x", "--temperature", "-2"], "temperature"),
+    (["generate", "x", "--top-p", "0"], "top_p"),
+    (["generate", "x", "--max-new-tokens", "-3"], "max-new-tokens"),
+    (["make-checkpoint", "--preset", "gpt-oss-7b", "--out", "/tmp/never"], "unknown preset"),
+    (["info", "--preset", "nope"], "unknown preset"),
+])
+def test_bad_input_is_one_line(args, match, tokenizer_file):
+    r = run(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert match in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_make_checkpoint_into_nonempty_folder(tmp_path):
+    (tmp_path / "keep").write_text("x")
+    r = run("make-checkpoint", "--preset", "tiny", "--out", str(tmp_path))
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bf16_experts_need_hf_layout(tmp_path):
+    r = run("make-checkpoint", "--preset", "tiny", "--experts", "bf16", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "hf" in r.stderr
+
+
+def test_unknown_subcommand():
+    r = run("fly")
+    assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -1,0 +1,75 @@
+"""generate(): greedy, sampling, stop tokens, streaming, argument checks."""
+
+import pytest
+import torch
+
+from gptoss_ext import generate
+from gptoss_ext.generate import sample
+
+PROMPT = [200006, 1428, 200008, 13225, 11]
+
+
+def test_greedy_follows_argmax_of_full_forward(tiny_fp32):
+    out = generate(tiny_fp32, PROMPT, max_new_tokens=6, temperature=0)
+    seq = list(PROMPT)
+    for t in out:
+        assert t == tiny_fp32(torch.tensor(seq))[-1].argmax().item()
+        seq.append(t)
+
+
+def test_stream_equals_list_and_seed_reproduces(tiny_bf16):
+    a = generate(tiny_bf16, PROMPT, max_new_tokens=8, temperature=1.0, seed=3)
+    b = list(generate(tiny_bf16, PROMPT, max_new_tokens=8, temperature=1.0, seed=3, stream=True))
+    c = generate(tiny_bf16, PROMPT, max_new_tokens=8, temperature=1.0, seed=4)
+    assert a == b and len(a) == 8 and a != c
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(tiny_bf16):
+    greedy = generate(tiny_bf16, PROMPT, max_new_tokens=5, temperature=0)
+    assert generate(tiny_bf16, PROMPT, max_new_tokens=5, temperature=0.8, top_k=1, seed=1) == greedy
+    assert generate(tiny_bf16, PROMPT, max_new_tokens=5, temperature=0.8, top_p=1e-6, seed=1) == greedy
+
+
+def test_stop_token_ends_generation(tiny_bf16):
+    free = generate(tiny_bf16, PROMPT, max_new_tokens=6, temperature=0)
+    stopped = generate(tiny_bf16, PROMPT, max_new_tokens=6, temperature=0, stop_tokens=[free[2]])
+    assert stopped == free[:free.index(free[2]) + 1]
+
+
+def test_sample_respects_top_k_and_top_p():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    ks = sample(logits, 1.0, 2, 1.0, g)
+    assert set(ks.tolist()) == {0, 1}
+    p = torch.softmax(logits[0], -1)
+    ps = sample(logits, 1.0, 0, float(p[0] + 0.01), g)          # nucleus = the top two
+    assert set(ps.tolist()) == {0, 1}
+    full = sample(logits, 1.0, 0, 1.0, g)
+    freq = torch.bincount(full, minlength=5).double() / 4000
+    assert torch.allclose(freq, p.double(), atol=0.03)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+])
+def test_invalid_arguments(tiny_bf16, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(tiny_bf16, PROMPT, **kwargs)
+
+
+def test_invalid_prompts(tiny_bf16):
+    with pytest.raises(ValueError, match="empty"):
+        generate(tiny_bf16, [])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(tiny_bf16, [1, 201088])
+    short = tiny_bf16.config.replace(initial_context_length=8, rope_scaling_factor=1.0)
+    from gptoss_ext import random_model
+    m = random_model(short)
+    with pytest.raises(ValueError, match="context"):
+        generate(m, list(range(8)))
+    assert len(generate(m, list(range(5)), max_new_tokens=10, temperature=0)) == 3  # stops at the context

@@ -1,0 +1,188 @@
+"""GPU tests of the fused residual RMSNorm and YaRN RoPE kernels against the reference ops:
+fresh random inputs, poisoned outputs, awkward sizes, strided views, CUDA-graph capture and replay,
+torch.library.opcheck, and argument errors."""
+
+import pytest
+import torch
+
+from gptoss_ext import ops
+from gptoss_ext import reference as ref
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| in units of bf16 ulp of want (want in fp32/fp64)."""
+    want = want.double()
+    ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+    return ((got.double() - want).abs() / ulp).max().item()
+
+
+def poisoned(shape, dtype=torch.bfloat16):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+# ---- add_rms_norm / rms_norm --------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 7, 64, 257, 4096])
+@pytest.mark.parametrize("H", [8, 256, 2880, 4104])
+def test_add_rms_norm_matches_reference(T, H):
+    g = torch.Generator(device=DEV).manual_seed(T * 7 + H)
+    x = (torch.randn(T, H, device=DEV, generator=g) * 3).bfloat16()
+    r = (torch.randn(T, H, device=DEV, generator=g) * 3).bfloat16()
+    scale = (torch.rand(H, device=DEV, generator=g) + 0.5).bfloat16()
+    out, res_out = poisoned((T, H)), poisoned((T, H))
+    torch.ops.gptoss_ext.add_rms_norm(x, r, scale, 1e-5, out, res_out)
+    want_r = (r.float() + x.float()).bfloat16()
+    assert torch.equal(res_out, want_r)
+    rf = want_r.double()
+    want = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
+    assert not out.isnan().any()
+    assert bf16_ulps(out, want) <= 1.0
+    # the ops.py face gives the same tensors
+    o2, r2 = ops.add_rms_norm(x, r, scale, 1e-5)
+    assert torch.equal(o2, out) and torch.equal(r2, res_out)
+
+
+@pytest.mark.parametrize("T,H", [(1, 2880), (33, 256), (4096, 2880)])
+def test_rms_norm_matches_reference(T, H):
+    x = (torch.randn(T, H, device=DEV) * 5).bfloat16()
+    scale = (torch.rand(H, device=DEV) + 0.5).bfloat16()
+    out = poisoned((T, H))
+    torch.ops.gptoss_ext.rms_norm(x, scale, 1e-5, out)
+    xf = x.double()
+    want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
+    assert bf16_ulps(out, want) <= 1.0
+    assert torch.equal(ops.rms_norm(x, scale), out)
+    with ops.reference_mode():
+        assert bf16_ulps(ops.rms_norm(x, scale), want) <= 1.0
+
+
+def test_rms_norm_errors_name_the_argument():
+    x = torch.randn(4, 64, device=DEV).bfloat16()
+    s = torch.ones(64, device=DEV).bfloat16()
+    out = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match="'x' must be a CUDA tensor"):
+        torch.ops.gptoss_ext.rms_norm(x.cpu(), s, 1e-5, out)
+    with pytest.raises(RuntimeError, match="'scale' must have dtype BFloat16, got Float"):
+        torch.ops.gptoss_ext.rms_norm(x, s.float(), 1e-5, out)
+    with pytest.raises(RuntimeError, match=r"'scale' dim 0 must be 64 \(hidden size\), got shape \[32\]"):
+        torch.ops.gptoss_ext.rms_norm(x, s[:32].contiguous(), 1e-5, out)
+    with pytest.raises(RuntimeError, match="'x' must be contiguous"):
+        torch.ops.gptoss_ext.rms_norm(torch.randn(64, 4, device=DEV).bfloat16().t(), s, 1e-5, out)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        y = torch.randn(4, 60, device=DEV).bfloat16()
+        torch.ops.gptoss_ext.rms_norm(y, torch.ones(60, device=DEV).bfloat16(), 1e-5, torch.empty_like(y))
+    with pytest.raises(RuntimeError, match="'residual_out' has shape"):
+        torch.ops.gptoss_ext.add_rms_norm(x, x, s, 1e-5, out, torch.empty(3, 64, device=DEV).bfloat16())
+
+
+# ---- RoPE ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 7, 129, 4096])
+@pytest.mark.parametrize("start", [0, 1000, 131072 - 4096])
+def test_rope_on_qkv_views_matches_reference(T, start):
+    Hq, Hkv, D = 64, 8, 64
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device=DEV).bfloat16()
+    before = qkv.clone()
+    q = qkv[:, :Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
+    pos = torch.arange(start, start + T, device=DEV)
+    ops.rope(q, k, pos)
+    cos, sin = ref.rope_cos_sin(pos, D)
+    q0 = before[:, :Hq * D].view(T, Hq, D).float()
+    k0 = before[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D).float()
+    assert bf16_ulps(q, ref.apply_rope(q0, cos, sin)) <= 1.01
+    assert bf16_ulps(k, ref.apply_rope(k0, cos, sin)) <= 1.01
+    assert torch.equal(qkv[:, (Hq + Hkv) * D:], before[:, (Hq + Hkv) * D:])  # v untouched
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(8, 8), (8, 1), (16, 2)])
+def test_rope_contiguous_and_gqa_ratios(Hq, Hkv):
+    T, D = 37, 64
+    q = torch.randn(T, Hq, D, device=DEV).bfloat16()
+    k = torch.randn(T, Hkv, D, device=DEV).bfloat16()
+    pos = torch.randint(0, 131072, (T,), device=DEV)
+    cos, sin = ref.rope_cos_sin(pos, D)
+    wq, wk = ref.apply_rope(q.float(), cos, sin), ref.apply_rope(k.float(), cos, sin)
+    ops.rope(q, k, pos)
+    assert bf16_ulps(q, wq) <= 1.01 and bf16_ulps(k, wk) <= 1.01
+
+
+def test_rope_errors_name_the_argument():
+    q = torch.randn(4, 8, 64, device=DEV).bfloat16()
+    k = torch.randn(4, 2, 64, device=DEV).bfloat16()
+    pos = torch.arange(4, device=DEV)
+    inv = torch.ones(32, device=DEV, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="'positions' must have dtype Long, got Int"):
+        torch.ops.gptoss_ext.rope_(q, k, pos.int(), inv, 1.0)
+    with pytest.raises(RuntimeError, match=r"'k' dim 0 must be 4 \(tokens of q\)"):
+        torch.ops.gptoss_ext.rope_(q, k[:3], pos, inv, 1.0)
+    with pytest.raises(RuntimeError, match="'inv_freq' must have dtype Double"):
+        torch.ops.gptoss_ext.rope_(q, k, pos, inv.float(), 1.0)
+    with pytest.raises(RuntimeError, match="contiguous heads"):
+        torch.ops.gptoss_ext.rope_(q.transpose(0, 1), k, pos, inv, 1.0)
+
+
+# ---- graphs and opcheck -------------------------------------------------------------------------
+
+def test_cuda_graph_capture_and_replay_equals_eager():
+    T, H, Hq, Hkv, D = 5, 2880, 64, 8, 64
+    x = torch.randn(T, H, device=DEV).bfloat16()
+    r = torch.randn(T, H, device=DEV).bfloat16()
+    s = (torch.rand(H, device=DEV) + 0.5).bfloat16()
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, device=DEV).bfloat16()
+    pos = torch.arange(T, device=DEV)
+
+    def step():
+        out, res = ops.add_rms_norm(x, r, s)
+        q = qkv[:, :Hq * D].view(T, Hq, D)
+        k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
+        ops.rope(q, k, pos)
+        return out, res
+
+    qkv0 = qkv.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()                      # warm-up (builds the inv_freq cache) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    qkv.copy_(qkv0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_res = step()
+    for trial in range(3):
+        x.copy_(torch.randn_like(x))
+        r.copy_(torch.randn_like(r))
+        fresh = torch.randn_like(qkv)
+        pos.copy_(torch.arange(T, device=DEV) + 100 * trial)
+        qkv.copy_(fresh)
+        graph.replay()
+        replayed_qkv = qkv.clone()
+        qkv.copy_(fresh)
+        e_out, e_res = step()
+        torch.cuda.synchronize()
+        assert torch.equal(g_out, e_out) and torch.equal(g_res, e_res) and torch.equal(replayed_qkv, qkv)
+
+
+def test_opcheck():
+    x = torch.randn(3, 64, device=DEV).bfloat16()
+    r = torch.randn(3, 64, device=DEV).bfloat16()
+    s = torch.ones(64, device=DEV).bfloat16()
+    torch.library.opcheck(torch.ops.gptoss_ext.rms_norm.default, (x, s, 1e-5, torch.empty_like(x)))
+    torch.library.opcheck(torch.ops.gptoss_ext.add_rms_norm.default,
+                          (x, r, s, 1e-5, torch.empty_like(x), torch.empty_like(x)))
+    q = torch.randn(3, 8, 64, device=DEV).bfloat16()
+    k = torch.randn(3, 2, 64, device=DEV).bfloat16()
+    inv, conc = ops._inv_freq(q.device, 64, 150000.0, 32.0, 4096, 1.0, 32.0)
+    torch.library.opcheck(torch.ops.gptoss_ext.rope_.default, (q, k, torch.arange(3, device=DEV), inv, conc))
+
+
+def test_float32_on_cuda_warns_and_uses_reference():
+    ops._warned.clear()
+    x = torch.randn(3, 64, device=DEV)
+    s = torch.ones(64, device=DEV)
+    with pytest.warns(RuntimeWarning, match="takes bfloat16"):
+        out = ops.rms_norm(x, s)
+    assert torch.allclose(out, ref.rms_norm(x, s))
