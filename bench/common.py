@@ -24,6 +24,7 @@ class Row:
     bytes: float = 0.0         # fewest bytes the op must move
     flops: float = 0.0
     launches: int | None = None
+    timing: str = "graph"      # "graph" (CUDA-graph replay) or "eager" (Python launches included)
     target: str = ""           # what the issue asks of this row
     extra: dict = field(default_factory=dict)
 
@@ -41,9 +42,13 @@ def device_info() -> dict:
             "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
-def time_cuda(fn, n_inputs: int = 1, warmup: int = 10, groups: int = 30, target_group_ms: float = 1.0) -> tuple[float, float, float]:
-    """Median, p10 and p90 of the time of one fn(i) call (ms). fn(i) runs on input set i % n_inputs.
-    Calls are timed in groups long enough (~target_group_ms) that event overhead vanishes."""
+def time_cuda(fn, n_inputs: int = 1, warmup: int = 10, groups: int = 30, target_group_ms: float = 1.0,
+              graph: bool = True) -> tuple[float, float, float, str]:
+    """Median, p10 and p90 of the time of one fn(i) call (ms), and how it was timed.
+    fn(i) runs on input set i % n_inputs. Calls are timed in groups long enough (~target_group_ms)
+    that event overhead vanishes. With graph=True a group is captured once in a CUDA graph and
+    replayed, so the time is the GPU's, not Python's launch overhead (as in graph-captured decode);
+    an fn that cannot be captured is timed eagerly and reported as such."""
     for i in range(warmup):
         fn(i % n_inputs)
     torch.cuda.synchronize()
@@ -55,18 +60,37 @@ def time_cuda(fn, n_inputs: int = 1, warmup: int = 10, groups: int = 30, target_
     torch.cuda.synchronize()
     est = max(s.elapsed_time(e) / 5, 1e-4)
     per_group = max(1, min(1000, int(target_group_ms / est)))
+    run_group, mode = None, "eager"
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn(0)
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(g):
+                for k in range(per_group):
+                    fn(k % n_inputs)
+            g.replay()
+            torch.cuda.synchronize()
+            run_group, mode = g.replay, "graph"
+        except Exception:
+            torch.cuda.synchronize()
+            run_group = None
+    if run_group is None:
+        def run_group():
+            for k in range(per_group):
+                fn(k % n_inputs)
     times = []
-    k = 0
     for _ in range(groups):
         s.record()
-        for _ in range(per_group):
-            fn(k % n_inputs)
-            k += 1
+        run_group()
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e) / per_group)
     times.sort()
-    return statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10]
+    return statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10], mode
 
 
 def rotation_count(bytes_per_set: int, l2_bytes: int, cap: int = 64) -> int:
@@ -94,13 +118,13 @@ def measure_ceilings() -> dict:
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)
-    ms, _, _ = time_cuda(lambda i: b.copy_(a), warmup=3, groups=10, target_group_ms=5)
+    ms, _, _, _ = time_cuda(lambda i: b.copy_(a), warmup=3, groups=10, target_group_ms=5, graph=False)
     copy_tbps = 2 * n / (ms * 1e-3) / 1e12
     del a, b
     m = 8192
     x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    ms, _, _ = time_cuda(lambda i: x @ y, warmup=3, groups=10, target_group_ms=10)
+    ms, _, _, _ = time_cuda(lambda i: x @ y, warmup=3, groups=10, target_group_ms=10, graph=False)
     mm_tflops = 2 * m ** 3 / (ms * 1e-3) / 1e12
     del x, y
     torch.cuda.empty_cache()
@@ -118,10 +142,10 @@ def write_results(out: Path, rows: list[Row], ceilings: dict, info: dict, title:
           f"{info['device']} ({info['sm_count']} SMs, L2 {info['l2_bytes'] / 1e6:.0f} MB), torch {info['torch']}, "
           f"CUDA {info['cuda']}. Ceilings measured in this run: copy {ceilings['copy_tbps']:.2f} TB/s "
           f"(read+write), bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s.", "",
-          "| bench | case | impl | median µs | p10–p90 µs | TB/s | % copy BW | TFLOP/s | % matmul | launches | target |",
-          "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+          "| bench | case | impl | timing | median µs | p10–p90 µs | TB/s | % copy BW | TFLOP/s | % matmul | launches | target |",
+          "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r, d in zip(rows, data["rows"]):
-        md.append(f"| {r.bench} | {r.case} | {r.impl} | {r.ms * 1e3:.1f} | {r.p10_ms * 1e3:.1f}–{r.p90_ms * 1e3:.1f} | "
+        md.append(f"| {r.bench} | {r.case} | {r.impl} | {r.timing} | {r.ms * 1e3:.1f} | {r.p10_ms * 1e3:.1f}–{r.p90_ms * 1e3:.1f} | "
                   f"{d['tbps']:.2f} | {d['pct_copy_bw']:.0f}% | {d['tflops']:.1f} | {d['pct_matmul']:.1f}% | "
                   f"{'' if r.launches is None else r.launches} | {r.target} |")
     text = "\n".join(md) + "\n"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU command: build the extension, run the C++ kernel tests, the whole pytest suite (GPU
-# tests included) and the benchmarks, writing every log and result into OUT_DIR. Prints a short
-# summary last. Usage (repository root, on a machine with a CUDA GPU):
+# tests first) and the benchmarks. Results go into OUT_DIR: bench.json, bench.md, bench.png, and
+# logs.tar.gz (build with ptxas registers/spills, kernel tests, pytest, benchmark logs, junit xml).
+# Prints a short summary last. Usage (repository root, on a machine with a CUDA GPU):
 #
 #     bench/gpu_run.sh OUT_DIR [bench names...]
 #
@@ -11,6 +12,8 @@ set -uo pipefail
 OUT=${1:?usage: bench/gpu_run.sh OUT_DIR [bench names...]}
 shift
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)/logs
+mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 GPTOSS_PTXAS_VERBOSE=1
 PY=${PYTHON:-python3}
 for f in "${GPTOSS_TIKTOKEN_FILE:-}" ../shared/tokenizer/o200k_base.tiktoken .gpu_carry/o200k_base.tiktoken; do
@@ -19,26 +22,34 @@ done
 status=0
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+finish() {
+  tar -czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" logs
+  stamp "done (status $status)"
+  cat "$OUT/bench.md" 2>/dev/null || tail -30 "$LOGS/bench.log"
+  exit $status
+}
 
 stamp "build"
-if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+if ! $PY -m pip install -v --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
+  tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; status=1; finish
 fi
-grep -E "gptoss-ext:|registers|spill" "$OUT/build.log" | grep -v "0 bytes spill" > "$OUT/ptxas.log" || true
-$PY -c "import gptoss_ext, json; print(json.dumps(gptoss_ext.info(), indent=1))" | tee "$OUT/info.json"
+grep -E "gptoss-ext:|registers|spill|stack frame" "$LOGS/build.log" > "$LOGS/ptxas.log" || true
+grep -E "gptoss-ext:" "$LOGS/build.log" | sort -u
+$PY -c "import gptoss_ext, json; print(json.dumps(gptoss_ext.info()))" | tee "$LOGS/info.json"
 
 stamp "C++ kernel tests"
 { cmake -S . -B build/kernel_tests -G Ninja -DGPTOSS_BUILD_EXTENSION=OFF > /dev/null &&
   cmake --build build/kernel_tests --target gptoss_kernel_tests -j 16 > /dev/null &&
-  ./build/kernel_tests/gptoss_kernel_tests; } > "$OUT/kernel_tests.log" 2>&1 || status=1
-tail -1 "$OUT/kernel_tests.log"
+  ./build/kernel_tests/gptoss_kernel_tests; } > "$LOGS/kernel_tests.log" 2>&1 || status=1
+tail -1 "$LOGS/kernel_tests.log"
 
-stamp "pytest"
-$PY -m pytest -q -ra --junitxml="$OUT/tests.xml" ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
-tail -15 "$OUT/tests.log"
+stamp "pytest (GPU tests, then the rest)"
+$PY -m pytest -v -ra -m gpu --junitxml="$LOGS/tests_gpu.xml" ${PYTEST_ARGS:-} > "$LOGS/tests_gpu.log" 2>&1 || status=1
+grep -E "PASSED|FAILED|ERROR|SKIPPED|Fatal|Segmentation" "$LOGS/tests_gpu.log" | grep -v PASSED | tail -20
+tail -1 "$LOGS/tests_gpu.log"
+$PY -m pytest -q -ra -m "not gpu" --junitxml="$LOGS/tests_cpu.xml" ${PYTEST_ARGS:-} > "$LOGS/tests_cpu.log" 2>&1 || status=1
+tail -1 "$LOGS/tests_cpu.log"
 
 stamp "benchmarks"
-$PY bench/run_all.py --out "$OUT" ${1:+--only "$@"} > "$OUT/bench.log" 2>&1 || status=1
-stamp "done (status $status)"
-cat "$OUT/bench.md" 2>/dev/null || tail -30 "$OUT/bench.log"
-exit $status
+$PY bench/run_all.py --out "$OUT" ${1:+--only "$@"} > "$LOGS/bench.log" 2>&1 || status=1
+finish

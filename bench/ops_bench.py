@@ -40,8 +40,8 @@ def bench_rmsnorm(l2: int) -> list[Row]:
 
         for impl, fn in (("gptoss_ext", ours), ("torch reference (eager)", reference),
                          ("torch add + F.rms_norm", torch_rms)):
-            ms, p10, p90 = time_cuda(fn, n)
-            rows.append(Row("add_rms_norm", case, impl, ms, p10, p90, bytes=nbytes,
+            ms, p10, p90, mode = time_cuda(fn, n)
+            rows.append(Row("add_rms_norm", case, impl, ms, p10, p90, bytes=nbytes, timing=mode,
                             launches=count_launches(lambda: fn(0)), target=target if impl == "gptoss_ext" else ""))
     return rows
 
@@ -78,8 +78,9 @@ def bench_rope(l2: int) -> list[Row]:
 
         for impl, fn in (("gptoss_ext", ours), ("torch reference (eager)", reference),
                          ("torch eager, cached table", torch_table)):
-            ms, p10, p90 = time_cuda(fn, n)
-            rows.append(Row("rope", case, impl, ms, p10, p90, bytes=nbytes,
+            # the reference forms its angles on the host in fp64: not capturable in a graph
+            ms, p10, p90, mode = time_cuda(fn, n, graph=fn is not reference)
+            rows.append(Row("rope", case, impl, ms, p10, p90, bytes=nbytes, timing=mode,
                             launches=count_launches(lambda: fn(0)), target=target if impl == "gptoss_ext" else ""))
     return rows
 

@@ -1,6 +1,7 @@
 // YaRN RoPE in place on q and k, bf16, cos/sin computed on the fly.
 //
-// One CTA per token. The D/2 angles are formed in fp64 (position up to 131072 x inv_freq keeps
+// One CTA per token; each thread first issues the loads of its (up to 4) work items, then the
+// CTA computes the token's cos/sin while they are in flight. The D/2 angles are formed in fp64 (position up to 131072 x inv_freq keeps
 // full precision) and their cos/sin, scaled by the YaRN concentration, are shared through shared
 // memory by the token's Hq + Hkv heads. A work item is one 8-wide chunk of the first half with its
 // partner chunk in the second half: two 16-byte loads, two 16-byte stores. Bytes: 2 x T x (Hq+Hkv)
@@ -12,6 +13,7 @@ namespace gptoss {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kItemsPerThread = 4;  // one pass covers (Hq + Hkv) * D / 16 <= 512 items (gpt-oss: 288)
 
 __global__ void __launch_bounds__(kThreads) rope_kernel(
     bf16* __restrict__ q, bf16* __restrict__ k,   // [T, Hq, D], [T, Hkv, D] (token strides below)
@@ -21,31 +23,53 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(
   __shared__ float cs[128], sn[128];
   const int64_t t = blockIdx.x;
   const int half = D / 2;
-  const double pos = static_cast<double>(positions[t]);
-  for (int d = threadIdx.x; d < half; d += blockDim.x) {
-    double s, c;
-    sincos(pos * inv_freq[d], &s, &c);
-    cs[d] = static_cast<float>(c * concentration);
-    sn[d] = static_cast<float>(s * concentration);
-  }
-  __syncthreads();
-  const int chunks = half / 8;                    // per head
+  const int chunks = half / 8;                    // work items per head
   const int items = (Hq + Hkv) * chunks;
-  for (int it = threadIdx.x; it < items; it += blockDim.x) {
-    const int head = it / chunks, c8 = (it - head * chunks) * 8;
-    bf16* base = head < Hq ? q + t * q_stride + static_cast<int64_t>(head) * D
-                           : k + t * k_stride + static_cast<int64_t>(head - Hq) * D;
-    float x1[8], x2[8], y1[8], y2[8];
-    unpack(load_bf16x8_rw(base + c8), x1);
-    unpack(load_bf16x8_rw(base + half + c8), x2);
+  for (int first = 0; first < items; first += kItemsPerThread * kThreads) {
+    // 1. Issue every load of this pass before anything waits on memory.
+    bf16x8 a[kItemsPerThread], b[kItemsPerThread];
+    bf16* ptr[kItemsPerThread];
+    int col[kItemsPerThread];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float c = cs[c8 + j], s = sn[c8 + j];
-      y1[j] = x1[j] * c - x2[j] * s;
-      y2[j] = x2[j] * c + x1[j] * s;
+    for (int i = 0; i < kItemsPerThread; ++i) {
+      const int it = first + threadIdx.x + i * kThreads;
+      ptr[i] = nullptr;
+      if (it < items) {
+        const int head = it / chunks;
+        col[i] = (it - head * chunks) * 8;
+        ptr[i] = head < Hq ? q + t * q_stride + static_cast<int64_t>(head) * D
+                           : k + t * k_stride + static_cast<int64_t>(head - Hq) * D;
+        a[i] = load_bf16x8_rw(ptr[i] + col[i]);
+        b[i] = load_bf16x8_rw(ptr[i] + half + col[i]);
+      }
     }
-    store_bf16x8(base + c8, pack(y1));
-    store_bf16x8(base + half + c8, pack(y2));
+    // 2. While the loads are in flight: the token's cos/sin (fp64 angle), once.
+    if (first == 0) {
+      const double pos = static_cast<double>(positions[t]);
+      for (int d = threadIdx.x; d < half; d += kThreads) {
+        double s, c;
+        sincos(pos * inv_freq[d], &s, &c);
+        cs[d] = static_cast<float>(c * concentration);
+        sn[d] = static_cast<float>(s * concentration);
+      }
+      __syncthreads();
+    }
+    // 3. Rotate and store.
+#pragma unroll
+    for (int i = 0; i < kItemsPerThread; ++i) {
+      if (ptr[i] == nullptr) continue;
+      float x1[8], x2[8], y1[8], y2[8];
+      unpack(a[i], x1);
+      unpack(b[i], x2);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float c = cs[col[i] + j], s = sn[col[i] + j];
+        y1[j] = x1[j] * c - x2[j] * s;
+        y2[j] = x2[j] * c + x1[j] * s;
+      }
+      store_bf16x8(ptr[i] + col[i], pack(y1));
+      store_bf16x8(ptr[i] + half + col[i], pack(y2));
+    }
   }
 }
 
