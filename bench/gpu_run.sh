@@ -36,6 +36,7 @@ fi
 grep -E "gptoss-ext:|registers|spill|stack frame" "$LOGS/build.log" > "$LOGS/ptxas.log" || true
 grep -E "gptoss-ext:" "$LOGS/build.log" | sort -u
 $PY -c "import gptoss_ext, json; print(json.dumps(gptoss_ext.info()))" | tee "$LOGS/info.json"
+readelf -d gptoss_ext/_C*.so | grep -E "NEEDED.*(stdc|c10)" || true
 
 stamp "C++ kernel tests"
 { cmake -S . -B build/kernel_tests -G Ninja -DGPTOSS_BUILD_EXTENSION=OFF > /dev/null &&

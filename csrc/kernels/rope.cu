@@ -9,13 +9,15 @@
 #include "kernels/common.cuh"
 #include "kernels/rope.h"
 
+#include <algorithm>
+
 namespace gptoss {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kItemsPerThread = 4;  // one pass covers (Hq + Hkv) * D / 16 <= 512 items (gpt-oss: 288)
+constexpr int kMaxThreads = 256;
+constexpr int kItemsPerThread = 4;  // threads = items / 4 rounded up to a warp (gpt-oss: 288 items -> 96 x 3)
 
-__global__ void __launch_bounds__(kThreads) rope_kernel(
+__global__ void __launch_bounds__(kMaxThreads) rope_kernel(
     bf16* __restrict__ q, bf16* __restrict__ k,   // [T, Hq, D], [T, Hkv, D] (token strides below)
     const int64_t* __restrict__ positions,        // [T]
     const double* __restrict__ inv_freq,          // [D/2]
@@ -25,14 +27,14 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(
   const int half = D / 2;
   const int chunks = half / 8;                    // work items per head
   const int items = (Hq + Hkv) * chunks;
-  for (int first = 0; first < items; first += kItemsPerThread * kThreads) {
+  for (int first = 0; first < items; first += kItemsPerThread * blockDim.x) {
     // 1. Issue every load of this pass before anything waits on memory.
     bf16x8 a[kItemsPerThread], b[kItemsPerThread];
     bf16* ptr[kItemsPerThread];
     int col[kItemsPerThread];
 #pragma unroll
     for (int i = 0; i < kItemsPerThread; ++i) {
-      const int it = first + threadIdx.x + i * kThreads;
+      const int it = first + threadIdx.x + i * blockDim.x;
       ptr[i] = nullptr;
       if (it < items) {
         const int head = it / chunks;
@@ -46,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(
     // 2. While the loads are in flight: the token's cos/sin (fp64 angle), once.
     if (first == 0) {
       const double pos = static_cast<double>(positions[t]);
-      for (int d = threadIdx.x; d < half; d += kThreads) {
+      for (int d = threadIdx.x; d < half; d += blockDim.x) {
         double s, c;
         sincos(pos * inv_freq[d], &s, &c);
         cs[d] = static_cast<float>(c * concentration);
@@ -80,7 +82,9 @@ cudaError_t launch_rope(bf16* q, bf16* k, const int64_t* positions, const double
                         int64_t k_stride, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
   if (D % 16 != 0 || D > 256 || T > INT32_MAX) return cudaErrorInvalidValue;
-  rope_kernel<<<static_cast<unsigned>(T), kThreads, 0, stream>>>(q, k, positions, inv_freq, concentration,
+  const int items = (Hq + Hkv) * (D / 16);
+  const int threads = std::min(kMaxThreads, std::max(32, (ceil_div(items, kItemsPerThread) + 31) / 32 * 32));
+  rope_kernel<<<static_cast<unsigned>(T), threads, 0, stream>>>(q, k, positions, inv_freq, concentration,
                                                                  Hq, Hkv, D, q_stride, k_stride);
   return cudaGetLastError();
 }
