@@ -13,6 +13,7 @@ _extension.load_at_import()
 from .checkpoint import CheckpointError, inspect_checkpoint, load_model
 from .config import PRESETS, ModelConfig, get_preset
 from .generate import generate
+from .harmony import chat
 from .model import GptOss, KVCache
 from .synthetic import make_checkpoint, random_model
 
@@ -42,5 +43,5 @@ def info() -> dict:
     return d
 
 
-__all__ = ["CheckpointError", "GptOss", "KVCache", "ModelConfig", "PRESETS", "generate", "get_preset",
+__all__ = ["CheckpointError", "GptOss", "chat", "KVCache", "ModelConfig", "PRESETS", "generate", "get_preset",
            "info", "inspect_checkpoint", "load_model", "make_checkpoint", "random_model", "__version__"]

@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     except Exception as e:  # one clear line, no traceback (GPTOSS_DEBUG=1 shows it)
         if os.environ.get("GPTOSS_DEBUG") == "1":
             raise
-        known = ("CheckpointError", "TokenizerError", "ExtensionError", "ValueError", "FileExistsError",
+        known = ("CheckpointError", "TokenizerError", "ExtensionError", "ValueError", "HarmonyError", "FileExistsError",
                  "FileNotFoundError", "PermissionError", "OutOfMemoryError")
         kind = "" if type(e).__name__ in known else f"internal error ({type(e).__name__}): "
         print(f"error: {kind}{e}", file=sys.stderr)

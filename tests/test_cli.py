@@ -76,3 +76,49 @@ def test_bf16_experts_need_hf_layout(tmp_path):
 def test_unknown_subcommand():
     r = run("fly")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+REPLIES = ["<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant to=functions.get_weather"
+           "<|channel|>commentary <|constrain|>json<|message|>{\"location\": \"Paris\"}<|call|>",
+           "<|channel|>final<|message|>It is 20 degrees in Paris.<|return|>",
+           "<|channel|>final<|message|>You are welcome.<|return|>"]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Gets the weather.",
+          "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}]
+
+
+def test_chat_piped_multi_turn_with_tool_call(tokenizer_file, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps(REPLIES))
+    (tmp_path / "t.json").write_text(json.dumps(TOOLS))
+    r = run("chat", "--tools", str(tmp_path / "t.json"), "--scripted-replies", str(tmp_path / "r.json"),
+            "--show-reasoning", stdin='Weather in Paris?\n{"temp": 20}\nThanks!\n')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "It is 20 degrees in Paris.\nYou are welcome.\n"
+    assert "[reasoning] Need the weather." in r.stderr
+    assert '[tool call] get_weather({"location": "Paris"})' in r.stderr
+
+
+def test_chat_one_shot_with_embedded_model(tokenizer_file):
+    r = run("chat", "--message", "Hello", "--max-new-tokens", "4", "--device", "cpu", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert "built-in random" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_tool_result_missing(tokenizer_file, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps(REPLIES[:1]))
+    r = run("chat", "--scripted-replies", str(tmp_path / "r.json"), stdin="Weather?\n")
+    assert r.returncode == 2 and "tool result was expected" in r.stderr
+
+
+@pytest.mark.parametrize("content,match", [("not json", "not valid JSON"), ('{"x": 1}', "expected a list"),
+                                           ('[{"type": "function", "function": {}}]', "function name")])
+def test_chat_bad_tools_file(tokenizer_file, tmp_path, content, match):
+    (tmp_path / "t.json").write_text(content)
+    r = run("chat", "--message", "hi", "--tools", str(tmp_path / "t.json"))
+    assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_bad_effort():
+    r = run("chat", "--message", "hi", "--reasoning-effort", "max")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
