@@ -14,10 +14,25 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "Tensor(b!) residual_out) -> ()");
   // YaRN RoPE in place on q [T, Hq, D] and k [T, Hkv, D] at positions [T]
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, float concentration) -> ()");
+  // top-k experts + softmax per token, and the grouping by expert (counts, offsets, perm)
+  m.def("moe_router(Tensor logits, int k, Tensor(a!) ids, Tensor(b!) weights, Tensor(c!) counts, "
+        "Tensor(d!) offsets, Tensor(e!) perm) -> ()");
+  // out[p] = SwiGLU(x[p / top_k] W1[e]^T + b1[e]) for pairs p grouped by expert (MXFP4, kernel layout)
+  m.def("moe_mlp1(Tensor x, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, int top_k, "
+        "float alpha, float limit, Tensor(a!) out) -> ()");
+  // out[p] = route_weight[p] * (h[p] W2[e]^T + b2[e]), float32
+  m.def("moe_mlp2(Tensor h, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, "
+        "Tensor route_weights, Tensor(a!) out) -> ()");
+  // out[t] = residual[t] + sum over the token's top_k rows of y
+  m.def("moe_combine(Tensor y, Tensor? residual, int top_k, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("rms_norm", &gptoss::rms_norm);
   m.impl("add_rms_norm", &gptoss::add_rms_norm);
   m.impl("rope_", &gptoss::rope_);
+  m.impl("moe_router", &gptoss::moe_router);
+  m.impl("moe_mlp1", &gptoss::moe_mlp1);
+  m.impl("moe_mlp2", &gptoss::moe_mlp2);
+  m.impl("moe_combine", &gptoss::moe_combine);
 }

@@ -307,6 +307,7 @@ def load_model(path, device="cpu", dtype=torch.bfloat16):
         raise CheckpointError(f"failed to load {info.path}: {type(e).__name__}: {e}") from None
     model.eval()
     model.checkpoint_info = info
+    model.prepare_kernels()
     return model
 
 

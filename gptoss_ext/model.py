@@ -38,16 +38,28 @@ class Linear(nn.Module):
 
 
 class MXFP4Weight(nn.Module):
-    """Experts' weights [E, rows, cols] kept packed: blocks [E, rows, cols/32, 16], scales [E, rows, cols/32]."""
+    """Experts' weights [E, rows, cols] kept packed: blocks [E, rows, cols/32, 16], scales [E, rows, cols/32]
+    (the checkpoint layout), or after `to_kernel_layout` codes + scales in the CUDA kernels' layout
+    (gptoss_ext.mxfp4), the same bytes reordered."""
 
     def __init__(self, experts: int, rows: int, cols: int, device=None):
         super().__init__()
         self.register_buffer("blocks", torch.empty(experts, rows, cols // 32, 16, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(experts, rows, cols // 32, dtype=torch.uint8, device=device))
+        self.kernel = None
 
     @property
-    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.blocks, self.scales
+    def packed(self):
+        return self.kernel if self.kernel is not None else (self.blocks, self.scales)
+
+    def to_kernel_layout(self, swiglu: bool) -> None:
+        from .mxfp4 import KernelMXFP4
+
+        k = KernelMXFP4.from_checkpoint(self.blocks, self.scales, swiglu)
+        del self.blocks, self.scales
+        self.register_buffer("codes", k.codes)
+        self.register_buffer("kscales", k.scales)
+        self.kernel = k
 
 
 class DenseExpertWeight(nn.Module):
@@ -207,6 +219,20 @@ class GptOss(nn.Module):
         if cache is not None:
             cache.length = start + T
         return logits
+
+    def prepare_kernels(self) -> bool:
+        """Reorder the MXFP4 experts into the CUDA kernels' layout (once, in place) when this model
+        can run the MoE kernels: on CUDA, bf16, kernels built, widths multiples of 64."""
+        c = self.config
+        if not (self.device.type == "cuda" and self.dtype == torch.bfloat16 and self.quantized
+                and ops.kernels_available() and c.hidden_size % 64 == 0 and c.intermediate_size % 64 == 0
+                and c.num_experts <= 256 and c.experts_per_token <= 8):
+            return False
+        for blk in self.block:
+            if blk.mlp.mlp1_weight.kernel is None:
+                blk.mlp.mlp1_weight.to_kernel_layout(swiglu=True)
+                blk.mlp.mlp2_weight.to_kernel_layout(swiglu=False)
+        return True
 
     def generate(self, prompt_tokens, **kwargs):
         """See `gptoss_ext.generate.generate`."""

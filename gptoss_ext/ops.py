@@ -60,6 +60,25 @@ def _use_kernel(op: str, t: torch.Tensor) -> bool:
     return False
 
 
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(f"gptoss_ext: {msg}", RuntimeWarning, stacklevel=3)
+
+
+def _use_kernel_any(op: str, t: torch.Tensor, dtypes) -> bool:
+    """Like _use_kernel, for ops that take several dtypes."""
+    if not t.is_cuda or getattr(_local, "reference", False):
+        return False
+    if not _extension.available():
+        return _use_kernel(op, t)
+    if t.dtype not in dtypes:
+        _warn_once(f"the '{op}' kernel takes {', '.join(str(d) for d in dtypes)}, got {t.dtype}; "
+                   "it runs the plain-PyTorch reference on the GPU")
+        return False
+    return True
+
+
 def _reference_on_cuda(op: str, t: torch.Tensor) -> None:
     """For ops that have no kernel yet: the reference runs, and CUDA callers are told once."""
     if t.is_cuda and not getattr(_local, "reference", False):
@@ -132,13 +151,55 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     return ref.attention(q, k, v, sinks, start=start, sliding_window=sliding_window)
 
 
+def route(logits: torch.Tensor, k: int):
+    """Top-k routing of logits [T, E]: (weights [T, k] fp32, ids [T, k] int32, counts [E],
+    offsets [E + 1], perm [T * k]) int32 — see `reference.route` / `reference.group_by_expert`."""
+    if _use_kernel_any("moe_router", logits, (torch.bfloat16, torch.float32)):
+        T, E = logits.shape
+        dev = logits.device
+        ids = torch.empty(T, k, dtype=torch.int32, device=dev)
+        weights = torch.empty(T, k, dtype=torch.float32, device=dev)
+        counts = torch.empty(E, dtype=torch.int32, device=dev)
+        offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+        perm = torch.empty(T * k, dtype=torch.int32, device=dev)
+        torch.ops.gptoss_ext.moe_router(logits.contiguous(), k, ids, weights, counts, offsets, perm)
+        return weights, ids, counts, offsets, perm
+    weights, ids = ref.route(logits, k)
+    counts, offsets, perm = ref.group_by_expert(ids, logits.shape[-1])
+    return weights, ids.int(), counts, offsets, perm
+
+
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight, mlp1_bias,
         mlp2_weight, mlp2_bias, *, experts_per_token: int = 4, swiglu_alpha: float = 1.702,
-        swiglu_limit: float = 7.0) -> torch.Tensor:
-    """The MoE block on normed activations [T, H]; see `reference.moe`."""
-    _reference_on_cuda("moe", x)
-    return ref.moe(x, gate_weight, gate_bias, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
-                   experts_per_token=experts_per_token, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+        swiglu_limit: float = 7.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE block on normed activations x [T, H]: router linear (cuBLAS), top-k, the MXFP4
+    experts and the weighted sum (plus `residual` when given). CUDA bf16 with the experts in the
+    kernel layout runs the kernels; anything else the reference."""
+    from .mxfp4 import KernelMXFP4
+
+    kernel_weights = isinstance(mlp1_weight, KernelMXFP4) and isinstance(mlp2_weight, KernelMXFP4)
+    if x.is_cuda and not getattr(_local, "reference", False) and not kernel_weights:
+        _warn_once(f"the MoE kernels need MXFP4 experts in the kernel layout (got "
+                   f"{type(mlp1_weight).__name__}); the MoE runs the plain-PyTorch reference on the GPU")
+    elif kernel_weights and _use_kernel("moe", x):
+        T = x.shape[0]
+        k = experts_per_token
+        logits = torch.nn.functional.linear(x, gate_weight, gate_bias)            # [T, E] bf16
+        weights, ids, counts, offsets, perm = route(logits, k)
+        R1, _ = mlp1_weight.shape
+        H, I = mlp2_weight.shape
+        h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
+        torch.ops.gptoss_ext.moe_mlp1(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias, perm, offsets,
+                                      k, swiglu_alpha, swiglu_limit, h)
+        y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
+        torch.ops.gptoss_ext.moe_mlp2(h, mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
+                                      weights.view(-1), y)
+        out = torch.empty(T, H, dtype=torch.bfloat16, device=x.device)
+        torch.ops.gptoss_ext.moe_combine(y, residual, k, out)
+        return out
+    out = ref.moe(x, gate_weight, gate_bias, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
+                  experts_per_token=experts_per_token, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    return out if residual is None else (residual.float() + out.float()).to(residual.dtype)
 
 
 # ---- fake implementations (tracing, CUDA-graph capture) ----------------------------------------
@@ -158,6 +219,22 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::rope_")
     def _(q, k, positions, inv_freq, concentration):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::moe_router")
+    def _(logits, k, ids, weights, counts, offsets, perm):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::moe_mlp1")
+    def _(x, codes, scales, bias, perm, offsets, top_k, alpha, limit, out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::moe_mlp2")
+    def _(h, codes, scales, bias, perm, offsets, route_weights, out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::moe_combine")
+    def _(y, residual, top_k, out):
         return None
 
 

@@ -168,10 +168,13 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor,
 
 
 def expert_weight(weight, e: int) -> torch.Tensor:
-    """Expert e's weight [rows, cols] in float32, from MXFP4 (blocks, scales) or dense [E, rows, cols]."""
+    """Expert e's weight [rows, cols] in float32, from MXFP4 (blocks, scales), MXFP4 in the
+    kernels' layout (anything with `checkpoint_expert(e)`), or dense [E, rows, cols]."""
     if isinstance(weight, tuple):
         blocks, scales = weight
         return mxfp4_dequantize(blocks[e], scales[e])
+    if hasattr(weight, "checkpoint_expert"):
+        return mxfp4_dequantize(*weight.checkpoint_expert(e))
     return weight[e].float()
 
 

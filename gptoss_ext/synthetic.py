@@ -98,7 +98,9 @@ def random_model(config: ModelConfig | str = "tiny", seed: int = 0, device="cpu"
         state.update(_to_model_tensors(name, t, quantized, state))
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    model.eval()
+    model.prepare_kernels()
+    return model
 
 
 def _to_model_tensors(name: str, t: torch.Tensor, quantized: bool, pending: dict) -> dict:

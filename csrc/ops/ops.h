@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace gptoss {
 
 void rms_norm(const at::Tensor& x, const at::Tensor& scale, double eps, at::Tensor& out);
@@ -9,5 +11,14 @@ void add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Ten
                   at::Tensor& out, at::Tensor& residual_out);
 void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& inv_freq,
            double concentration);
+
+void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor& weights, at::Tensor& counts,
+                at::Tensor& offsets, at::Tensor& perm);
+void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
+              const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
+              at::Tensor& out);
+void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
+              const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out);
+void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out);
 
 }  // namespace gptoss

@@ -1,0 +1,118 @@
+"""MoE benchmarks: router, decode (T = 1, 8) and prefill (T = 4096) for the 20b (32 experts) and
+120b (128 experts) shapes, against the measured copy bandwidth and the torch peers (gather + einsum
+on bf16 weights, as the reference implementation does; torch._grouped_mm on bf16 weights)."""
+
+from __future__ import annotations
+
+import torch
+
+from gptoss_ext import ops
+from gptoss_ext.mxfp4 import KernelMXFP4
+
+from common import Row, time_cuda
+
+H = I = 2880
+BYTES_PER_EXPERT = (2 * I * H + H * I) * 17 // 32 + 2 * (2 * I + H)     # MXFP4 codes + scales + biases
+
+
+def make(E, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b1 = torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, device="cuda", generator=g)
+    s1 = torch.randint(118, 122, (E, 2 * I, H // 32), dtype=torch.uint8, device="cuda", generator=g)
+    b2 = torch.randint(0, 256, (E, H, I // 32, 16), dtype=torch.uint8, device="cuda", generator=g)
+    s2 = torch.randint(118, 122, (E, H, I // 32), dtype=torch.uint8, device="cuda", generator=g)
+    k1 = KernelMXFP4.from_checkpoint(b1, s1, swiglu=True)
+    k2 = KernelMXFP4.from_checkpoint(b2, s2, swiglu=False)
+    del b1, s1, b2, s2
+    return dict(k1=k1, k2=k2, bias1=(torch.randn(E, 2 * I, device="cuda") * 0.1).bfloat16(),
+                bias2=(torch.randn(E, H, device="cuda") * 0.1).bfloat16(),
+                gw=(torch.randn(E, H, device="cuda") * H ** -0.5).bfloat16(),
+                gb=torch.zeros(E, device="cuda").bfloat16())
+
+
+def bf16_weights(E, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    W1 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * 0.02).bfloat16()
+    W2 = (torch.randn(E, H, I, device="cuda", generator=g) * 0.02).bfloat16()
+    return W1, W2
+
+
+def routing(w, x, k=4):
+    logits = torch.nn.functional.linear(x, w["gw"], w["gb"])
+    return ops.route(logits, k)
+
+
+def run(l2: int) -> list[Row]:
+    rows = []
+    for name, E in (("20b", 32), ("120b", 128)):
+        w = make(E)
+        # router alone
+        for T in (1, 4096):
+            logits = torch.randn(T, E, device="cuda").bfloat16()
+            ms, p10, p90, mode = time_cuda(lambda i: ops.route(logits, 4))
+            rows.append(Row("moe_router", f"{name} E={E} T={T}", "gptoss_ext", ms, p10, p90, timing=mode,
+                            target="<=10 us, 1 launch" if T == 1 else "1 launch"))
+        W1, W2 = bf16_weights(E)
+        for T in (1, 8):
+            n = 8   # different routings rotate the expert weights far beyond L2
+            xs = [torch.randn(T, H, device="cuda").bfloat16() for _ in range(n)]
+            rts = [routing(w, x) for x in xs]
+            hs = [torch.empty(T * 4, I, dtype=torch.bfloat16, device="cuda") for _ in range(n)]
+            ys = [torch.empty(T * 4, H, device="cuda") for _ in range(n)]
+            distinct = sum(int((r[2] > 0).sum()) for r in rts) / n
+            nbytes = distinct * BYTES_PER_EXPERT
+
+            def ours(i):
+                wt, ids, counts, offsets, perm = rts[i]
+                torch.ops.gptoss_ext.moe_mlp1(xs[i], w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4,
+                                              1.702, 7.0, hs[i])
+                torch.ops.gptoss_ext.moe_mlp2(hs[i], w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets,
+                                              wt.view(-1), ys[i])
+
+            ids_l = [r[1].long() for r in rts]
+            wts = [r[0] for r in rts]
+
+            def torch_einsum(i):   # the reference implementation's gather + einsum, bf16 weights
+                ids = ids_l[i]
+                u = torch.einsum("beck,bk->bec", W1[ids], xs[i])
+                gate, lin = u[..., ::2].clamp(max=7), u[..., 1::2].clamp(-7, 7)
+                hh = gate * torch.sigmoid(1.702 * gate) * (lin + 1)
+                y = torch.einsum("beck,bek->bec", W2[ids], hh)
+                torch.einsum("bec,be->bc", y, wts[i].bfloat16())
+
+            case = f"{name} decode T={T}"
+            ms, p10, p90, mode = time_cuda(ours, n)
+            rows.append(Row("moe mlp1+mlp2", case, "gptoss_ext", ms, p10, p90, bytes=nbytes, timing=mode,
+                            flops=2 * T * 4 * 3 * H * I, target="<=1.25x MXFP4 bytes / copy BW",
+                            extra={"distinct_experts": distinct}))
+            ms, p10, p90, mode = time_cuda(torch_einsum, n)
+            rows.append(Row("moe mlp1+mlp2", case, "torch gather+einsum (bf16 weights)", ms, p10, p90, bytes=nbytes,
+                            timing=mode, flops=2 * T * 4 * 3 * H * I))
+        if name == "20b":
+            T = 4096
+            x = torch.randn(T, H, device="cuda").bfloat16()
+            wt, ids, counts, offsets, perm = routing(w, x)
+            h = torch.empty(T * 4, I, dtype=torch.bfloat16, device="cuda")
+            flops = 2 * T * 4 * 2 * I * H
+            ms, p10, p90, mode = time_cuda(lambda i: torch.ops.gptoss_ext.moe_mlp1(
+                x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h))
+            rows.append(Row("moe mlp1", "20b prefill T=4096", "gptoss_ext", ms, p10, p90, flops=flops, timing=mode,
+                            bytes=E * BYTES_PER_EXPERT * 2 / 3, target="<=1.5x torch._grouped_mm"))
+            xs_sorted = x[(perm // 4).long()]
+            ends = offsets[1:].contiguous()
+            try:
+                W1t = W1.transpose(1, 2)
+                torch._grouped_mm(xs_sorted, W1t, offs=ends)
+                ms, p10, p90, mode = time_cuda(lambda i: torch._grouped_mm(xs_sorted, W1t, offs=ends))
+                rows.append(Row("moe mlp1", "20b prefill T=4096", "torch._grouped_mm (bf16 weights)", ms, p10, p90,
+                                flops=flops, timing=mode, bytes=E * 2 * I * H * 2))
+            except Exception as e:  # a missing peer is reported, not skipped silently
+                rows.append(Row("moe mlp1", "20b prefill T=4096", f"torch._grouped_mm unavailable: {type(e).__name__}",
+                                0.0, 0.0, 0.0))
+            y = torch.empty(T * 4, H, device="cuda")
+            ms, p10, p90, mode = time_cuda(lambda i: torch.ops.gptoss_ext.moe_mlp2(
+                h, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wt.view(-1), y))
+            rows.append(Row("moe mlp2", "20b prefill T=4096", "gptoss_ext", ms, p10, p90, flops=flops / 2, timing=mode))
+        del w, W1, W2
+        torch.cuda.empty_cache()
+    return rows

@@ -1,0 +1,55 @@
+// MoE kernels (torch-free launchers): router top-k + grouping, MXFP4 grouped GEMMs, combine.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace gptoss {
+
+constexpr int kRouterMaxExperts = 256;
+constexpr int kRouterMaxTopK = 8;
+
+// Router: one launch, one CTA. For each token the top-k logits (descending, ties to the lower
+// expert id, NaN treated as -inf) and the softmax over them; then the grouping a grouped GEMM
+// needs: counts[e], offsets[e] (exclusive prefix sum, offsets[E] = T*k) and perm: the flat pair
+// indices p = t*k + slot sorted by expert, stable (ascending p within an expert). Deterministic.
+//   logits [T, E] (bf16 if logits_bf16 else fp32); ids [T, k] int32; weights [T, k] fp32;
+//   counts [E], offsets [E + 1], perm [T * k] int32.  E <= 256, k <= 8, k <= E.
+cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, int E, int k, int32_t* ids,
+                              float* weights, int32_t* counts, int32_t* offsets, int32_t* perm,
+                              cudaStream_t stream);
+
+// MXFP4 weights in the kernel layout (see gptoss_ext/mxfp4.py, which writes it once at load):
+//   codes  [E, R/16, K/64, 32 lanes, 16 bytes]: the FP4 codes of a 16-row x 64-column tile in the
+//          order of the mma.m16n8k16 A fragments (one 16-byte load per lane per tile);
+//   scales [E, R/16, K/64, 8, 4 bytes]: E8M0 scales of rows (g, g+8) x the tile's two 32-column
+//          groups, for g = lane / 4.
+// Still 4.25 bits per weight. For mlp1 the rows of each 16-row tile are (gate j, linear j) pairs:
+// tile row i < 8 is gate row 2*(8t+i), row i + 8 the linear row 2*(8t+i)+1, so SwiGLU is local.
+struct MoeGemmArgs {
+  const __nv_bfloat16* x;       // mlp1: [T, K] activations (pair p reads row p / k); mlp2: [P, K] (row p)
+  const uint8_t* codes;         // kernel layout, see above
+  const uint8_t* scales;
+  const __nv_bfloat16* bias;    // [E, R] (checkpoint row order)
+  const int32_t* perm;          // [P] pairs grouped by expert
+  const int32_t* offsets;       // [E + 1]
+  const float* route_weights;   // [P] (mlp2 only)
+  __nv_bfloat16* out_h;         // mlp1: [P, R/2] SwiGLU output, bf16
+  float* out_y;                 // mlp2: [P, R] weight * (x W^T + b), fp32
+  int64_t P;                    // pairs = T * top_k
+  int top_k;
+  int E, R, K;
+  float swiglu_alpha, swiglu_limit;
+};
+
+// mlp1 (with the SwiGLU epilogue) and mlp2 (bias and routing weight in the epilogue).
+// R % 16 == 0, K % 64 == 0. The tile shapes are chosen from P (decode: 8 tokens a tile and
+// split-K across warps; prefill: 64 x 64 tiles).
+cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream);
+cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream);
+
+// out[t] = (residual[t] if residual) + sum_s y[t*k + s], bf16 out; y fp32 [T*k, H].
+cudaError_t launch_moe_combine(const float* y, const __nv_bfloat16* residual, __nv_bfloat16* out, int64_t T,
+                               int k, int H, cudaStream_t stream);
+
+}  // namespace gptoss

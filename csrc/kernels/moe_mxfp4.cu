@@ -1,0 +1,285 @@
+// MXFP4 grouped GEMMs for the MoE experts (mlp1 + SwiGLU, mlp2 + routing weight) and the combine.
+//
+// Tensor cores through mma.sync m16n8k16 (fp16 in, fp32 accumulate), which runs on sm_80+ and
+// on Hopper. Weight-stationary: the A operand is a 16-row tile of an expert's weight, the B
+// operand 8 tokens routed to that expert. A comes straight from global memory in the kernel
+// layout (gptoss_ext/mxfp4.py): one 16-byte load per lane gives the codes of its A fragments for
+// a 16 x 64 tile; they are decoded in registers with shifts and masks to fp16, where every E2M1
+// value is exact (subnormals included: code 1 = 0.5 is an fp16 subnormal after the 2^-14 shift).
+// Each 32-column group's E8M0 scale (times 2^14) then multiplies the fp32 partial sums of that
+// group, so scaling is exact. Activations are staged in shared memory as fp16 (bf16 -> fp16 is
+// exact for |x| >= 2^-14 and gpt-oss's expert inputs stay far below fp16's range: normed
+// activations and SwiGLU outputs bounded by the clamp).
+//
+// Grid: x = row tiles (16 * WM rows a CTA), y = (expert, token tile) work items (found by
+// scanning offsets). Decode (few tokens): 8 tokens a tile, the whole K staged once, K split across
+// warps and reduced in shared memory. Prefill: 64 tokens a tile, K in slabs.
+// Versions tried: this is the first (portable mma.sync); a wgmma version for sm_90a is future work.
+#include <algorithm>
+
+#include "kernels/common.cuh"
+#include "kernels/moe.h"
+
+namespace gptoss {
+namespace {
+
+constexpr int kWarps = 4;
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Nibble pairs (bits 4h, 16 + 4h) of w -> fp16x2 with value E2M1 * 2^-14 (sign, then the 3
+// magnitude bits as the low exponent bits and the top mantissa bit).
+__device__ __forceinline__ uint32_t fp4x2_to_f16x2(uint32_t w, int h) {
+  const uint32_t y = w >> (4 * h);
+  return ((y << 9) & 0x0E000E00u) | ((y << 12) & 0x80008000u);
+}
+
+// E8M0 scale s -> 2^(s - 127) * 2^14 as fp32 (s = 255, NaN in E8M0, gives inf).
+__device__ __forceinline__ float e8m0_scale(uint32_t s) {
+  return __uint_as_float(min(s + 14u, 255u) << 23);
+}
+
+__device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  const __half2 h = __floats2half2_rn(f.x, f.y);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Which (expert, first token) this CTA serves; false if the work item is past the end.
+__device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int bn, int item, int& expert, int& start,
+                                          int& count) {
+  int acc = 0;
+  for (int e = 0; e < E; ++e) {
+    const int n = offsets[e + 1] - offsets[e];
+    const int tiles = (n + bn - 1) / bn;
+    if (item < acc + tiles) {
+      expert = e;
+      start = (item - acc) * bn;
+      count = min(bn, n - start);
+      return true;
+    }
+    acc += tiles;
+  }
+  return false;
+}
+
+template <int WM, int NT, bool SWIGLU>
+__global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, int slab) {
+  constexpr int WK = kWarps / WM;
+  constexpr int BN = 8 * NT;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint32_t* bs = reinterpret_cast<uint32_t*>(smem_raw);        // [BN][slab/2 + 4] fp16x2 activations
+  __shared__ int32_t pair_of[BN];
+
+  int expert, start, count;
+  if (!find_work(a.offsets, a.E, BN, blockIdx.y, expert, start, count)) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp % WM, wk = warp / WM;
+  const int g = lane >> 2, q = lane & 3;
+  const int row_tiles = a.R / 16, chunks = a.K / 64;
+  const int tile = blockIdx.x * WM + wm;                          // this warp's 16-row tile
+  const bool tile_ok = tile < row_tiles;
+  const int stride = slab / 2 + 4;                                 // words a staged row (+16 B pad)
+
+  if (threadIdx.x < BN) pair_of[threadIdx.x] = threadIdx.x < count ? a.perm[a.offsets[expert] + start + threadIdx.x] : -1;
+  __syncthreads();
+
+  const uint4* codes = reinterpret_cast<const uint4*>(a.codes) +
+                       ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 32 + lane;
+  const uint32_t* scales = reinterpret_cast<const uint32_t*>(a.scales) +
+                           ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 8 + g;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  for (int k0 = 0; k0 < a.K; k0 += slab) {
+    // Stage the slab of activations for the tile's tokens (fp16).
+    __syncthreads();
+    const int words = slab / 2;
+    for (int i = threadIdx.x; i < BN * (words / 4); i += kWarps * 32) {
+      const int n = i / (words / 4), c4 = i % (words / 4);
+      const int p = pair_of[n];
+      if (p < 0) continue;  // rows past `count` only feed accumulator columns that are never stored
+      const int64_t row = SWIGLU ? p / a.top_k : p;
+      uint4 v = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K + k0) + c4);
+      v.x = bf16x2_to_f16x2(v.x);
+      v.y = bf16x2_to_f16x2(v.y);
+      v.z = bf16x2_to_f16x2(v.z);
+      v.w = bf16x2_to_f16x2(v.w);
+      *reinterpret_cast<uint4*>(bs + n * stride + c4 * 4) = v;
+    }
+    __syncthreads();
+    if (!tile_ok) continue;
+    const int c_begin = k0 / 64, c_end = (k0 + slab) / 64;
+    // Chunks of this slab, split across the WK warps of the same rows; one chunk prefetched ahead.
+    int c = c_begin + wk;
+    uint4 code = c < c_end ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
+    uint32_t sc = c < c_end ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
+    for (; c < c_end; c += WK) {
+      const int cn = c + WK;
+      const uint4 code_next = cn < c_end ? __ldg(codes + static_cast<int64_t>(cn) * 32) : make_uint4(0, 0, 0, 0);
+      const uint32_t sc_next = cn < c_end ? __ldg(scales + static_cast<int64_t>(cn) * 8) : 0u;
+      const uint32_t words4[4] = {code.x, code.y, code.z, code.w};
+      const int kw = (c - c_begin) * 32;                           // word offset of the chunk in the slab
+#pragma unroll
+      for (int grp = 0; grp < 2; ++grp) {
+        float part[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
+#pragma unroll
+        for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
+          uint32_t af[4];
+#pragma unroll
+          for (int h = 0; h < 4; ++h) af[h] = fp4x2_to_f16x2(words4[s], h);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const uint32_t* brow = bs + (n * 8 + g) * stride + kw + s * 8 + q;
+            mma_f16(part[n], af, brow[0], brow[4]);
+          }
+        }
+        const float s_lo = e8m0_scale((sc >> (16 * grp)) & 0xFFu);       // row g
+        const float s_hi = e8m0_scale((sc >> (16 * grp + 8)) & 0xFFu);   // row g + 8
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
+          acc[n][1] = fmaf(part[n][1], s_lo, acc[n][1]);
+          acc[n][2] = fmaf(part[n][2], s_hi, acc[n][2]);
+          acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
+        }
+      }
+      code = code_next;
+      sc = sc_next;
+    }
+  }
+
+  // Split-K: warps wk > 0 hand their sums to wk == 0 through shared memory.
+  if constexpr (WK > 1) {
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem_raw);  // reuses the activation buffer
+    if (wk > 0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) red[(((wk - 1) * WM + wm) * NT * 4 + n * 4 + j) * 32 + lane] = acc[n][j];
+    }
+    __syncthreads();
+    if (wk > 0) return;
+#pragma unroll
+    for (int w = 1; w < WK; ++w)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[n][j] += red[(((w - 1) * WM + wm) * NT * 4 + n * 4 + j) * 32 + lane];
+  }
+  if (!tile_ok) return;
+
+  // Epilogue. Accumulator (n, j): token n*8 + 2q + (j & 1), tile row g + 8 * (j >> 1).
+  const bf16* bias = a.bias + static_cast<int64_t>(expert) * a.R;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const int p = pair_of[n * 8 + 2 * q + t];
+      if (p < 0) continue;
+      if constexpr (SWIGLU) {
+        const int col = tile * 8 + g;                              // output column (I index)
+        float gate = acc[n][t] + __bfloat162float(bias[2 * col]);
+        float lin = acc[n][2 + t] + __bfloat162float(bias[2 * col + 1]);
+        gate = fminf(gate, a.swiglu_limit);
+        lin = fminf(fmaxf(lin, -a.swiglu_limit), a.swiglu_limit);
+        const float hval = gate / (1.f + __expf(-a.swiglu_alpha * gate)) * (lin + 1.f);
+        a.out_h[static_cast<int64_t>(p) * (a.R / 2) + col] = __float2bfloat16(hval);
+      } else {
+        const int r0 = tile * 16 + g;
+        const float w = a.route_weights[p];
+        float* y = a.out_y + static_cast<int64_t>(p) * a.R;
+        y[r0] = (acc[n][t] + __bfloat162float(bias[r0])) * w;
+        y[r0 + 8] = (acc[n][2 + t] + __bfloat162float(bias[r0 + 8])) * w;
+      }
+    }
+  }
+}
+
+template <int WM, int NT, bool SWIGLU>
+cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
+  constexpr int BN = 8 * NT;
+  // Whole K at once when it fits (decode), else the largest slab dividing K.
+  int slab = a.K;
+  const auto bytes = [&](int s) { return static_cast<size_t>(BN) * (s / 2 + 4) * 4; };
+  if (bytes(slab) > 96 * 1024) {
+    slab = 64;
+    for (int s : {320, 256, 192, 128}) {
+      if (a.K % s == 0 && bytes(s) <= 96 * 1024) {
+        slab = s;
+        break;
+      }
+    }
+  }
+  constexpr int WK = kWarps / WM;
+  const size_t red_bytes = WK > 1 ? static_cast<size_t>(WK - 1) * WM * NT * 4 * 32 * 4 : 0;
+  const size_t smem = std::max(bytes(slab), red_bytes);
+  auto kernel = moe_gemm_kernel<WM, NT, SWIGLU>;
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  const int64_t max_items = (a.P + BN - 1) / BN + std::min<int64_t>(a.E, a.P);
+  const dim3 grid((a.R / 16 + WM - 1) / WM, static_cast<unsigned>(max_items));
+  kernel<<<grid, kWarps * 32, smem, stream>>>(a, slab);
+  return cudaGetLastError();
+}
+
+template <bool SWIGLU>
+cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
+  if (a.P == 0) return cudaSuccess;
+  if (a.R % 16 != 0 || a.K % 64 != 0 || a.E < 1 || a.top_k < 1 || a.P > INT32_MAX) return cudaErrorInvalidValue;
+  const int64_t per_expert = a.P / std::max<int64_t>(1, std::min<int64_t>(a.E, a.P));
+  if (per_expert <= 8) {      // decode: 8-token tiles, K split over warps
+    return SWIGLU ? launch_gemm<2, 1, SWIGLU>(a, stream) : launch_gemm<1, 1, SWIGLU>(a, stream);
+  }
+  if (per_expert <= 32) return launch_gemm<2, 2, SWIGLU>(a, stream);
+  return launch_gemm<4, 8, SWIGLU>(a, stream);
+}
+
+__global__ void combine_kernel(const float* __restrict__ y, const bf16* __restrict__ residual, bf16* __restrict__ out,
+                               int k, int H) {
+  const int64_t t = blockIdx.x;
+  for (int h = (blockIdx.y * blockDim.x + threadIdx.x) * 4; h < H; h += gridDim.y * blockDim.x * 4) {
+    float4 s = residual ? make_float4(__bfloat162float(residual[t * H + h]), __bfloat162float(residual[t * H + h + 1]),
+                                      __bfloat162float(residual[t * H + h + 2]), __bfloat162float(residual[t * H + h + 3]))
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < k; ++j) {
+      const float4 v = *reinterpret_cast<const float4*>(y + (t * k + j) * H + h);
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    *reinterpret_cast<__nv_bfloat162*>(out + t * H + h) = __floats2bfloat162_rn(s.x, s.y);
+    *reinterpret_cast<__nv_bfloat162*>(out + t * H + h + 2) = __floats2bfloat162_rn(s.z, s.w);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream) { return launch<true>(a, stream); }
+cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream) { return launch<false>(a, stream); }
+
+cudaError_t launch_moe_combine(const float* y, const bf16* residual, bf16* out, int64_t T, int k, int H,
+                               cudaStream_t stream) {
+  if (T == 0) return cudaSuccess;
+  if (H % 4 != 0 || T > INT32_MAX) return cudaErrorInvalidValue;
+  const int threads = 128;
+  const dim3 grid(static_cast<unsigned>(T), std::max(1, std::min(8, H / (threads * 4))));
+  combine_kernel<<<grid, threads, 0, stream>>>(y, residual, out, k, H);
+  return cudaGetLastError();
+}
+
+}  // namespace gptoss

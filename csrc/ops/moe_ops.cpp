@@ -1,0 +1,179 @@
+// Host wrappers for the MoE kernels: router, MXFP4 grouped GEMMs (mlp1 + SwiGLU, mlp2), combine.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/moe.h"
+#include "ops/checks.h"
+#include "ops/ops.h"
+
+namespace gptoss {
+namespace {
+
+void check_int_tensor(const char* op, const char* name, const at::Tensor& t, int64_t numel, const at::Tensor& ref) {
+  check_cuda(op, name, t);
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, at::kInt);
+  check_contiguous(op, name, t);
+  TORCH_CHECK(t.numel() == numel, "gptoss_ext.", op, ": '", name, "' must have ", numel, " elements, got shape ",
+              shape_str(t));
+}
+
+// codes [E, R/16, K/64, 32, 16], scales [E, R/16, K/64, 8, 4] (uint8); returns (E, R, K).
+std::tuple<int64_t, int64_t, int64_t> check_weights(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                                                    const at::Tensor& ref) {
+  check_cuda(op, "codes", codes);
+  check_same_device(op, "codes", codes, ref);
+  check_dtype(op, "codes", codes, at::kByte);
+  check_contiguous(op, "codes", codes);
+  check_dim(op, "codes", codes, 5);
+  TORCH_CHECK(codes.size(3) == 32 && codes.size(4) == 16, "gptoss_ext.", op,
+              ": 'codes' must be in the kernel layout [E, R/16, K/64, 32, 16] (gptoss_ext.mxfp4), got ",
+              shape_str(codes));
+  check_cuda(op, "scales", scales);
+  check_same_device(op, "scales", scales, ref);
+  check_dtype(op, "scales", scales, at::kByte);
+  check_contiguous(op, "scales", scales);
+  check_dim(op, "scales", scales, 5);
+  TORCH_CHECK(scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) && scales.size(2) == codes.size(2) &&
+                  scales.size(3) == 8 && scales.size(4) == 4,
+              "gptoss_ext.", op, ": 'scales' must be [E, R/16, K/64, 8, 4] matching 'codes' ", shape_str(codes),
+              ", got ", shape_str(scales));
+  return {codes.size(0), codes.size(1) * 16, codes.size(2) * 64};
+}
+
+void check_routing(const char* op, const at::Tensor& perm, const at::Tensor& offsets, int64_t P, int64_t E,
+                   const at::Tensor& ref) {
+  check_int_tensor(op, "perm", perm, P, ref);
+  check_int_tensor(op, "offsets", offsets, E + 1, ref);
+}
+
+}  // namespace
+
+void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor& weights, at::Tensor& counts,
+                at::Tensor& offsets, at::Tensor& perm) {
+  const char* op = "moe_router";
+  check_cuda(op, "logits", logits);
+  TORCH_CHECK(logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat, "gptoss_ext.", op,
+              ": 'logits' must be bfloat16 or float32, got ", logits.scalar_type());
+  check_dim(op, "logits", logits, 2);
+  check_contiguous(op, "logits", logits);
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(E >= 1 && E <= kRouterMaxExperts, "gptoss_ext.", op, ": number of experts must be in [1, ",
+              kRouterMaxExperts, "], got ", E);
+  TORCH_CHECK(k >= 1 && k <= kRouterMaxTopK && k <= E, "gptoss_ext.", op, ": k must be in [1, min(",
+              kRouterMaxTopK, ", E)], got ", k);
+  check_int_tensor(op, "ids", ids, T * k, logits);
+  check_cuda(op, "weights", weights);
+  check_dtype(op, "weights", weights, at::kFloat);
+  check_contiguous(op, "weights", weights);
+  TORCH_CHECK(weights.numel() == T * k, "gptoss_ext.", op, ": 'weights' must have ", T * k, " elements");
+  check_int_tensor(op, "counts", counts, E, logits);
+  check_int_tensor(op, "offsets", offsets, E + 1, logits);
+  check_int_tensor(op, "perm", perm, T * k, logits);
+  const c10::cuda::OptionalCUDAGuard guard(logits.device());
+  auto err = launch_moe_router(logits.data_ptr(), logits.scalar_type() == at::kBFloat16, T, static_cast<int>(E),
+                               static_cast<int>(k), ids.data_ptr<int32_t>(), weights.data_ptr<float>(),
+                               counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>(),
+                               c10::cuda::getCurrentCUDAStream());
+  GPTOSS_CHECK_LAUNCH(op, err);
+}
+
+void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
+              const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
+              at::Tensor& out) {
+  const char* op = "moe_mlp1";
+  check_bf16_tensor(op, "x", x, 2, x);
+  auto [E, R, K] = check_weights(op, codes, scales, x);
+  check_size(op, "x", x, 1, K, "columns of the weights");
+  TORCH_CHECK(top_k >= 1, "gptoss_ext.", op, ": top_k must be >= 1, got ", top_k);
+  const int64_t P = x.size(0) * top_k;
+  check_bf16_tensor(op, "bias", bias, 2, x);
+  check_size(op, "bias", bias, 0, E, "experts");
+  check_size(op, "bias", bias, 1, R, "rows of the weights");
+  check_routing(op, perm, offsets, P, E, x);
+  check_bf16_tensor(op, "out", out, 2, x);
+  check_size(op, "out", out, 0, P, "tokens x top_k");
+  check_size(op, "out", out, 1, R / 2, "rows / 2 (SwiGLU)");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  MoeGemmArgs a{};
+  a.x = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
+  a.codes = codes.data_ptr<uint8_t>();
+  a.scales = scales.data_ptr<uint8_t>();
+  a.bias = reinterpret_cast<const __nv_bfloat16*>(bias.data_ptr());
+  a.perm = perm.data_ptr<int32_t>();
+  a.offsets = offsets.data_ptr<int32_t>();
+  a.out_h = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  a.P = P;
+  a.top_k = static_cast<int>(top_k);
+  a.E = static_cast<int>(E);
+  a.R = static_cast<int>(R);
+  a.K = static_cast<int>(K);
+  a.swiglu_alpha = static_cast<float>(alpha);
+  a.swiglu_limit = static_cast<float>(limit);
+  GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp1(a, c10::cuda::getCurrentCUDAStream()));
+}
+
+void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
+              const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out) {
+  const char* op = "moe_mlp2";
+  check_bf16_tensor(op, "h", h, 2, h);
+  auto [E, R, K] = check_weights(op, codes, scales, h);
+  check_size(op, "h", h, 1, K, "columns of the weights");
+  const int64_t P = h.size(0);
+  check_bf16_tensor(op, "bias", bias, 2, h);
+  check_size(op, "bias", bias, 0, E, "experts");
+  check_size(op, "bias", bias, 1, R, "rows of the weights");
+  check_routing(op, perm, offsets, P, E, h);
+  check_cuda(op, "route_weights", route_weights);
+  check_dtype(op, "route_weights", route_weights, at::kFloat);
+  check_contiguous(op, "route_weights", route_weights);
+  TORCH_CHECK(route_weights.numel() == P, "gptoss_ext.", op, ": 'route_weights' must have ", P, " elements, got ",
+              shape_str(route_weights));
+  check_cuda(op, "out", out);
+  check_dtype(op, "out", out, at::kFloat);
+  check_contiguous(op, "out", out);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == P && out.size(1) == R, "gptoss_ext.", op, ": 'out' must be [", P, ", ",
+              R, "] float32, got ", shape_str(out));
+  const c10::cuda::OptionalCUDAGuard guard(h.device());
+  MoeGemmArgs a{};
+  a.x = reinterpret_cast<const __nv_bfloat16*>(h.data_ptr());
+  a.codes = codes.data_ptr<uint8_t>();
+  a.scales = scales.data_ptr<uint8_t>();
+  a.bias = reinterpret_cast<const __nv_bfloat16*>(bias.data_ptr());
+  a.perm = perm.data_ptr<int32_t>();
+  a.offsets = offsets.data_ptr<int32_t>();
+  a.route_weights = route_weights.data_ptr<float>();
+  a.out_y = out.data_ptr<float>();
+  a.P = P;
+  a.top_k = 1;
+  a.E = static_cast<int>(E);
+  a.R = static_cast<int>(R);
+  a.K = static_cast<int>(K);
+  GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp2(a, c10::cuda::getCurrentCUDAStream()));
+}
+
+void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out) {
+  const char* op = "moe_combine";
+  check_cuda(op, "y", y);
+  check_dtype(op, "y", y, at::kFloat);
+  check_contiguous(op, "y", y);
+  check_dim(op, "y", y, 2);
+  check_bf16_tensor(op, "out", out, 2, y);
+  const int64_t T = out.size(0), H = out.size(1);
+  TORCH_CHECK(top_k >= 1 && y.size(0) == T * top_k && y.size(1) == H, "gptoss_ext.", op, ": 'y' must be [", T * top_k,
+              ", ", H, "] for out ", shape_str(out), " and top_k ", top_k, ", got ", shape_str(y));
+  TORCH_CHECK(H % 4 == 0, "gptoss_ext.", op, ": hidden size must be a multiple of 4, got ", H);
+  if (residual) {
+    check_bf16_tensor(op, "residual", *residual, 2, y);
+    TORCH_CHECK(residual->sizes() == out.sizes(), "gptoss_ext.", op, ": 'residual' has shape ", shape_str(*residual),
+                ", 'out' has shape ", shape_str(out));
+  }
+  const c10::cuda::OptionalCUDAGuard guard(y.device());
+  auto err = launch_moe_combine(y.data_ptr<float>(),
+                                residual ? reinterpret_cast<const __nv_bfloat16*>(residual->data_ptr()) : nullptr,
+                                reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), T, static_cast<int>(top_k),
+                                static_cast<int>(H), c10::cuda::getCurrentCUDAStream());
+  GPTOSS_CHECK_LAUNCH(op, err);
+}
+
+}  // namespace gptoss

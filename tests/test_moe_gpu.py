@@ -1,0 +1,213 @@
+"""GPU tests of the MoE kernels (router, MXFP4 mlp1 + SwiGLU, mlp2 + combine) against the
+reference MoE on the same MXFP4 weights (fp32), with the error budget set by a plain bf16 PyTorch
+MoE on the same inputs."""
+
+import pytest
+import torch
+
+from gptoss_ext import ops
+from gptoss_ext import reference as ref
+from gptoss_ext.mxfp4 import KernelMXFP4
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+H = I = 2880
+
+
+def experts(E, seed, H=H, I=I):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    b1 = torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, device=DEV, generator=g)
+    s1 = torch.randint(118, 122, (E, 2 * I, H // 32), dtype=torch.uint8, device=DEV, generator=g)
+    b2 = torch.randint(0, 256, (E, H, I // 32, 16), dtype=torch.uint8, device=DEV, generator=g)
+    s2 = torch.randint(118, 122, (E, H, I // 32), dtype=torch.uint8, device=DEV, generator=g)
+    bias1 = (torch.randn(E, 2 * I, device=DEV, generator=g) * 0.1).bfloat16()
+    bias2 = (torch.randn(E, H, device=DEV, generator=g) * 0.1).bfloat16()
+    gw = (torch.randn(E, H, device=DEV, generator=g) * H ** -0.5).bfloat16()
+    gb = (torch.randn(E, device=DEV, generator=g) * 0.1).bfloat16()
+    return dict(b1=b1, s1=s1, b2=b2, s2=s2, bias1=bias1, bias2=bias2, gw=gw, gb=gb,
+                k1=KernelMXFP4.from_checkpoint(b1, s1, swiglu=True), k2=KernelMXFP4.from_checkpoint(b2, s2, swiglu=False))
+
+
+_CACHE = {}
+
+
+def get_experts(E):
+    if E not in _CACHE:
+        _CACHE.clear()
+        _CACHE[E] = experts(E, seed=E)
+    return _CACHE[E]
+
+
+def bf16_moe(x, w, ids, weights):
+    """A plain bf16 PyTorch MoE (weights dequantised to bf16, bf16 matmuls) for the error budget."""
+    out = torch.zeros(x.shape[0], H, dtype=torch.bfloat16, device=DEV)
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        W1 = ref.mxfp4_dequantize(w["b1"][e], w["s1"][e], torch.bfloat16)
+        W2 = ref.mxfp4_dequantize(w["b2"][e], w["s2"][e], torch.bfloat16)
+        u = x[tok] @ W1.T + w["bias1"][e]
+        hh = ref.swiglu(u).bfloat16()
+        y = hh @ W2.T + w["bias2"][e]
+        out.index_add_(0, tok, (y * weights[tok, slot, None].bfloat16()))
+    return out
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---- router ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("E", [32, 128])
+@pytest.mark.parametrize("T", [1, 3, 8, 64, 257, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_router_exact(E, T, dtype):
+    logits = torch.randn(T, E, device=DEV).to(dtype)
+    if T >= 8:  # ties: many equal values (small integer set), resolved towards the lower id
+        logits[: T // 2] = torch.randint(0, 4, (T // 2, E), device=DEV).to(dtype)
+    w, ids, counts, offsets, perm = ops.route(logits, 4)
+    rw, rids = ref.route(logits.float(), 4)
+    rc, ro, rp = ref.group_by_expert(rids, E)
+    assert torch.equal(ids.long(), rids)
+    assert torch.allclose(w, rw, rtol=1e-5, atol=1e-6)
+    assert torch.equal(counts, rc) and torch.equal(offsets, ro) and torch.equal(perm, rp)
+    again = ops.route(logits, 4)
+    assert all(torch.equal(a, b) for a, b in zip(again, (w, ids, counts, offsets, perm)))   # deterministic
+
+
+def test_router_all_tokens_one_expert_set_and_empty_experts():
+    E, T = 32, 300
+    logits = torch.randn(T, E, device=DEV)
+    logits[:, [3, 5, 7, 9]] += 100
+    w, ids, counts, offsets, perm = ops.route(logits, 4)
+    assert set(torch.nonzero(counts).flatten().tolist()) == {3, 5, 7, 9}
+    assert counts[[3, 5, 7, 9]].tolist() == [T] * 4 and offsets[-1].item() == 4 * T
+    rc, ro, rp = ref.group_by_expert(ref.route(logits, 4)[1], E)
+    assert torch.equal(perm, rp)
+
+
+def test_router_rejects_bad_input():
+    x = torch.randn(4, 32, device=DEV)
+    o = [torch.empty(16, dtype=torch.int32, device=DEV), torch.empty(16, device=DEV),
+         torch.empty(32, dtype=torch.int32, device=DEV), torch.empty(33, dtype=torch.int32, device=DEV),
+         torch.empty(16, dtype=torch.int32, device=DEV)]
+    with pytest.raises(RuntimeError, match="k must be in"):
+        torch.ops.gptoss_ext.moe_router(x, 9, *o)
+    with pytest.raises(RuntimeError, match="'logits' must be bfloat16 or float32"):
+        torch.ops.gptoss_ext.moe_router(x.half(), 4, *o)
+    with pytest.raises(RuntimeError, match="'offsets' must have 33 elements"):
+        torch.ops.gptoss_ext.moe_router(x, 4, o[0], o[1], o[2], o[3][:30], o[4])
+
+
+# ---- the MoE block ---------------------------------------------------------------------------------
+
+def run_moe(x, w, residual=None):
+    return ops.moe(x, w["gw"], w["gb"], w["k1"], w["bias1"], w["k2"], w["bias2"], experts_per_token=4,
+                   residual=residual)
+
+
+@pytest.mark.parametrize("E", [32, 128])
+@pytest.mark.parametrize("T", [1, 3, 8, 64, 257, 4096])
+def test_moe_matches_reference(E, T):
+    w = get_experts(E)
+    x = torch.randn(T, H, device=DEV).bfloat16()
+    out = run_moe(x, w)
+    assert not out.isnan().any()
+    logits = torch.nn.functional.linear(x, w["gw"], w["gb"])
+    weights, ids = ref.route(logits, 4)
+    want = ref.experts(x, weights, ids, (w["b1"], w["s1"]), w["bias1"], (w["b2"], w["s2"]), w["bias2"])
+    budget = rel(bf16_moe(x, w, ids, weights), want)
+    err = rel(out, want)
+    print(f"E={E} T={T}: kernel rel err {err:.2e}, bf16 torch {budget:.2e}")
+    assert err <= 2 * budget + 1e-4
+
+
+def test_moe_all_tokens_one_expert_set_and_clamp():
+    w = get_experts(32)
+    x = (torch.randn(300, H, device=DEV) * 8).bfloat16()        # large: the SwiGLU clamp engages
+    w2 = dict(w, gb=w["gb"].clone())
+    w2["gb"][[3, 5, 7, 9]] += 1000
+    out = run_moe(x, w2)
+    logits = torch.nn.functional.linear(x, w2["gw"], w2["gb"])
+    weights, ids = ref.route(logits, 4)
+    assert set(ids.flatten().tolist()) == {3, 5, 7, 9}
+    u = x[:1].float() @ ref.mxfp4_dequantize(w["b1"][3], w["s1"][3]).T
+    assert u.abs().max() > 7                                       # the clamp is exercised
+    want = ref.experts(x, weights, ids, (w["b1"], w["s1"]), w["bias1"], (w["b2"], w["s2"]), w["bias2"])
+    assert rel(out, want) <= 2 * rel(bf16_moe(x, w2, ids, weights), want) + 1e-4
+
+
+def test_moe_residual_and_reference_mode():
+    w = get_experts(32)
+    x = torch.randn(5, H, device=DEV).bfloat16()
+    r = torch.randn(5, H, device=DEV).bfloat16()
+    a = run_moe(x, w)
+    b = run_moe(x, w, residual=r)
+    assert rel(b, (a.float() + r.float())) < 1e-2
+    with ops.reference_mode():
+        c = run_moe(x, w)                                           # the reference reads the kernel layout too
+    assert rel(a, c) < 2e-2
+
+
+def test_moe_cuda_graph_replay_equals_eager():
+    w = get_experts(32)
+    x = torch.randn(4, H, device=DEV).bfloat16()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run_moe(x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gout = run_moe(x, w)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(gout, run_moe(x, w))
+
+
+def test_opcheck_moe_ops():
+    E, T, k = 8, 3, 4
+    w = experts(E, seed=1, H=128, I=64)
+    x = torch.randn(T, 128, device=DEV).bfloat16()
+    logits = torch.randn(T, E, device=DEV)
+    ids = torch.empty(T, k, dtype=torch.int32, device=DEV)
+    wts = torch.empty(T, k, device=DEV)
+    counts = torch.empty(E, dtype=torch.int32, device=DEV)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=DEV)
+    perm = torch.empty(T * k, dtype=torch.int32, device=DEV)
+    torch.library.opcheck(torch.ops.gptoss_ext.moe_router.default, (logits, k, ids, wts, counts, offsets, perm))
+    h = torch.empty(T * k, 64, dtype=torch.bfloat16, device=DEV)
+    torch.library.opcheck(torch.ops.gptoss_ext.moe_mlp1.default,
+                          (x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, k, 1.702, 7.0, h))
+    y = torch.empty(T * k, 128, device=DEV)
+    torch.library.opcheck(torch.ops.gptoss_ext.moe_mlp2.default,
+                          (h, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wts.view(-1), y))
+    out = torch.empty(T, 128, dtype=torch.bfloat16, device=DEV)
+    torch.library.opcheck(torch.ops.gptoss_ext.moe_combine.default, (y, None, k, out))
+
+
+def test_moe_small_model_shapes_match_reference():
+    """The tiny preset's widths (256) through the whole block."""
+    E, Hs = 8, 256
+    w = experts(E, seed=3, H=Hs, I=Hs)
+    x = torch.randn(7, Hs, device=DEV).bfloat16()
+    out = ops.moe(x, w["gw"], w["gb"], w["k1"], w["bias1"], w["k2"], w["bias2"])
+    want = ref.moe(x.float(), w["gw"], w["gb"], (w["b1"], w["s1"]), w["bias1"], (w["b2"], w["s2"]), w["bias2"])
+    assert rel(out, want) < 2e-2
+
+
+def test_mlp_errors_name_the_argument():
+    w = experts(4, seed=2, H=128, I=64)
+    x = torch.randn(2, 128, device=DEV).bfloat16()
+    perm = torch.zeros(8, dtype=torch.int32, device=DEV)
+    offs = torch.zeros(5, dtype=torch.int32, device=DEV)
+    h = torch.empty(8, 64, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(RuntimeError, match="kernel layout"):
+        torch.ops.gptoss_ext.moe_mlp1(x, w["b1"], w["k1"].scales, w["bias1"], perm, offs, 4, 1.702, 7.0, h)
+    with pytest.raises(RuntimeError, match=r"'x' dim 1 must be 128"):
+        torch.ops.gptoss_ext.moe_mlp1(x[:, :64].contiguous(), w["k1"].codes, w["k1"].scales, w["bias1"], perm, offs,
+                                      4, 1.702, 7.0, h)
+    with pytest.raises(RuntimeError, match="'perm' must have 8 elements"):
+        torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm[:5], offs, 4, 1.702, 7.0, h)
