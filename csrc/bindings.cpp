@@ -14,9 +14,10 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "Tensor(b!) residual_out) -> ()");
   // YaRN RoPE in place on q [T, Hq, D] and k [T, Hkv, D] at positions [T]
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, float concentration) -> ()");
-  // top-k experts + softmax per token, and the grouping by expert (counts, offsets, perm)
+  // top-k experts + softmax per token, and the grouping by expert (counts, offsets, perm);
+  // scratch: int32, zero before first use, left ready for reuse
   m.def("moe_router(Tensor logits, int k, Tensor(a!) ids, Tensor(b!) weights, Tensor(c!) counts, "
-        "Tensor(d!) offsets, Tensor(e!) perm) -> ()");
+        "Tensor(d!) offsets, Tensor(e!) perm, Tensor(f!) scratch) -> ()");
   // out[p] = SwiGLU(x[p / top_k] W1[e]^T + b1[e]) for pairs p grouped by expert (MXFP4, kernel layout)
   m.def("moe_mlp1(Tensor x, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, int top_k, "
         "float alpha, float limit, Tensor(a!) out) -> ()");

@@ -151,6 +151,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     return ref.attention(q, k, v, sinks, start=start, sliding_window=sliding_window)
 
 
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _router_scratch(device: torch.device, n: int) -> torch.Tensor:
+    """The router's scratch (zeroed once; the kernel leaves it clean). One per device and stream,
+    grown as needed, so launches on one stream never share it concurrently."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _scratch[key] = buf
+    return buf
+
+
 def route(logits: torch.Tensor, k: int):
     """Top-k routing of logits [T, E]: (weights [T, k] fp32, ids [T, k] int32, counts [E],
     offsets [E + 1], perm [T * k]) int32 — see `reference.route` / `reference.group_by_expert`."""
@@ -162,7 +176,8 @@ def route(logits: torch.Tensor, k: int):
         counts = torch.empty(E, dtype=torch.int32, device=dev)
         offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
         perm = torch.empty(T * k, dtype=torch.int32, device=dev)
-        torch.ops.gptoss_ext.moe_router(logits.contiguous(), k, ids, weights, counts, offsets, perm)
+        torch.ops.gptoss_ext.moe_router(logits.contiguous(), k, ids, weights, counts, offsets, perm,
+                                        _router_scratch(dev, ((T + 31) // 32) * E + 1))
         return weights, ids, counts, offsets, perm
     weights, ids = ref.route(logits, k)
     counts, offsets, perm = ref.group_by_expert(ids, logits.shape[-1])
@@ -222,7 +237,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_router")
-    def _(logits, k, ids, weights, counts, offsets, perm):
+    def _(logits, k, ids, weights, counts, offsets, perm, scratch):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_mlp1")

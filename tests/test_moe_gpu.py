@@ -90,13 +90,15 @@ def test_router_rejects_bad_input():
     x = torch.randn(4, 32, device=DEV)
     o = [torch.empty(16, dtype=torch.int32, device=DEV), torch.empty(16, device=DEV),
          torch.empty(32, dtype=torch.int32, device=DEV), torch.empty(33, dtype=torch.int32, device=DEV),
-         torch.empty(16, dtype=torch.int32, device=DEV)]
+         torch.empty(16, dtype=torch.int32, device=DEV), torch.zeros(64, dtype=torch.int32, device=DEV)]
     with pytest.raises(RuntimeError, match="k must be in"):
         torch.ops.gptoss_ext.moe_router(x, 9, *o)
     with pytest.raises(RuntimeError, match="'logits' must be bfloat16 or float32"):
         torch.ops.gptoss_ext.moe_router(x.half(), 4, *o)
     with pytest.raises(RuntimeError, match="'offsets' must have 33 elements"):
-        torch.ops.gptoss_ext.moe_router(x, 4, o[0], o[1], o[2], o[3][:30], o[4])
+        torch.ops.gptoss_ext.moe_router(x, 4, o[0], o[1], o[2], o[3][:30], o[4], o[5])
+    with pytest.raises(RuntimeError, match="'scratch' needs 33"):
+        torch.ops.gptoss_ext.moe_router(x, 4, *o[:5], o[5][:8])
 
 
 # ---- the MoE block ---------------------------------------------------------------------------------
@@ -177,7 +179,10 @@ def test_opcheck_moe_ops():
     counts = torch.empty(E, dtype=torch.int32, device=DEV)
     offsets = torch.empty(E + 1, dtype=torch.int32, device=DEV)
     perm = torch.empty(T * k, dtype=torch.int32, device=DEV)
-    torch.library.opcheck(torch.ops.gptoss_ext.moe_router.default, (logits, k, ids, wts, counts, offsets, perm))
+    scratch = torch.zeros(E + 1, dtype=torch.int32, device=DEV)
+    torch.library.opcheck(torch.ops.gptoss_ext.moe_router.default, (logits, k, ids, wts, counts, offsets, perm, scratch))
+    # opcheck runs on copies: fill the routing tensors for the GEMM checks with a real routing
+    wts, ids, counts, offsets, perm = ops.route(logits, k)
     h = torch.empty(T * k, 64, dtype=torch.bfloat16, device=DEV)
     torch.library.opcheck(torch.ops.gptoss_ext.moe_mlp1.default,
                           (x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, k, 1.702, 7.0, h))

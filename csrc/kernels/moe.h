@@ -9,14 +9,17 @@ namespace gptoss {
 constexpr int kRouterMaxExperts = 256;
 constexpr int kRouterMaxTopK = 8;
 
-// Router: one launch, one CTA. For each token the top-k logits (descending, ties to the lower
-// expert id, NaN treated as -inf) and the softmax over them; then the grouping a grouped GEMM
-// needs: counts[e], offsets[e] (exclusive prefix sum, offsets[E] = T*k) and perm: the flat pair
-// indices p = t*k + slot sorted by expert, stable (ascending p within an expert). Deterministic.
+// Router, one launch. For each token the top-k logits (descending, ties to the lower expert id,
+// NaN treated as -inf) and the softmax over them; then the grouping a grouped GEMM needs:
+// counts[e], offsets[e] (exclusive prefix sum, offsets[E] = T*k) and perm: the flat pair indices
+// p = t*k + slot sorted by expert, stable (ascending p within an expert). Deterministic.
 //   logits [T, E] (bf16 if logits_bf16 else fp32); ids [T, k] int32; weights [T, k] fp32;
 //   counts [E], offsets [E + 1], perm [T * k] int32.  E <= 256, k <= 8, k <= E.
+//   scratch: moe_router_scratch_size(T, E) int32, zero before its first use; the kernel leaves it
+//   ready for the next launch (do not share one scratch between launches that may overlap).
+int64_t moe_router_scratch_size(int64_t T, int E);
 cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, int E, int k, int32_t* ids,
-                              float* weights, int32_t* counts, int32_t* offsets, int32_t* perm,
+                              float* weights, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* scratch,
                               cudaStream_t stream);
 
 // MXFP4 weights in the kernel layout (see gptoss_ext/mxfp4.py, which writes it once at load):

@@ -51,12 +51,15 @@ __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// Which (expert, first token) this CTA serves; false if the work item is past the end.
-__device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int bn, int item, int& expert, int& start,
-                                          int& count) {
+// Which (expert, first token) this CTA serves; false if the work item is past the end. Offsets
+// that are not a valid grouping of P pairs (not from the router) end the scan: no out-of-range access.
+__device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int64_t P, int bn, int item, int& expert,
+                                          int& start, int& count) {
   int acc = 0;
   for (int e = 0; e < E; ++e) {
-    const int n = offsets[e + 1] - offsets[e];
+    const int lo = offsets[e], hi = offsets[e + 1];
+    if (lo < 0 || hi < lo || hi > P) return false;
+    const int n = hi - lo;
     const int tiles = (n + bn - 1) / bn;
     if (item < acc + tiles) {
       expert = e;
@@ -69,7 +72,7 @@ __device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int bn,
   return false;
 }
 
-template <int WM, int NT, bool SWIGLU>
+template <int WM, int NT, int DEPTH, bool SWIGLU>
 __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, int slab) {
   constexpr int WK = kWarps / WM;
   constexpr int BN = 8 * NT;
@@ -78,7 +81,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   __shared__ int32_t pair_of[BN];
 
   int expert, start, count;
-  if (!find_work(a.offsets, a.E, BN, blockIdx.y, expert, start, count)) return;
+  if (!find_work(a.offsets, a.E, a.P, BN, blockIdx.y, expert, start, count)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp % WM, wk = warp / WM;
   const int g = lane >> 2, q = lane & 3;
@@ -86,14 +89,22 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   const int tile = blockIdx.x * WM + wm;                          // this warp's 16-row tile
   const bool tile_ok = tile < row_tiles;
   const int stride = slab / 2 + 4;                                 // words a staged row (+16 B pad)
+  const int rows = a.P < BN ? static_cast<int>(a.P) : BN;          // staged rows (a tile never has more tokens)
 
-  if (threadIdx.x < BN) pair_of[threadIdx.x] = threadIdx.x < count ? a.perm[a.offsets[expert] + start + threadIdx.x] : -1;
+  if (threadIdx.x < BN) {
+    const int p = threadIdx.x < count ? a.perm[a.offsets[expert] + start + threadIdx.x] : -1;
+    pair_of[threadIdx.x] = (p >= 0 && p < a.P) ? p : -1;   // a pair index out of range is skipped
+  }
   __syncthreads();
 
   const uint4* codes = reinterpret_cast<const uint4*>(a.codes) +
                        ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 32 + lane;
   const uint32_t* scales = reinterpret_cast<const uint32_t*>(a.scales) +
                            ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 8 + g;
+  // Staged row each n-tile reads for this lane; rows past the staged ones only feed unused columns.
+  int brow_of[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) brow_of[n] = min(n * 8 + g, rows - 1) * stride;
 
   float acc[NT][4];
 #pragma unroll
@@ -102,9 +113,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   for (int k0 = 0; k0 < a.K; k0 += slab) {
     // Stage the slab of activations for the tile's tokens (fp16).
     __syncthreads();
-    const int words = slab / 2;
-    for (int i = threadIdx.x; i < BN * (words / 4); i += kWarps * 32) {
-      const int n = i / (words / 4), c4 = i % (words / 4);
+    const int vecs = slab / 8;                                       // 16-byte vectors a row
+    for (int i = threadIdx.x; i < rows * vecs; i += kWarps * 32) {
+      const int n = i / vecs, c4 = i % vecs;
       const int p = pair_of[n];
       if (p < 0) continue;  // rows past `count` only feed accumulator columns that are never stored
       const int64_t row = SWIGLU ? p / a.top_k : p;
@@ -118,44 +129,49 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
     __syncthreads();
     if (!tile_ok) continue;
     const int c_begin = k0 / 64, c_end = (k0 + slab) / 64;
-    // Chunks of this slab, split across the WK warps of the same rows; one chunk prefetched ahead.
-    int c = c_begin + wk;
-    uint4 code = c < c_end ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
-    uint32_t sc = c < c_end ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
-    for (; c < c_end; c += WK) {
-      const int cn = c + WK;
-      const uint4 code_next = cn < c_end ? __ldg(codes + static_cast<int64_t>(cn) * 32) : make_uint4(0, 0, 0, 0);
-      const uint32_t sc_next = cn < c_end ? __ldg(scales + static_cast<int64_t>(cn) * 8) : 0u;
-      const uint32_t words4[4] = {code.x, code.y, code.z, code.w};
-      const int kw = (c - c_begin) * 32;                           // word offset of the chunk in the slab
+    // This warp's chunks of the slab (every WK-th), DEPTH of them loaded before any is used.
+    for (int c0 = c_begin + wk; c0 < c_end; c0 += WK * DEPTH) {
+      uint4 code[DEPTH];
+      uint32_t sc[DEPTH];
 #pragma unroll
-      for (int grp = 0; grp < 2; ++grp) {
-        float part[NT][4];
+      for (int d = 0; d < DEPTH; ++d) {
+        const int c = c0 + d * WK;
+        code[d] = c < c_end ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
+        sc[d] = c < c_end ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
+      }
 #pragma unroll
-        for (int n = 0; n < NT; ++n) part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
+      for (int d = 0; d < DEPTH; ++d) {
+        const int c = c0 + d * WK;
+        if (c >= c_end) break;
+        const uint32_t words4[4] = {code[d].x, code[d].y, code[d].z, code[d].w};
+        const int kw = (c - c_begin) * 32;                           // word offset of the chunk in the slab
 #pragma unroll
-        for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
-          uint32_t af[4];
+        for (int grp = 0; grp < 2; ++grp) {
+          float part[NT][4];
 #pragma unroll
-          for (int h = 0; h < 4; ++h) af[h] = fp4x2_to_f16x2(words4[s], h);
+          for (int n = 0; n < NT; ++n) part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
+#pragma unroll
+          for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
+            uint32_t af[4];
+#pragma unroll
+            for (int h = 0; h < 4; ++h) af[h] = fp4x2_to_f16x2(words4[s], h);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+              const uint32_t* brow = bs + brow_of[n] + kw + s * 8 + q;
+              mma_f16(part[n], af, brow[0], brow[4]);
+            }
+          }
+          const float s_lo = e8m0_scale((sc[d] >> (16 * grp)) & 0xFFu);       // row g
+          const float s_hi = e8m0_scale((sc[d] >> (16 * grp + 8)) & 0xFFu);   // row g + 8
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            const uint32_t* brow = bs + (n * 8 + g) * stride + kw + s * 8 + q;
-            mma_f16(part[n], af, brow[0], brow[4]);
+            acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
+            acc[n][1] = fmaf(part[n][1], s_lo, acc[n][1]);
+            acc[n][2] = fmaf(part[n][2], s_hi, acc[n][2]);
+            acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
           }
         }
-        const float s_lo = e8m0_scale((sc >> (16 * grp)) & 0xFFu);       // row g
-        const float s_hi = e8m0_scale((sc >> (16 * grp + 8)) & 0xFFu);   // row g + 8
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
-          acc[n][1] = fmaf(part[n][1], s_lo, acc[n][1]);
-          acc[n][2] = fmaf(part[n][2], s_hi, acc[n][2]);
-          acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
-        }
       }
-      code = code_next;
-      sc = sc_next;
     }
   }
 
@@ -207,12 +223,13 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   }
 }
 
-template <int WM, int NT, bool SWIGLU>
+template <int WM, int NT, int DEPTH, bool SWIGLU>
 cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
   constexpr int BN = 8 * NT;
+  const int rows = static_cast<int>(std::min<int64_t>(BN, a.P));
   // Whole K at once when it fits (decode), else the largest slab dividing K.
   int slab = a.K;
-  const auto bytes = [&](int s) { return static_cast<size_t>(BN) * (s / 2 + 4) * 4; };
+  const auto bytes = [&](int s) { return static_cast<size_t>(rows) * (s / 2 + 4) * 4; };
   if (bytes(slab) > 96 * 1024) {
     slab = 64;
     for (int s : {320, 256, 192, 128}) {
@@ -225,7 +242,7 @@ cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
   constexpr int WK = kWarps / WM;
   const size_t red_bytes = WK > 1 ? static_cast<size_t>(WK - 1) * WM * NT * 4 * 32 * 4 : 0;
   const size_t smem = std::max(bytes(slab), red_bytes);
-  auto kernel = moe_gemm_kernel<WM, NT, SWIGLU>;
+  auto kernel = moe_gemm_kernel<WM, NT, DEPTH, SWIGLU>;
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
@@ -241,11 +258,9 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   if (a.P == 0) return cudaSuccess;
   if (a.R % 16 != 0 || a.K % 64 != 0 || a.E < 1 || a.top_k < 1 || a.P > INT32_MAX) return cudaErrorInvalidValue;
   const int64_t per_expert = a.P / std::max<int64_t>(1, std::min<int64_t>(a.E, a.P));
-  if (per_expert <= 8) {      // decode: 8-token tiles, K split over warps
-    return SWIGLU ? launch_gemm<2, 1, SWIGLU>(a, stream) : launch_gemm<1, 1, SWIGLU>(a, stream);
-  }
-  if (per_expert <= 32) return launch_gemm<2, 2, SWIGLU>(a, stream);
-  return launch_gemm<4, 8, SWIGLU>(a, stream);
+  if (per_expert <= 8) return launch_gemm<1, 1, 4, SWIGLU>(a, stream);   // decode: 8-token tiles, K over 4 warps
+  if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);
+  return launch_gemm<4, 8, 2, SWIGLU>(a, stream);
 }
 
 __global__ void combine_kernel(const float* __restrict__ y, const bf16* __restrict__ residual, bf16* __restrict__ out,

@@ -1,13 +1,14 @@
 // MoE router: top-k + softmax per token, and the grouping by expert, in one launch.
 //
-// One CTA (32..1024 threads). Phase 1: a warp per token; each lane holds E/32 logits; k rounds of
-// a warp arg-max (larger value, then lower expert id) give the sorted top-k; softmax over those k
-// in registers. Phase 2: the T*k pairs are split into one contiguous segment per warp; per-warp
-// histograms in shared memory. Phase 3: exclusive prefix sums over experts (counts, offsets) and,
-// per expert, over warps (each warp's first slot). Phase 4: each warp walks its segment in order,
-// 32 pairs at a time, ranking equal experts with __match_any_sync: a stable counting sort, so perm
-// is deterministic and ascending within each expert. At T = 1 this is one warp, a few microseconds.
-// Versions tried: none yet (first version).
+// Grid of ceil(T / 32) CTAs (a warp a token). Each CTA: top-k of its tokens by k rounds of a warp
+// arg-max (larger value, then lower expert id; NaN as -inf), softmax over those k in registers,
+// then its histogram of experts into a global scratch row. The last CTA to finish (atomic
+// ticket) turns the histograms into counts, offsets (exclusive prefix over experts) and per-CTA
+// bases (exclusive prefix over CTAs), then scatters every pair: a warp walks one CTA's pairs in
+// order, 32 at a time, ranking equal experts with __match_any_sync — a stable counting sort, so
+// perm is deterministic and ascending within an expert. It resets the ticket, so the scratch can
+// be reused (and replayed in a CUDA graph) without clearing.
+// Versions: v1 was one CTA for everything; at T = 4096 its serial per-warp token loop took 550 us.
 #include <cfloat>
 
 #include "kernels/common.cuh"
@@ -16,7 +17,7 @@
 namespace gptoss {
 namespace {
 
-constexpr int kMaxWarps = 32;
+constexpr int kTokensPerCta = 32;   // one warp a token
 constexpr int kPerLane = kRouterMaxExperts / 32;
 
 __device__ __forceinline__ bool better(float av, int ai, float bv, int bi) {
@@ -27,14 +28,17 @@ template <bool BF16>
 __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ logits_raw, int T, int E, int k,
                                                       int32_t* __restrict__ ids, float* __restrict__ weights,
                                                       int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
-                                                      int32_t* __restrict__ perm) {
-  __shared__ int32_t hist[kMaxWarps][kRouterMaxExperts];  // per-warp counts, then per-warp write cursors
+                                                      int32_t* __restrict__ perm, int32_t* __restrict__ scratch) {
+  __shared__ int32_t cursor[32][kRouterMaxExperts];  // histogram, then per-warp write cursors
   __shared__ int32_t offs[kRouterMaxExperts + 1];
+  __shared__ bool is_last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int per_lane = (E + 31) / 32;
+  const int ncta = gridDim.x;
+  const int t0 = blockIdx.x * kTokensPerCta, t1 = min(T, t0 + kTokensPerCta);
 
-  // ---- phase 1: top-k and softmax, a warp per token
-  for (int t = warp; t < T; t += nwarps) {
+  // ---- top-k and softmax, a warp per token
+  for (int t = t0 + warp; t < t1; t += nwarps) {
     float v[kPerLane];
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
@@ -48,11 +52,10 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
       v[j] = x;
     }
     uint32_t taken = 0;
-    float top_v[kRouterMaxTopK];
-    int top_i[kRouterMaxTopK];
-#pragma unroll
-    for (int r = 0; r < kRouterMaxTopK; ++r) {
-      if (r >= k) break;
+    float my_v = -INFINITY;  // lane r keeps the r-th pick
+    int my_i = 0;
+    float top0 = -INFINITY;
+    for (int r = 0; r < k; ++r) {
       float bv = -INFINITY;
       int bi = INT32_MAX;
 #pragma unroll
@@ -73,41 +76,57 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
         }
       }
       if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-      top_v[r] = bv;
-      top_i[r] = bi;
-    }
-    if (lane == 0) {
-      float z = 0.f;
-      for (int r = 0; r < k; ++r) z += __expf(top_v[r] - top_v[0]);
-      for (int r = 0; r < k; ++r) {
-        ids[static_cast<int64_t>(t) * k + r] = top_i[r];
-        weights[static_cast<int64_t>(t) * k + r] = __expf(top_v[r] - top_v[0]) / z;
+      if (r == 0) top0 = bv;
+      if (lane == r) {
+        my_v = bv;
+        my_i = bi;
       }
     }
-  }
-  for (int i = threadIdx.x; i < nwarps * kRouterMaxExperts; i += blockDim.x) hist[i / kRouterMaxExperts][i % kRouterMaxExperts] = 0;
-  __syncthreads();
-
-  // ---- phase 2: per-warp histograms over contiguous segments of pairs
-  const int P = T * k;
-  const int seg = (P + nwarps - 1) / nwarps;
-  const int p0 = min(P, warp * seg), p1 = min(P, p0 + seg);
-  for (int p = p0 + lane; p < p1; p += 32) atomicAdd(&hist[warp][ids[p]], 1);
-  __syncthreads();
-
-  // ---- phase 3: prefix sums
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int run = 0;
-    for (int w = 0; w < nwarps; ++w) {
-      const int c = hist[w][e];
-      hist[w][e] = run;
-      run += c;
+    const float ex = lane < k ? __expf(my_v - top0) : 0.f;
+    const float z = warp_sum(ex);
+    if (lane < k) {
+      ids[static_cast<int64_t>(t) * k + lane] = my_i;
+      weights[static_cast<int64_t>(t) * k + lane] = ex / z;
     }
-    counts[e] = run;
-    offs[e] = run;  // temporarily the count
+  }
+  for (int e = threadIdx.x; e < E; e += blockDim.x) cursor[0][e] = 0;
+  __syncthreads();
+  // ---- this CTA's histogram -> scratch row
+  for (int p = t0 * k + threadIdx.x; p < t1 * k; p += blockDim.x) atomicAdd(&cursor[0][ids[p]], 1);
+  __syncthreads();
+  if (ncta == 1) {  // decode: everything is in this CTA, no scratch round trip
+    for (int e = threadIdx.x; e < E; e += blockDim.x) offs[e] = cursor[0][e];
+  } else {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) scratch[static_cast<int64_t>(blockIdx.x) * E + e] = cursor[0][e];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(&scratch[static_cast<int64_t>(ncta) * E], 1) == ncta - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    // last CTA: per expert, exclusive prefix over CTAs (a warp an expert, lanes over CTA ranges)
+    const int per = (ncta + 31) / 32;
+    for (int e = warp; e < E; e += nwarps) {
+      const int c0 = min(ncta, lane * per), c1 = min(ncta, c0 + per);
+      int sum = 0;
+      for (int c = c0; c < c1; ++c) sum += __ldcg(&scratch[static_cast<int64_t>(c) * E + e]);
+      int incl = sum;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+      }
+      int run = incl - sum;
+      for (int c = c0; c < c1; ++c) {
+        const int n = __ldcg(&scratch[static_cast<int64_t>(c) * E + e]);
+        scratch[static_cast<int64_t>(c) * E + e] = run;
+        run += n;
+      }
+      if (lane == 31) offs[e] = incl;  // the expert's total, for now
+    }
   }
   __syncthreads();
-  if (warp == 0) {  // exclusive scan of E <= 256 counts: 8 consecutive experts a lane
+  if (warp == 0) {  // exclusive scan of the E <= 256 totals, 8 consecutive experts a lane
     int local[kPerLane];
     int sum = 0;
 #pragma unroll
@@ -128,6 +147,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
     for (int j = 0; j < kPerLane; ++j) {
       const int e = lane * kPerLane + j;
       if (e < E) {
+        counts[e] = local[j];
         offs[e] = run;
         offsets[e] = run;
       }
@@ -139,34 +159,47 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
     }
   }
   __syncthreads();
+  __threadfence();
 
-  // ---- phase 4: stable scatter
+  // ---- last CTA: stable scatter, a warp per source CTA's pairs
   const unsigned lt_mask = (1u << lane) - 1u;
-  for (int base = p0; base < p1; base += 32) {
-    const int p = base + lane;
-    const bool active = p < p1;
-    const int e = active ? ids[p] : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, e);
-    const int rank = __popc(peers & lt_mask);
-    if (active) perm[offs[e] + hist[warp][e] + rank] = p;
+  for (int c = warp; c < ncta; c += nwarps) {
+    for (int e = lane; e < E; e += 32)
+      cursor[warp][e] = offs[e] + (ncta == 1 ? 0 : __ldcg(&scratch[static_cast<int64_t>(c) * E + e]));
     __syncwarp();
-    if (active && rank == 0) hist[warp][e] += __popc(peers);
-    __syncwarp();
+    const int p0 = c * kTokensPerCta * k, p1 = min(T, (c + 1) * kTokensPerCta) * k;
+    for (int base = p0; base < p1; base += 32) {
+      const int p = base + lane;
+      const bool active = p < p1;
+      const int e = active ? __ldcg(&ids[p]) : -1;
+      const unsigned peers = __match_any_sync(0xffffffffu, e);
+      const int rank = __popc(peers & lt_mask);
+      if (active) perm[cursor[warp][e] + rank] = p;
+      __syncwarp();
+      if (active && rank == 0) cursor[warp][e] += __popc(peers);
+      __syncwarp();
+    }
   }
+  if (threadIdx.x == 0 && ncta > 1) scratch[static_cast<int64_t>(ncta) * E] = 0;  // ticket ready for the next launch
 }
 
 }  // namespace
 
+int64_t moe_router_scratch_size(int64_t T, int E) { return ((T + kTokensPerCta - 1) / kTokensPerCta) * E + 1; }
+
 cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, int E, int k, int32_t* ids,
-                              float* weights, int32_t* counts, int32_t* offsets, int32_t* perm,
+                              float* weights, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* scratch,
                               cudaStream_t stream) {
   if (E < 1 || E > kRouterMaxExperts || k < 1 || k > kRouterMaxTopK || k > E || T < 0 || T * k > INT32_MAX)
     return cudaErrorInvalidValue;
-  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, T * 32)));  // a warp a token
+  const int64_t ncta = std::max<int64_t>(1, (T + kTokensPerCta - 1) / kTokensPerCta);
+  const int threads = static_cast<int>(std::min<int64_t>(kTokensPerCta, std::max<int64_t>(1, T)) * 32);
   if (logits_bf16)
-    router_kernel<true><<<1, threads, 0, stream>>>(logits, static_cast<int>(T), E, k, ids, weights, counts, offsets, perm);
+    router_kernel<true><<<static_cast<unsigned>(ncta), threads, 0, stream>>>(logits, static_cast<int>(T), E, k, ids,
+                                                                          weights, counts, offsets, perm, scratch);
   else
-    router_kernel<false><<<1, threads, 0, stream>>>(logits, static_cast<int>(T), E, k, ids, weights, counts, offsets, perm);
+    router_kernel<false><<<static_cast<unsigned>(ncta), threads, 0, stream>>>(logits, static_cast<int>(T), E, k, ids,
+                                                                           weights, counts, offsets, perm, scratch);
   return cudaGetLastError();
 }
 

@@ -50,7 +50,7 @@ void check_routing(const char* op, const at::Tensor& perm, const at::Tensor& off
 }  // namespace
 
 void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor& weights, at::Tensor& counts,
-                at::Tensor& offsets, at::Tensor& perm) {
+                at::Tensor& offsets, at::Tensor& perm, at::Tensor& scratch) {
   const char* op = "moe_router";
   check_cuda(op, "logits", logits);
   TORCH_CHECK(logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat, "gptoss_ext.", op,
@@ -70,11 +70,18 @@ void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor
   check_int_tensor(op, "counts", counts, E, logits);
   check_int_tensor(op, "offsets", offsets, E + 1, logits);
   check_int_tensor(op, "perm", perm, T * k, logits);
+  check_cuda(op, "scratch", scratch);
+  check_same_device(op, "scratch", scratch, logits);
+  check_dtype(op, "scratch", scratch, at::kInt);
+  check_contiguous(op, "scratch", scratch);
+  const int64_t need = moe_router_scratch_size(T, static_cast<int>(E));
+  TORCH_CHECK(scratch.numel() >= need, "gptoss_ext.", op, ": 'scratch' needs ", need, " int32 elements for ", T,
+              " tokens and ", E, " experts, got ", scratch.numel());
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   auto err = launch_moe_router(logits.data_ptr(), logits.scalar_type() == at::kBFloat16, T, static_cast<int>(E),
                                static_cast<int>(k), ids.data_ptr<int32_t>(), weights.data_ptr<float>(),
                                counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>(),
-                               c10::cuda::getCurrentCUDAStream());
+                               scratch.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream());
   GPTOSS_CHECK_LAUNCH(op, err);
 }
 
