@@ -15,8 +15,9 @@ constexpr int kRouterMaxTopK = 8;
 // p = t*k + slot sorted by expert, stable (ascending p within an expert). Deterministic.
 //   logits [T, E] (bf16 if logits_bf16 else fp32); ids [T, k] int32; weights [T, k] fp32;
 //   counts [E], offsets [E + 1], perm [T * k] int32.  E <= 256, k <= 8, k <= E.
-//   scratch: moe_router_scratch_size(T, E) int32, zero before its first use; the kernel leaves it
-//   ready for the next launch (do not share one scratch between launches that may overlap).
+//   scratch: moe_router_scratch_size(T, E) int32: [0] a ticket that must be zero before the first
+//   use (the kernel leaves it zero), then per-CTA histograms (overwritten every launch). Do not
+//   share one scratch between launches that may overlap.
 int64_t moe_router_scratch_size(int64_t T, int E);
 cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, int E, int k, int32_t* ids,
                               float* weights, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* scratch,
@@ -46,7 +47,7 @@ struct MoeGemmArgs {
 };
 
 // mlp1 (with the SwiGLU epilogue) and mlp2 (bias and routing weight in the epilogue).
-// R % 16 == 0, K % 64 == 0. The tile shapes are chosen from P (decode: 8 tokens a tile and
+// R % 16 == 0, K % 64 == 0, E <= 256. The tile shapes are chosen from P (decode: 8 tokens a tile and
 // split-K across warps; prefill: 64 x 64 tiles).
 cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream);
 cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream);

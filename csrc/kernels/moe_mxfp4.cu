@@ -24,6 +24,7 @@ namespace gptoss {
 namespace {
 
 constexpr int kWarps = 4;
+constexpr int kMaxExperts = 256;
 
 __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -53,6 +54,7 @@ __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
 
 // Which (expert, first token) this CTA serves; false if the work item is past the end. Offsets
 // that are not a valid grouping of P pairs (not from the router) end the scan: no out-of-range access.
+// `offsets` is the CTA's shared-memory copy (a scan over global memory cost a load latency an expert).
 __device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int64_t P, int bn, int item, int& expert,
                                           int& start, int& count) {
   int acc = 0;
@@ -79,9 +81,12 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint32_t* bs = reinterpret_cast<uint32_t*>(smem_raw);        // [BN][slab/2 + 4] fp16x2 activations
   __shared__ int32_t pair_of[BN];
+  __shared__ int32_t offs[kMaxExperts + 1];
 
+  for (int e = threadIdx.x; e <= a.E; e += kWarps * 32) offs[e] = a.offsets[e];
+  __syncthreads();
   int expert, start, count;
-  if (!find_work(a.offsets, a.E, a.P, BN, blockIdx.y, expert, start, count)) return;
+  if (!find_work(offs, a.E, a.P, BN, blockIdx.y, expert, start, count)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp % WM, wk = warp / WM;
   const int g = lane >> 2, q = lane & 3;
@@ -92,7 +97,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   const int rows = a.P < BN ? static_cast<int>(a.P) : BN;          // staged rows (a tile never has more tokens)
 
   if (threadIdx.x < BN) {
-    const int p = threadIdx.x < count ? a.perm[a.offsets[expert] + start + threadIdx.x] : -1;
+    const int p = threadIdx.x < count ? a.perm[offs[expert] + start + threadIdx.x] : -1;
     pair_of[threadIdx.x] = (p >= 0 && p < a.P) ? p : -1;   // a pair index out of range is skipped
   }
   __syncthreads();
@@ -256,7 +261,8 @@ cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
 template <bool SWIGLU>
 cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   if (a.P == 0) return cudaSuccess;
-  if (a.R % 16 != 0 || a.K % 64 != 0 || a.E < 1 || a.top_k < 1 || a.P > INT32_MAX) return cudaErrorInvalidValue;
+  if (a.R % 16 != 0 || a.K % 64 != 0 || a.E < 1 || a.E > kMaxExperts || a.top_k < 1 || a.P > INT32_MAX)
+    return cudaErrorInvalidValue;
   const int64_t per_expert = a.P / std::max<int64_t>(1, std::min<int64_t>(a.E, a.P));
   if (per_expert <= 8) return launch_gemm<1, 1, 4, SWIGLU>(a, stream);   // decode: 8-token tiles, K over 4 warps
   if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);

@@ -36,6 +36,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
   const int per_lane = (E + 31) / 32;
   const int ncta = gridDim.x;
   const int t0 = blockIdx.x * kTokensPerCta, t1 = min(T, t0 + kTokensPerCta);
+  int32_t* rows = scratch + 1;  // scratch[0]: the ticket; then one histogram row per CTA
 
   // ---- top-k and softmax, a warp per token
   for (int t = t0 + warp; t < t1; t += nwarps) {
@@ -97,10 +98,10 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
   if (ncta == 1) {  // decode: everything is in this CTA, no scratch round trip
     for (int e = threadIdx.x; e < E; e += blockDim.x) offs[e] = cursor[0][e];
   } else {
-    for (int e = threadIdx.x; e < E; e += blockDim.x) scratch[static_cast<int64_t>(blockIdx.x) * E + e] = cursor[0][e];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) rows[static_cast<int64_t>(blockIdx.x) * E + e] = cursor[0][e];
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(&scratch[static_cast<int64_t>(ncta) * E], 1) == ncta - 1;
+    if (threadIdx.x == 0) is_last = atomicAdd(&scratch[0], 1) == ncta - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
     for (int e = warp; e < E; e += nwarps) {
       const int c0 = min(ncta, lane * per), c1 = min(ncta, c0 + per);
       int sum = 0;
-      for (int c = c0; c < c1; ++c) sum += __ldcg(&scratch[static_cast<int64_t>(c) * E + e]);
+      for (int c = c0; c < c1; ++c) sum += __ldcg(&rows[static_cast<int64_t>(c) * E + e]);
       int incl = sum;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -118,8 +119,8 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
       }
       int run = incl - sum;
       for (int c = c0; c < c1; ++c) {
-        const int n = __ldcg(&scratch[static_cast<int64_t>(c) * E + e]);
-        scratch[static_cast<int64_t>(c) * E + e] = run;
+        const int n = __ldcg(&rows[static_cast<int64_t>(c) * E + e]);
+        rows[static_cast<int64_t>(c) * E + e] = run;
         run += n;
       }
       if (lane == 31) offs[e] = incl;  // the expert's total, for now
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
   const unsigned lt_mask = (1u << lane) - 1u;
   for (int c = warp; c < ncta; c += nwarps) {
     for (int e = lane; e < E; e += 32)
-      cursor[warp][e] = offs[e] + (ncta == 1 ? 0 : __ldcg(&scratch[static_cast<int64_t>(c) * E + e]));
+      cursor[warp][e] = offs[e] + (ncta == 1 ? 0 : __ldcg(&rows[static_cast<int64_t>(c) * E + e]));
     __syncwarp();
     const int p0 = c * kTokensPerCta * k, p1 = min(T, (c + 1) * kTokensPerCta) * k;
     for (int base = p0; base < p1; base += 32) {
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
       __syncwarp();
     }
   }
-  if (threadIdx.x == 0 && ncta > 1) scratch[static_cast<int64_t>(ncta) * E] = 0;  // ticket ready for the next launch
+  if (threadIdx.x == 0 && ncta > 1) scratch[0] = 0;  // the ticket, ready for the next launch
 }
 
 }  // namespace

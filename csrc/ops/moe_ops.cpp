@@ -25,19 +25,18 @@ std::tuple<int64_t, int64_t, int64_t> check_weights(const char* op, const at::Te
   check_same_device(op, "codes", codes, ref);
   check_dtype(op, "codes", codes, at::kByte);
   check_contiguous(op, "codes", codes);
-  check_dim(op, "codes", codes, 5);
-  TORCH_CHECK(codes.size(3) == 32 && codes.size(4) == 16, "gptoss_ext.", op,
+  TORCH_CHECK(codes.dim() == 5 && codes.size(3) == 32 && codes.size(4) == 16, "gptoss_ext.", op,
               ": 'codes' must be in the kernel layout [E, R/16, K/64, 32, 16] (gptoss_ext.mxfp4), got ",
               shape_str(codes));
   check_cuda(op, "scales", scales);
   check_same_device(op, "scales", scales, ref);
   check_dtype(op, "scales", scales, at::kByte);
   check_contiguous(op, "scales", scales);
-  check_dim(op, "scales", scales, 5);
-  TORCH_CHECK(scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) && scales.size(2) == codes.size(2) &&
+  TORCH_CHECK(scales.dim() == 5 && scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) && scales.size(2) == codes.size(2) &&
                   scales.size(3) == 8 && scales.size(4) == 4,
               "gptoss_ext.", op, ": 'scales' must be [E, R/16, K/64, 8, 4] matching 'codes' ", shape_str(codes),
               ", got ", shape_str(scales));
+  TORCH_CHECK(codes.size(0) <= 256, "gptoss_ext.", op, ": at most 256 experts, got ", codes.size(0));
   return {codes.size(0), codes.size(1) * 16, codes.size(2) * 64};
 }
 
