@@ -14,7 +14,10 @@
 // Grid: x = row tiles (16 * WM rows a CTA), y = (expert, token tile) work items (found by
 // scanning offsets). Decode (few tokens): 8 tokens a tile, the whole K staged once, K split across
 // warps and reduced in shared memory. Prefill: 64 tokens a tile, K in slabs.
-// Versions tried: this is the first (portable mma.sync); a wgmma version for sm_90a is future work.
+// Versions (H200, 20b shapes, T = 1, mlp1 + mlp2): v1 (K split over 2 warps, 1 chunk prefetched)
+// 68 us; v2 (K over 4 warps, 4 chunks in flight) 41 us; v3 (all 12 chunks of a warp issued before
+// the activations are staged) see bench/results. Prefill is far from the tensor-core peak: a wgmma
+// (sm_90a) version with TMA-fed activations is the next step.
 #include <algorithm>
 
 #include "kernels/common.cuh"
@@ -116,6 +119,21 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
   for (int k0 = 0; k0 < a.K; k0 += slab) {
+    const int c_begin = k0 / 64, c_end = (k0 + slab) / 64;
+    // This warp's chunks of the slab (every WK-th), DEPTH of them loaded before any is used. The
+    // first batch is issued before the activations are staged, so weight traffic starts at once.
+    uint4 code[DEPTH];
+    uint32_t sc[DEPTH];
+    const auto load_batch = [&](int c0) {
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        const int c = c0 + d * WK;
+        const bool ok = tile_ok && c < c_end;
+        code[d] = ok ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
+        sc[d] = ok ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
+      }
+    };
+    load_batch(c_begin + wk);
     // Stage the slab of activations for the tile's tokens (fp16).
     __syncthreads();
     const int vecs = slab / 8;                                       // 16-byte vectors a row
@@ -133,17 +151,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
     }
     __syncthreads();
     if (!tile_ok) continue;
-    const int c_begin = k0 / 64, c_end = (k0 + slab) / 64;
-    // This warp's chunks of the slab (every WK-th), DEPTH of them loaded before any is used.
     for (int c0 = c_begin + wk; c0 < c_end; c0 += WK * DEPTH) {
-      uint4 code[DEPTH];
-      uint32_t sc[DEPTH];
-#pragma unroll
-      for (int d = 0; d < DEPTH; ++d) {
-        const int c = c0 + d * WK;
-        code[d] = c < c_end ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
-        sc[d] = c < c_end ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
-      }
+      if (c0 != c_begin + wk) load_batch(c0);
 #pragma unroll
       for (int d = 0; d < DEPTH; ++d) {
         const int c = c0 + d * WK;
@@ -264,7 +273,8 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   if (a.R % 16 != 0 || a.K % 64 != 0 || a.E < 1 || a.E > kMaxExperts || a.top_k < 1 || a.P > INT32_MAX)
     return cudaErrorInvalidValue;
   const int64_t per_expert = a.P / std::max<int64_t>(1, std::min<int64_t>(a.E, a.P));
-  if (per_expert <= 8) return launch_gemm<1, 1, 4, SWIGLU>(a, stream);   // decode: 8-token tiles, K over 4 warps
+  // decode: 8-token tiles, K over 4 warps, all of a warp's chunks (12 for K = 2880) in flight at once
+  if (per_expert <= 8) return launch_gemm<1, 1, 12, SWIGLU>(a, stream);
   if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);
   return launch_gemm<4, 8, 2, SWIGLU>(a, stream);
 }
