@@ -16,7 +16,8 @@
 // warps and reduced in shared memory. Prefill: 64 tokens a tile, K in slabs.
 // Versions (H200, 20b shapes, T = 1, mlp1 + mlp2): v1 (K split over 2 warps, 1 chunk prefetched)
 // 68 us; v2 (K over 4 warps, 4 chunks in flight) 41 us; v3 (all 12 chunks of a warp issued before
-// the activations are staged) see bench/results. Prefill is far from the tensor-core peak: a wgmma
+// the activations are staged, 124 registers: 4 CTAs an SM, 3.4 waves of latency-bound prologues)
+// 50 us; v4 (4 row tiles a CTA, pipelined 8-chunk batches) see bench/results. Prefill is far from the tensor-core peak: a wgmma
 // (sm_90a) version with TMA-fed activations is the next step.
 #include <algorithm>
 
@@ -120,20 +121,21 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
 
   for (int k0 = 0; k0 < a.K; k0 += slab) {
     const int c_begin = k0 / 64, c_end = (k0 + slab) / 64;
-    // This warp's chunks of the slab (every WK-th), DEPTH of them loaded before any is used. The
-    // first batch is issued before the activations are staged, so weight traffic starts at once.
-    uint4 code[DEPTH];
-    uint32_t sc[DEPTH];
-    const auto load_batch = [&](int c0) {
+    // This warp's chunks of the slab (every WK-th), DEPTH at a time, software-pipelined: batch
+    // b + 1 is in flight while batch b is computed. The first batch is issued before the
+    // activations are staged, so weight traffic starts at once.
+    uint4 code[DEPTH], code_next[DEPTH];
+    uint32_t sc[DEPTH], sc_next[DEPTH];
+    const auto load_batch = [&](int c0, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
 #pragma unroll
       for (int d = 0; d < DEPTH; ++d) {
         const int c = c0 + d * WK;
         const bool ok = tile_ok && c < c_end;
-        code[d] = ok ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
-        sc[d] = ok ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
+        cd[d] = ok ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
+        sv[d] = ok ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
       }
     };
-    load_batch(c_begin + wk);
+    load_batch(c_begin + wk, code, sc);
     // Stage the slab of activations for the tile's tokens (fp16).
     __syncthreads();
     const int vecs = slab / 8;                                       // 16-byte vectors a row
@@ -152,7 +154,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
     __syncthreads();
     if (!tile_ok) continue;
     for (int c0 = c_begin + wk; c0 < c_end; c0 += WK * DEPTH) {
-      if (c0 != c_begin + wk) load_batch(c0);
+      const bool more = c0 + WK * DEPTH < c_end;
+      if (more) load_batch(c0 + WK * DEPTH, code_next, sc_next);
 #pragma unroll
       for (int d = 0; d < DEPTH; ++d) {
         const int c = c0 + d * WK;
@@ -184,6 +187,13 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
             acc[n][2] = fmaf(part[n][2], s_hi, acc[n][2]);
             acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
           }
+        }
+      }
+      if (more) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) {
+          code[d] = code_next[d];
+          sc[d] = sc_next[d];
         }
       }
     }
@@ -273,8 +283,10 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   if (a.R % 16 != 0 || a.K % 64 != 0 || a.E < 1 || a.E > kMaxExperts || a.top_k < 1 || a.P > INT32_MAX)
     return cudaErrorInvalidValue;
   const int64_t per_expert = a.P / std::max<int64_t>(1, std::min<int64_t>(a.E, a.P));
-  // decode: 8-token tiles, K over 4 warps, all of a warp's chunks (12 for K = 2880) in flight at once
-  if (per_expert <= 8) return launch_gemm<1, 1, 12, SWIGLU>(a, stream);
+  // decode: 8-token tiles; a CTA's warps take different row tiles of one (expert, token tile), so
+  // the prologue (routing lookups, staging the activations) is paid once for 4 (mlp1) or 2 (mlp2,
+  // whose K is split over 2 warps for parallelism) tiles; 8 chunks a batch, pipelined.
+  if (per_expert <= 8) return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
   if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);
   return launch_gemm<4, 8, 2, SWIGLU>(a, stream);
 }
