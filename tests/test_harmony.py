@@ -290,23 +290,16 @@ def test_streaming_equals_one_shot_and_reference(oracle):
 
 # ---- chat() --------------------------------------------------------------------------------------
 
-class Scripted:
-    """A stand-in model that 'generates' fixed harmony text and records the prompt."""
+class Scripted(h.ReplayModel):
+    """The demo stand-in model, also recording the prompts it is given."""
 
     def __init__(self, *replies):
-        self.replies = [gen(r) for r in replies]
+        super().__init__(list(replies))
         self.prompts = []
 
-    def generate(self, prompt, max_new_tokens=10, stop_tokens=(), stream=False, **kw):
+    def generate(self, prompt, **kw):
         self.prompts.append(prompt)
-        reply = self.replies.pop(0)
-
-        def it():
-            for t in reply[:max_new_tokens]:
-                yield t
-                if t in stop_tokens:
-                    return
-        return it() if stream else list(it())
+        return super().generate(prompt, **kw)
 
 
 def test_chat_final_and_reasoning():

@@ -49,6 +49,17 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Inclusive prefix sum across the warp's lanes.
+__device__ __forceinline__ int warp_inclusive_scan(int v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += y;
+  }
+  return v;
+}
+
 // Sum over the block; every thread gets the result. `shared` holds >= 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* shared) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;

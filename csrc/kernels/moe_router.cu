@@ -111,12 +111,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
       const int c0 = min(ncta, lane * per), c1 = min(ncta, c0 + per);
       int sum = 0;
       for (int c = c0; c < c1; ++c) sum += __ldcg(&rows[static_cast<int64_t>(c) * E + e]);
-      int incl = sum;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
+      const int incl = warp_inclusive_scan(sum);
       int run = incl - sum;
       for (int c = c0; c < c1; ++c) {
         const int n = __ldcg(&rows[static_cast<int64_t>(c) * E + e]);
@@ -136,12 +131,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
       local[j] = e < E ? offs[e] : 0;
       sum += local[j];
     }
-    int incl = sum;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
+    const int incl = warp_inclusive_scan(sum);
     int run = incl - sum;
     __syncwarp();
 #pragma unroll
