@@ -124,9 +124,7 @@ def cmd_info(args) -> int:
     elif args.preset:
         config = get_preset(args.preset)
     if config is not None:
-        s = config.summary()
-        if args.model and not d["checkpoint"]["experts"] == "mxfp4":
-            s["weight_bytes"] += int(config.param_counts()["expert_weights"] * 2 - s["weight_bytes_by_group"]["expert_weights"])
+        s = config.summary(quantized=not args.model or d["checkpoint"]["experts"] == "mxfp4")
         d["model"] = {**s, "config": config.to_original_dict(),
                       "kv_cache_bytes": config.kv_cache_bytes(args.context, args.batch),
                       "kv_cache_for": {"context": args.context, "batch": args.batch},

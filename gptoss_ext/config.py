@@ -132,11 +132,13 @@ class ModelConfig:
         return (c["unembedding"] + c["attention"] + c["router_and_norms"]
                 + round(frac * (c["expert_weights"] + c["expert_biases"])))
 
-    def weight_bytes(self) -> dict[str, int]:
-        """Bytes in memory: bf16 everywhere except the MXFP4 expert weights (4.25 bits/weight)."""
+    def weight_bytes(self, quantized: bool = True) -> dict[str, int]:
+        """Bytes in memory: bf16 everywhere except the expert weights, MXFP4 (4.25 bits/weight)
+        unless quantized=False (dequantised fine-tunes)."""
         c = self.param_counts()
         out = {k: 2 * v for k, v in c.items()}
-        out["expert_weights"] = int(c["expert_weights"] * MXFP4_BYTES_PER_WEIGHT)
+        if quantized:
+            out["expert_weights"] = int(c["expert_weights"] * MXFP4_BYTES_PER_WEIGHT)
         return out
 
     def kv_cache_bytes(self, tokens: int, batch: int = 1, dtype_bytes: int = 2) -> int:
@@ -160,8 +162,8 @@ class ModelConfig:
             kv += batch * 2 * n * self.kv_dim * 2
         return int(c["attention"] + c["router_and_norms"] + experts + c["unembedding"] + kv)
 
-    def summary(self) -> dict:
-        wb = self.weight_bytes()
+    def summary(self, quantized: bool = True) -> dict:
+        wb = self.weight_bytes(quantized)
         return {
             "params": self.num_params(),
             "active_params": self.num_active_params(),

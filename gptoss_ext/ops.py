@@ -43,38 +43,25 @@ def kernels_available() -> bool:
     return _extension.available()
 
 
-def _use_kernel(op: str, t: torch.Tensor) -> bool:
-    if not t.is_cuda or getattr(_local, "reference", False):
-        return False
-    if not _extension.available():
-        reason = f"the CUDA kernels are not available ({_extension.load_error() or 'not built'})"
-    elif t.dtype != torch.bfloat16:
-        reason = f"the '{op}' kernel takes bfloat16, got {t.dtype}"
-    else:
-        return True
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"gptoss_ext: {reason}; '{op}' runs the slow plain-PyTorch reference on the GPU"
-                      + (" (rebuild with `pip install --no-build-isolation -e .` on a machine with nvcc)"
-                         if "not available" in reason else ""), RuntimeWarning, stacklevel=3)
-    return False
-
-
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
         warnings.warn(f"gptoss_ext: {msg}", RuntimeWarning, stacklevel=3)
 
 
-def _use_kernel_any(op: str, t: torch.Tensor, dtypes) -> bool:
-    """Like _use_kernel, for ops that take several dtypes."""
+def _use_kernel(op: str, t: torch.Tensor, dtypes=(torch.bfloat16,)) -> bool:
+    """Whether `op` runs its kernel on t; when a CUDA tensor cannot, say why once."""
     if not t.is_cuda or getattr(_local, "reference", False):
         return False
     if not _extension.available():
-        return _use_kernel(op, t)
+        _warn_once(f"the CUDA kernels are not available ({_extension.load_error() or 'not built'}); '{op}' and "
+                   "the other ops run the slow plain-PyTorch reference on the GPU (rebuild with "
+                   "`pip install --no-build-isolation -e .` on a machine with nvcc)")
+        return False
     if t.dtype not in dtypes:
-        _warn_once(f"the '{op}' kernel takes {', '.join(str(d) for d in dtypes)}, got {t.dtype}; "
-                   "it runs the plain-PyTorch reference on the GPU")
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        _warn_once(f"the '{op}' kernel takes {names}, got {t.dtype}; it runs the slow plain-PyTorch "
+                   "reference on the GPU")
         return False
     return True
 
@@ -82,11 +69,7 @@ def _use_kernel_any(op: str, t: torch.Tensor, dtypes) -> bool:
 def _reference_on_cuda(op: str, t: torch.Tensor) -> None:
     """For ops that have no kernel yet: the reference runs, and CUDA callers are told once."""
     if t.is_cuda and not getattr(_local, "reference", False):
-        reason = f"no CUDA kernel for '{op}' yet"
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"gptoss_ext: {reason}; it runs the plain-PyTorch reference on the GPU",
-                          RuntimeWarning, stacklevel=3)
+        _warn_once(f"no CUDA kernel for '{op}' yet; it runs the plain-PyTorch reference on the GPU")
 
 
 # ---- linear (cuBLAS through torch) -------------------------------------------------------------
@@ -168,7 +151,7 @@ def _router_scratch(device: torch.device, n: int) -> torch.Tensor:
 def route(logits: torch.Tensor, k: int):
     """Top-k routing of logits [T, E]: (weights [T, k] fp32, ids [T, k] int32, counts [E],
     offsets [E + 1], perm [T * k]) int32 — see `reference.route` / `reference.group_by_expert`."""
-    if _use_kernel_any("moe_router", logits, (torch.bfloat16, torch.float32)):
+    if _use_kernel("moe_router", logits, (torch.bfloat16, torch.float32)):
         T, E = logits.shape
         dev = logits.device
         ids = torch.empty(T, k, dtype=torch.int32, device=dev)
