@@ -19,6 +19,7 @@ from common import device_info, measure_ceilings, write_results  # noqa: E402
 BENCHES = {
     "ops": "ops_bench",
     "moe": "moe_bench",
+    "attn": "attn_bench",
 }
 
 

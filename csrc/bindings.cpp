@@ -26,6 +26,19 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "Tensor route_weights, Tensor(a!) out) -> ()");
   // out[t] = residual[t] + sum over the token's top_k rows of y
   m.def("moe_combine(Tensor y, Tensor? residual, int top_k, Tensor(a!) out) -> ()");
+  // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer).
+  // Varlen prefill: sequence b's queries q[cu_seqlens[b] : cu_seqlens[b+1]] sit at positions
+  // start[b] ..; keys are cache rows 0 .. start[b] + q_len - 1 of batch row b. window 0 = full.
+  m.def("attn_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? sinks, Tensor cu_seqlens, Tensor start, "
+        "int max_q_len, int window, float sm_scale, Tensor(a!) out) -> ()");
+  // [chunk, splits] for attn_decode on this device (depends on the shapes only: CUDA-graph safe)
+  m.def("attn_decode_plan(int B, int Hq, int Hkv, int max_len, int window, int device) -> int[]",
+        &gptoss::attn_decode_plan);
+  // Decode: q [B, Hq, 64], one query per sequence at position seq_lens[b] - 1; split-KV + combine.
+  m.def("attn_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? sinks, Tensor seq_lens, int window, "
+        "float sm_scale, int chunk, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) out) -> ()");
+  // cache rows slots[t] (= b * max_len + pos) <- k[t], v[t]
+  m.def("kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
@@ -36,4 +49,8 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("moe_mlp1", &gptoss::moe_mlp1);
   m.impl("moe_mlp2", &gptoss::moe_mlp2);
   m.impl("moe_combine", &gptoss::moe_combine);
+  m.impl("attn_prefill", &gptoss::attn_prefill);
+  m.impl("attn_decode", &gptoss::attn_decode);
+  m.impl("kv_write", &gptoss::kv_write);
 }
+

@@ -125,14 +125,144 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, theta: fl
     return ref.apply_rope(q, cos, sin), ref.apply_rope(k, cos, sin)
 
 
-# ---- attention and MoE (reference until their kernels land) ------------------------------------
+# ---- attention ---------------------------------------------------------------------------------
+# KV cache of one layer: k_cache, v_cache [B, max_len, Hkv, 64] (bf16, contiguous); sequence b
+# owns batch row b, position p is row p. Slots (kv_write) are flat rows b * max_len + p.
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
-              start: int = 0, sliding_window: int = 0) -> torch.Tensor:
-    """Sink-aware causal GQA attention; see `reference.attention`."""
-    _reference_on_cuda("attention", q)
-    return ref.attention(q, k, v, sinks, start=start, sliding_window=sliding_window)
+def _attn_kernel_ok(op: str, q: torch.Tensor) -> bool:
+    if not _use_kernel(op, q):
+        return False
+    if q.shape[-1] != 64:
+        _warn_once(f"the '{op}' kernel takes head_dim 64, got {q.shape[-1]}; it runs the slow plain-PyTorch "
+                   "reference on the GPU")
+        return False
+    return True
 
+
+def _sinks32(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    return None if sinks is None else sinks.to(torch.float32).contiguous()
+
+
+def _scale(sm_scale: float | None, d: int) -> float:
+    return float(sm_scale) if sm_scale is not None else d ** -0.5
+
+
+def _host_ints(name: str, v) -> list[int]:
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(v.shape)}")
+        v = v.tolist()
+    try:
+        return [int(x) for x in v]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of integers") from None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, *,
+              start: int = 0, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
+    """Sink-aware causal GQA attention of one sequence; see `reference.attention` (keys/values
+    k, v [S, Hkv, D] for positions 0 .. S-1). On CUDA it runs the prefill kernel with k, v as a
+    one-sequence cache."""
+    T, S = q.shape[0], k.shape[0]
+    if S < start + T:
+        raise ValueError(f"keys cover {S} positions but queries reach position {start + T - 1}")
+    if _attn_kernel_ok("attention", q) and T > 0:
+        return attention_prefill(q, k.contiguous().unsqueeze(0), v.contiguous().unsqueeze(0), sinks, [0, T], [start],
+                                 sliding_window=sliding_window, sm_scale=sm_scale)
+    return ref.attention(q, k, v, sinks, start=start, sliding_window=sliding_window, sm_scale=sm_scale)
+
+
+def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor | None,
+                      cu_seqlens, starts, *, sliding_window: int = 0, sm_scale: float | None = None,
+                      max_q_len: int | None = None) -> torch.Tensor:
+    """Varlen (chunked) prefill over a KV cache whose rows for the new tokens are already written.
+
+    q [Ttot, Hq, 64]; sequence b's queries are q[cu_seqlens[b]:cu_seqlens[b+1]] at positions
+    starts[b] .. and attend to cache rows 0 .. starts[b] + q_len - 1 of batch row b.
+    cu_seqlens [B+1] / starts [B]: host sequences (validated here), or int32 CUDA tensors with
+    max_q_len given (trusted as they are: the kernel clamps every index to the tensors).
+    sliding_window > 0: a query at i sees keys j with i - window < j <= i. Returns [Ttot, Hq, 64]."""
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    T, Hq, D = q.shape
+    on_device = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda
+    if not on_device:
+        cu, st = _host_ints("cu_seqlens", cu_seqlens), _host_ints("starts", starts)
+        if len(cu) != len(st) + 1 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to {T} (the tokens of q) with one entry more than "
+                             f"starts ({len(st)}), got {cu}")
+        if len(st) > k_cache.shape[0]:
+            raise ValueError(f"{len(st)} sequences but the cache has {k_cache.shape[0]} batch rows")
+        for b, s0 in enumerate(st):
+            if s0 < 0 or s0 + cu[b + 1] - cu[b] > k_cache.shape[1]:
+                raise ValueError(f"sequence {b}: positions {s0} .. {s0 + cu[b + 1] - cu[b] - 1} do not fit the "
+                                 f"cache of {k_cache.shape[1]} positions")
+        max_q_len = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+    elif max_q_len is None:
+        raise ValueError("attention_prefill: with cu_seqlens on the GPU, give max_q_len")
+    if _attn_kernel_ok("attention_prefill", q):
+        if on_device:
+            cu_t, st_t = cu_seqlens, starts
+        else:
+            both = torch.tensor(cu + st, dtype=torch.int32).to(q.device, non_blocking=True)
+            cu_t, st_t = both[:len(cu)], both[len(cu):]
+        out = torch.empty_like(q) if q.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        torch.ops.gptoss_ext.attn_prefill(q, k_cache, v_cache, _sinks32(sinks), cu_t, st_t, int(max_q_len),
+                                          int(sliding_window), _scale(sm_scale, D), out)
+        return out
+    return ref.attention_prefill(q, k_cache, v_cache, sinks, cu_seqlens.tolist() if on_device else cu,
+                                 starts.tolist() if on_device else st, sliding_window=sliding_window,
+                                 sm_scale=sm_scale)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_plan(B: int, Hq: int, Hkv: int, max_len: int, window: int, device: int) -> tuple[int, int]:
+    chunk, splits = torch.ops.gptoss_ext.attn_decode_plan(B, Hq, Hkv, max_len, window, device)
+    return int(chunk), int(splits)
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor | None,
+                     seq_lens, *, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
+    """Decode: q [B, Hq, 64], one query per sequence at position seq_lens[b] - 1, over cache rows
+    0 .. seq_lens[b] - 1 of batch row b (window > 0: only the last `window`). seq_lens: an int32
+    CUDA tensor [B] (read on the device: CUDA-graph safe) or host integers. Split-KV: the launch
+    shape depends only on B and the cache size. Returns [B, Hq, 64]."""
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    B, Hq, D = q.shape
+    max_len = k_cache.shape[1]
+    if not isinstance(seq_lens, torch.Tensor) or not seq_lens.is_cuda:
+        lens = _host_ints("seq_lens", seq_lens)
+        if len(lens) != B:
+            raise ValueError(f"seq_lens has {len(lens)} entries for {B} queries")
+        bad = [n for n in lens if not 0 < n <= max_len]
+        if bad:
+            raise ValueError(f"seq_lens must be in [1, {max_len}] (the cache length), got {bad[0]}")
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+    if _attn_kernel_ok("attention_decode", q):
+        seq_lens = seq_lens.to(q.device, torch.int32, non_blocking=True)
+        chunk, splits = _decode_plan(B, Hq, k_cache.shape[2], max_len, int(sliding_window), q.device.index or 0)
+        ws_o = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+        ws_ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=q.device)
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+        torch.ops.gptoss_ext.attn_decode(q, k_cache, v_cache, _sinks32(sinks), seq_lens, int(sliding_window),
+                                         _scale(sm_scale, D), chunk, ws_o, ws_ml, out)
+        return out
+    return ref.attention_decode(q, k_cache, v_cache, sinks, seq_lens.tolist(), sliding_window=sliding_window,
+                                sm_scale=sm_scale)
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k_cache / v_cache [B, max_len, Hkv, D] rows slots[t] (int64, = b * max_len + pos) <- k[t], v[t]
+    ([T, Hkv, D], views allowed)."""
+    if _use_kernel("kv_write", k) and k.shape[-1] == 64:
+        torch.ops.gptoss_ext.kv_write(k, v, slots.to(k.device, torch.int64), k_cache, v_cache)
+        return
+    ref.kv_write(k, v, k_cache, v_cache, slots)
+
+
+# ---- MoE ---------------------------------------------------------------------------------------
 
 _scratch: dict[tuple, torch.Tensor] = {}
 
@@ -233,6 +363,18 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::moe_combine")
     def _(y, residual, top_k, out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::attn_prefill")
+    def _(q, k_cache, v_cache, sinks, cu_seqlens, start, max_q_len, window, sm_scale, out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::attn_decode")
+    def _(q, k_cache, v_cache, sinks, seq_lens, window, sm_scale, chunk, ws_o, ws_ml, out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::kv_write")
+    def _(k, v, slots, k_cache, v_cache):
         return None
 
 

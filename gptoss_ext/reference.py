@@ -83,13 +83,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---- attention ----------------------------------------------------------------------------------
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, *,
               start: int = 0, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
     """Causal GQA attention with a learned sink logit per query head.
 
     q [T, Hq, D]: queries at positions start .. start+T-1.
     k, v [S, Hkv, D]: keys / values at positions 0 .. S-1 (S >= start + T; later keys are masked).
-    sinks [Hq]: the sink joins each softmax denominator and contributes no value.
+    sinks [Hq]: the sink joins each softmax denominator and contributes no value (None: no sinks).
     sliding_window > 0: query i sees keys j with i - window < j <= i.
     Returns [T, Hq, D] in q's dtype.
     """
@@ -102,7 +102,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     G = Hq // Hkv
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     kf, vf = k.float(), v.float()
-    sink = sinks.float().view(Hkv, G, 1, 1)
+    sink = None if sinks is None else sinks.float().view(Hkv, G, 1, 1)
     kpos = torch.arange(S, device=q.device)
     out = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
     chunk = max(1, (1 << 24) // max(1, Hq * S))       # bound the [chunk, Hq, S] score tensor
@@ -115,11 +115,52 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
         if sliding_window > 0:
             allowed &= (qpos[:, None] - kpos[None, :]) < sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
-        logits = torch.cat([scores, sink.expand(Hkv, G, t1 - t0, 1)], dim=-1)
-        probs = torch.softmax(logits, dim=-1)[..., :-1]                 # drop the sink column
+        if sink is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            logits = torch.cat([scores, sink.expand(Hkv, G, t1 - t0, 1)], dim=-1)
+            probs = torch.softmax(logits, dim=-1)[..., :-1]             # drop the sink column
         o = torch.einsum("kgts,skd->tkgd", probs, vf)
         out[t0:t1] = o.reshape(t1 - t0, Hq, D)
     return out.to(q.dtype)
+
+
+def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+                      cu_seqlens, starts, *, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
+    """Varlen prefill over a KV cache: sequence b's queries q[cu_seqlens[b]:cu_seqlens[b+1]] (at
+    positions starts[b] ..) attend to rows 0 .. starts[b] + q_len - 1 of k_cache[b] / v_cache[b]
+    ([B, max_len, Hkv, D]). Returns [Ttot, Hq, D]."""
+    cu = [int(x) for x in cu_seqlens]
+    st = [int(x) for x in starts]
+    out = torch.zeros_like(q)
+    for b, start in enumerate(st):
+        t0, t1 = cu[b], cu[b + 1]
+        if t1 > t0:
+            end = start + t1 - t0
+            out[t0:t1] = attention(q[t0:t1], k_cache[b, :end], v_cache[b, :end], sinks, start=start,
+                                   sliding_window=sliding_window, sm_scale=sm_scale)
+    return out
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+                     seq_lens, *, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], at position seq_lens[b] - 1 over cache rows
+    0 .. seq_lens[b] - 1 of batch row b (a length of 0 gives zeros). Returns [B, Hq, D]."""
+    out = torch.zeros_like(q)
+    for b, n in enumerate(int(x) for x in seq_lens):
+        if n > 0:
+            out[b:b + 1] = attention(q[b:b + 1], k_cache[b, :n], v_cache[b, :n], sinks, start=n - 1,
+                                     sliding_window=sliding_window, sm_scale=sm_scale)
+    return out
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Cache rows slots[t] (= b * max_len + pos) of k_cache / v_cache [B, max_len, Hkv, D] <- k[t], v[t]."""
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    slots = slots.to(k_cache.device).long()
+    k_cache.view(-1, Hkv, D).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, Hkv, D).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 # ---- router -------------------------------------------------------------------------------------

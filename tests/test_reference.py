@@ -175,6 +175,35 @@ def test_attention_checks_key_coverage():
 
 # ---- router ---------------------------------------------------------------------------------
 
+def test_cache_attention_ops_on_cpu():
+    """The varlen prefill / decode / kv_write ops (CPU path = reference) agree with per-sequence attention."""
+    from gptoss_ext import ops
+
+    g = torch.Generator().manual_seed(0)
+    B, L, Hq, Hkv, D = 3, 40, 8, 2, 16
+    kc, vc = torch.randn(B, L, Hkv, D, generator=g), torch.randn(B, L, Hkv, D, generator=g)
+    sinks = torch.randn(Hq, generator=g)
+    lens, starts = [5, 0, 12], [3, 7, 20]
+    cu = [0, 5, 5, 17]
+    q = torch.randn(17, Hq, D, generator=g)
+    out = ops.attention_prefill(q, kc, vc, sinks, cu, starts, sliding_window=6)
+    for b in (0, 2):
+        want = ref.attention(q[cu[b]:cu[b + 1]], kc[b, :starts[b] + lens[b]], vc[b, :starts[b] + lens[b]], sinks,
+                             start=starts[b], sliding_window=6)
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], want)
+    dec = ops.attention_decode(q[:3], kc, vc, sinks, [1, 40, 9])
+    torch.testing.assert_close(dec[1:2], ref.attention(q[1:2], kc[1], vc[1], sinks, start=39))
+    with pytest.raises(ValueError, match="do not fit the cache"):
+        ops.attention_prefill(q, kc, vc, sinks, cu, [3, 7, 30])
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        ops.attention_prefill(q, kc, vc, sinks, [0, 5, 4, 17], starts)
+    with pytest.raises(ValueError, match="seq_lens must be in"):
+        ops.attention_decode(q[:3], kc, vc, sinks, [1, 41, 9])
+    k, v = torch.randn(2, Hkv, D, generator=g), torch.randn(2, Hkv, D, generator=g)
+    ops.kv_write(k, v, kc, vc, torch.tensor([L + 4, 2 * L - 1]))
+    assert torch.equal(kc[1, 4], k[0]) and torch.equal(vc[1, L - 1], v[1])
+
+
 def test_route_topk_softmax_and_ties():
     logits = torch.tensor([[0.0, 3.0, 1.0, 3.0, 2.0, 3.0],
                            [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace gptoss {
 
@@ -20,5 +21,16 @@ void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
 void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out);
 void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out);
+
+void attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const std::optional<at::Tensor>& sinks, const at::Tensor& cu_seqlens, const at::Tensor& start,
+                  int64_t max_q_len, int64_t window, double sm_scale, at::Tensor& out);
+std::vector<int64_t> attn_decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_t max_len, int64_t window,
+                                      int64_t device);
+void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const std::optional<at::Tensor>& sinks, const at::Tensor& seq_lens, int64_t window, double sm_scale,
+                 int64_t chunk, at::Tensor& ws_o, at::Tensor& ws_ml, at::Tensor& out);
+void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, at::Tensor& k_cache,
+              at::Tensor& v_cache);
 
 }  // namespace gptoss

@@ -1,0 +1,485 @@
+// Sink-aware causal GQA flash attention, head_dim 64: varlen prefill, split-KV decode + combine,
+// and the KV-cache write. Tensor cores through mma.sync m16n8k16 (bf16 in, fp32 accumulate),
+// which runs on sm_80+ and on Hopper.
+//
+// Prefill (FlashAttention-2 style): a CTA takes 64 * MT query rows of one head of one sequence
+// (4 warps, 16 * MT rows each) and walks 64-key tiles of the KV head it shares with its GQA group,
+// double-buffered through cp.async into XOR-swizzled shared memory (conflict-free ldmatrix).
+// S = Q K^T stays in registers; the S accumulators are re-packed as the A operand of P V (the
+// m16n8 C layout of two adjacent key blocks is the m16n8k16 A layout), online softmax in fp32 with
+// exp2. Only the tiles the causal/window band touches are visited; masks only on tiles that cut
+// the band. Heaviest query blocks are scheduled first.
+//
+// Decode: a one-warp CTA takes the (up to 16) query heads of a GQA group of one sequence (so each
+// K/V tile is read once for the whole group: rows of the mma are heads) and one chunk of the key
+// range, streamed through a 3-stage cp.async pipeline. The partial (unnormalised output, max,
+// sum) goes to a workspace; the combine kernel merges the chunks and adds the sink.
+//
+// Rows of K/V past the valid range are zero-filled (never read from memory), so a cache holding
+// garbage or NaN beyond its length cannot leak into the result; fully masked rows give 0, not NaN.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+
+#include "kernels/attention.h"
+#include "kernels/common.cuh"
+
+namespace gptoss {
+namespace {
+
+constexpr int D = kAttnHeadDim;  // 64 = 8 chunks of 16 bytes a row
+constexpr int BN = 64;           // keys a tile
+constexpr int kTileBytes = BN * D * 2;
+constexpr int kDecStages = 3;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegInf = -INFINITY;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Byte offset of 16-byte chunk c of row r in a [rows, 64] bf16 tile (rows of 128 bytes, XOR swizzle).
+__device__ __forceinline__ uint32_t swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+// Copy rows [key0, key0 + 64) of one KV head into a tile; rows >= key_end are zero-filled.
+template <int NT>
+__device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_t row_stride, int key0, int key_end,
+                                          int tid) {
+#pragma unroll
+  for (int i = tid; i < BN * 8; i += NT) {
+    const int r = i >> 3, c = i & 7;
+    const bool valid = key0 + r < key_end;
+    cp_async16(dst + swz(r, c), valid ? base + (int64_t)(key0 + r) * row_stride + c * 8 : base, valid);
+  }
+}
+
+// S[mt] (16 rows x 64 keys) = Q[mt] K^T for one warp's MT row tiles.
+template <int MT>
+__device__ __forceinline__ void qk_tile(float (&s)[MT][8][4], const uint32_t (&qf)[MT][4][4], uint32_t sK, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+      uint32_t b[4];
+      ldsm_x4(b, sK + swz(nb * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_bf16(s[mt][2 * nb], qf[mt][ks], b[0], b[1]);
+        mma_bf16(s[mt][2 * nb + 1], qf[mt][ks], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Online softmax on a scaled, masked S tile (values already in the log2 domain, masked = -inf);
+// S becomes P, O is rescaled.
+template <int MT>
+__device__ __forceinline__ void softmax_tile(float (&s)[MT][8][4], float (&o)[MT][8][4], float (&m)[MT][2],
+                                             float (&l)[MT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mnew = fmaxf(m[mt][hr], mx);
+      const float mu = mnew == kNegInf ? 0.f : mnew;  // a row with nothing visible yet: no NaN
+      const float alpha = exp2f(m[mt][hr] - mu);
+      m[mt][hr] = mnew;
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float p0 = exp2f(s[mt][j][2 * hr] - mu), p1 = exp2f(s[mt][j][2 * hr + 1] - mu);
+        s[mt][j][2 * hr] = p0;
+        s[mt][j][2 * hr + 1] = p1;
+        rs += p0 + p1;
+      }
+      l[mt][hr] = l[mt][hr] * alpha + rs;
+#pragma unroll
+      for (int d = 0; d < 8; ++d) {
+        o[mt][d][2 * hr] *= alpha;
+        o[mt][d][2 * hr + 1] *= alpha;
+      }
+    }
+}
+
+// O[mt] += P[mt] V for one 64-key tile.
+template <int MT>
+__device__ __forceinline__ void pv_tile(float (&o)[MT][8][4], const float (&p)[MT][8][4], uint32_t sV, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t pa[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      pa[mt][0] = pack_bf16(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      pa[mt][1] = pack_bf16(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      pa[mt][2] = pack_bf16(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      pa[mt][3] = pack_bf16(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int db = 0; db < 4; ++db) {
+      uint32_t b[4];
+      ldsm_x4_t(b, sV + swz(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), db * 2 + (lane >> 4)));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_bf16(o[mt][2 * db], pa[mt], b[0], b[1]);
+        mma_bf16(o[mt][2 * db + 1], pa[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// ---- prefill ------------------------------------------------------------------------------------
+
+template <int MT>
+__global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs a) {
+  constexpr int BM = 64 * MT, NT = 128;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sQ = smem_u32(smem), sK = sQ + BM * 128, sV = sK + 2 * kTileBytes;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int mb = gridDim.x - 1 - blockIdx.x;  // the longest key ranges first
+  const int q0 = a.cu_seqlens[b];
+  // Lengths come from device memory: clamp to the tensors (the wrappers validate them on the host).
+  const int q_len = min(a.cu_seqlens[b + 1], a.total_q) - q0;
+  const int row0 = mb * BM;
+  if (q0 < 0 || row0 >= q_len) return;
+  const int rows = min(BM, q_len - row0);
+  const int pos0 = a.start[b] + row0, pos_last = pos0 + rows - 1;
+  const int key_lo = a.window > 0 ? max(0, pos0 - a.window + 1) : 0;
+  const int key_end = min(pos_last + 1, a.max_len);
+  const int t_lo = key_lo / BN, t_hi = (key_end + BN - 1) / BN;
+  const int kvh = h / (a.Hq / a.Hkv);
+  const int64_t kv_row = (int64_t)a.Hkv * D;
+  const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
+  const bf16* kb = a.k_cache + kv_off;
+  const bf16* vb = a.v_cache + kv_off;
+
+  const bf16* qb = a.q + (int64_t)(q0 + row0) * a.q_stride + (int64_t)h * D;
+  for (int i = tid; i < BM * 8; i += NT) {
+    const int r = i >> 3, c = i & 7;
+    const bool valid = r < rows;
+    cp_async16(sQ + swz(r, c), valid ? qb + (int64_t)r * a.q_stride + c * 8 : qb, valid);
+  }
+  load_tile<NT>(sK, kb, kv_row, t_lo * BN, key_end, tid);
+  load_tile<NT>(sV, vb, kv_row, t_lo * BN, key_end, tid);
+  cp_async_commit();
+
+  const float sl2 = a.sm_scale * kLog2e;
+  uint32_t qf[MT][4][4];
+  float o[MT][8][4], m[MT][2], l[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    m[mt][0] = m[mt][1] = kNegInf;
+    l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int d = 0; d < 8; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
+  }
+  const int wrow = warp * 16 * MT;  // the warp's first row in the block
+
+  for (int t = t_lo; t < t_hi; ++t) {
+    const int buf = (t - t_lo) & 1;
+    if (t + 1 < t_hi) {
+      load_tile<NT>(sK + (buf ^ 1) * kTileBytes, kb, kv_row, (t + 1) * BN, key_end, tid);
+      load_tile<NT>(sV + (buf ^ 1) * kTileBytes, vb, kv_row, (t + 1) * BN, key_end, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (t == t_lo) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks)
+          ldsm_x4(qf[mt][ks], sQ + swz(wrow + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+    }
+    float s[MT][8][4];
+    qk_tile<MT>(s, qf, sK + buf * kTileBytes, lane);
+    const int k0 = t * BN;
+    const bool need_mask = (k0 + BN - 1 > pos0) || (a.window > 0 && k0 <= pos_last - a.window);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float v = s[mt][j][e] * sl2;
+          if (need_mask) {
+            const int pos = pos0 + wrow + mt * 16 + (lane >> 2) + ((e >> 1) << 3);
+            const int key = k0 + j * 8 + ((lane & 3) << 1) + (e & 1);
+            if (key > pos || (a.window > 0 && pos - key >= a.window)) v = kNegInf;
+          }
+          s[mt][j][e] = v;
+        }
+    softmax_tile<MT>(s, o, m, l);
+    pv_tile<MT>(o, s, sV + buf * kTileBytes, lane);
+    __syncthreads();
+  }
+
+  bf16* ob = a.out + (int64_t)(q0 + row0) * a.out_stride + (int64_t)h * D;
+  const float sink = a.sinks ? a.sinks[h] * kLog2e : kNegInf;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float L = l[mt][hr];
+      L += __shfl_xor_sync(0xffffffffu, L, 1);
+      L += __shfl_xor_sync(0xffffffffu, L, 2);
+      const float mu = m[mt][hr] == kNegInf ? 0.f : m[mt][hr];
+      if (a.sinks) L += exp2f(sink - mu);
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      const int r = wrow + mt * 16 + (lane >> 2) + hr * 8;
+      if (r < rows) {
+        bf16* orow = ob + (int64_t)r * a.out_stride + ((lane & 3) << 1);
+#pragma unroll
+        for (int d = 0; d < 8; ++d)
+          *reinterpret_cast<uint32_t*>(orow + d * 8) = pack_bf16(o[mt][d][2 * hr] * inv, o[mt][d][2 * hr + 1] * inv);
+      }
+    }
+}
+
+// ---- decode -------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sK = smem_u32(smem), sV = sK + kDecStages * kTileBytes;
+  const int lane = threadIdx.x;
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
+  const int kvh = blockIdx.y / hchunks, hc = blockIdx.y % hchunks;
+  const int h0 = kvh * G + hc * 16, nrows = min(16, G - hc * 16);
+  const int len = min(max(a.seq_lens[b], 0), a.max_len);
+  const int lo = a.window > 0 ? max(0, len - a.window) : 0;
+  const int kbeg = lo + split * a.chunk, kend = min(len, kbeg + a.chunk);
+  const int S = a.num_splits;
+  const int r0 = lane >> 2;
+  const int64_t ws0 = ((int64_t)b * a.Hq + h0) * S + split;  // workspace row of head h0
+
+  if (kbeg >= kend) {  // nothing in this chunk: an empty partial (sum 0)
+    if ((lane & 3) == 0)
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = r0 + hr * 8;
+        if (r < nrows) {
+          a.ws_ml[(ws0 + (int64_t)r * S) * 2] = kNegInf;
+          a.ws_ml[(ws0 + (int64_t)r * S) * 2 + 1] = 0.f;
+        }
+      }
+    return;
+  }
+
+  const int64_t kv_row = (int64_t)a.Hkv * D;
+  const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
+  const bf16* kb = a.k_cache + kv_off;
+  const bf16* vb = a.v_cache + kv_off;
+  const int ntiles = (kend - kbeg + BN - 1) / BN;
+#pragma unroll
+  for (int st = 0; st < kDecStages - 1; ++st) {
+    if (st < ntiles) {
+      load_tile<32>(sK + st * kTileBytes, kb, kv_row, kbeg + st * BN, kend, lane);
+      load_tile<32>(sV + st * kTileBytes, vb, kv_row, kbeg + st * BN, kend, lane);
+    }
+    cp_async_commit();
+  }
+
+  // Q fragments straight from global memory: rows are the group's heads (rows >= nrows are zero).
+  uint32_t qf[1][4][4];
+  {
+    const bf16* qb = a.q + (int64_t)b * a.q_stride + (int64_t)h0 * D + ((lane & 3) << 1);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = r0 + (i & 1) * 8, c = ks * 16 + (i >> 1) * 8;
+        qf[0][ks][i] = r < nrows ? *reinterpret_cast<const uint32_t*>(qb + r * D + c) : 0u;
+      }
+  }
+
+  const float sl2 = a.sm_scale * kLog2e;
+  float o[1][8][4], m[1][2] = {{kNegInf, kNegInf}}, l[1][2] = {{0.f, 0.f}};
+#pragma unroll
+  for (int d = 0; d < 8; ++d) o[0][d][0] = o[0][d][1] = o[0][d][2] = o[0][d][3] = 0.f;
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int nt = t + kDecStages - 1;
+    if (nt < ntiles) {
+      const int st = nt % kDecStages;
+      load_tile<32>(sK + st * kTileBytes, kb, kv_row, kbeg + nt * BN, kend, lane);
+      load_tile<32>(sV + st * kTileBytes, vb, kv_row, kbeg + nt * BN, kend, lane);
+    }
+    cp_async_commit();
+    cp_async_wait<kDecStages - 1>();
+    __syncwarp();
+    const int st = t % kDecStages;
+    float s[1][8][4];
+    qk_tile<1>(s, qf, sK + st * kTileBytes, lane);
+    const int k0 = kbeg + t * BN;
+    const bool need_mask = k0 + BN > kend;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[0][j][e] * sl2;
+        if (need_mask && k0 + j * 8 + ((lane & 3) << 1) + (e & 1) >= kend) v = kNegInf;
+        s[0][j][e] = v;
+      }
+    softmax_tile<1>(s, o, m, l);
+    pv_tile<1>(o, s, sV + st * kTileBytes, lane);
+    __syncwarp();
+  }
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float L = l[0][hr];
+    L += __shfl_xor_sync(0xffffffffu, L, 1);
+    L += __shfl_xor_sync(0xffffffffu, L, 2);
+    const int r = r0 + hr * 8;
+    if (r < nrows) {
+      const int64_t w = ws0 + (int64_t)r * S;
+      float* wo = a.ws_o + w * D + ((lane & 3) << 1);
+#pragma unroll
+      for (int d = 0; d < 8; ++d) *reinterpret_cast<float2*>(wo + d * 8) = make_float2(o[0][d][2 * hr], o[0][d][2 * hr + 1]);
+      if ((lane & 3) == 0) {
+        a.ws_ml[w * 2] = m[0][hr];
+        a.ws_ml[w * 2 + 1] = L;
+      }
+    }
+  }
+}
+
+// One CTA of 64 threads (one a dimension) per (sequence, head): merge the splits, add the sink.
+__global__ void __launch_bounds__(64) attn_decode_combine_kernel(const AttnDecodeArgs a) {
+  const int bh = blockIdx.x, d = threadIdx.x;
+  const int b = bh / a.Hq, h = bh % a.Hq, S = a.num_splits;
+  const float* ml = a.ws_ml + (int64_t)bh * S * 2;
+  const float sink = a.sinks ? a.sinks[h] * kLog2e : kNegInf;
+  float M = sink;
+  for (int s = 0; s < S; ++s)
+    if (ml[2 * s + 1] > 0.f) M = fmaxf(M, ml[2 * s]);
+  float acc = 0.f, L = 0.f;
+  if (M != kNegInf) {
+    if (a.sinks) L = exp2f(sink - M);
+    const float* wo = a.ws_o + (int64_t)bh * S * D + d;
+    for (int s = 0; s < S; ++s) {
+      const float ls = ml[2 * s + 1];
+      if (ls > 0.f) {
+        const float w = exp2f(ml[2 * s] - M);
+        L += ls * w;
+        acc += w * wo[(int64_t)s * D];
+      }
+    }
+  }
+  a.out[(int64_t)b * a.out_stride + (int64_t)h * D + d] = __float2bfloat16(L > 0.f ? acc / L : 0.f);
+}
+
+// ---- KV-cache write -----------------------------------------------------------------------------
+
+__global__ void kv_write_kernel(const bf16* __restrict__ k, const bf16* __restrict__ v, int64_t k_stride,
+                                int64_t v_stride, const int64_t* __restrict__ slots, int Hkv, bf16* __restrict__ kc,
+                                bf16* __restrict__ vc, int64_t rows) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = slots[t];
+  if (slot < 0 || slot >= rows) return;
+  const int i = threadIdx.x;  // chunk of 8 elements within the token's Hkv * 64
+  const int64_t dst = slot * Hkv * D + i * 8;
+  store_bf16x8(kc + dst, load_bf16x8(k + t * k_stride + i * 8));
+  store_bf16x8(vc + dst, load_bf16x8(v + t * v_stride + i * 8));
+}
+
+template <int MT>
+cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
+  constexpr int BM = 64 * MT;
+  const size_t smem = BM * 128 + 4 * kTileBytes;
+  const dim3 grid(ceil_div(a.max_q_len, BM), a.Hq, a.B);
+  attn_prefill_kernel<MT><<<grid, 128, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+int prefill_block_rows(int window) {
+  // GPTOSS_ATTN_BLOCK_M=64|128 overrides (for tuning); by default 64-row blocks for narrow windows
+  // (a 128-row block would visit twice the keys it needs), 128 rows otherwise (K/V reuse).
+  static const int forced = [] {
+    const char* e = std::getenv("GPTOSS_ATTN_BLOCK_M");
+    return e ? std::atoi(e) : 0;
+  }();
+  if (forced == 64 || forced == 128) return forced;
+  return (window > 0 && window <= 256) ? 64 : 128;
+}
+
+}  // namespace
+
+cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream) {
+  if (a.B <= 0 || a.max_q_len <= 0) return cudaSuccess;
+  return prefill_block_rows(a.window) == 64 ? launch_prefill_mt<1>(a, stream) : launch_prefill_mt<2>(a, stream);
+}
+
+void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits) {
+  const int G = Hq / Hkv, hchunks = (G + 15) / 16;
+  const int range = std::max(1, window > 0 ? std::min(window, max_len) : max_len);
+  const int64_t ctas_wanted = (int64_t)std::max(num_sms, 1) * 8;
+  const int64_t per_split = (int64_t)B * Hkv * hchunks;
+  int64_t c = ((int64_t)range * per_split + ctas_wanted - 1) / ctas_wanted;
+  c = std::max<int64_t>(BN, (c + BN - 1) / BN * BN);
+  chunk = static_cast<int>(c);
+  num_splits = static_cast<int>((range + c - 1) / c);
+}
+
+cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream) {
+  if (a.B <= 0) return cudaSuccess;
+  const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
+  const dim3 grid(a.num_splits, a.Hkv * hchunks, a.B);
+  attn_decode_kernel<<<grid, 32, 2 * kDecStages * kTileBytes, stream>>>(a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  attn_decode_combine_kernel<<<a.B * a.Hq, D, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_kv_write(const bf16* k, const bf16* v, int64_t k_stride, int64_t v_stride, const int64_t* slots,
+                            int64_t T, int Hkv, bf16* k_cache, bf16* v_cache, int64_t rows, cudaStream_t stream) {
+  if (T <= 0) return cudaSuccess;
+  kv_write_kernel<<<static_cast<unsigned>(T), Hkv * (D / 8), 0, stream>>>(k, v, k_stride, v_stride, slots, Hkv,
+                                                                           k_cache, v_cache, rows);
+  return cudaGetLastError();
+}
+
+}  // namespace gptoss

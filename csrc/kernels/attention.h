@@ -1,0 +1,70 @@
+// Sink-aware causal GQA attention over a KV cache (torch-free launchers), head_dim 64.
+//
+// KV cache layout (one layer): k_cache, v_cache [B, max_len, Hkv, 64] bf16, contiguous; row
+// (b, pos) holds the key/value of sequence b at position pos. Rows are written by kv_write
+// through flat slot indices slot = b * max_len + pos (the vLLM "slot mapping" convention), so a
+// paged layout later only changes how slots and the kernels' row addresses are computed.
+// Sliding-window layers keep every position too (the kernels read only the last `window`).
+//
+// Attention of a query at position i over keys j: causal (j <= i), and with window W > 0 also
+// i - j < W. scores = q.k * sm_scale; the per-head sink logit joins the softmax denominator
+// (exp(sink - max)) and contributes no value. Softmax in fp32 (exp2 with log2(e) folded in).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace gptoss {
+
+constexpr int kAttnHeadDim = 64;
+
+// Prefill / chunked prefill / prompt continuation, varlen: sequence b has q_len = cu_seqlens[b+1]
+// - cu_seqlens[b] new queries (rows cu_seqlens[b] .. of q) at positions start[b] .. start[b] +
+// q_len - 1, attending to cache rows 0 .. start[b] + q_len - 1 of batch row b (already written).
+struct AttnPrefillArgs {
+  const __nv_bfloat16* q;        // [Ttot, Hq, 64], token stride q_stride (elements)
+  const __nv_bfloat16* k_cache;  // [B, max_len, Hkv, 64]
+  const __nv_bfloat16* v_cache;
+  const float* sinks;            // [Hq] or nullptr (no sinks)
+  const int32_t* cu_seqlens;     // [B + 1]
+  const int32_t* start;          // [B]
+  __nv_bfloat16* out;            // [Ttot, Hq, 64], token stride out_stride
+  int64_t q_stride, out_stride;
+  int B, Hq, Hkv, max_len, max_q_len, window;
+  int total_q;                   // Ttot (rows of q and out)
+  float sm_scale;
+};
+cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream);
+
+// Decode: one query per sequence (q [B, Hq, 64], token stride q_stride) at position
+// seq_lens[b] - 1, over cache rows max(0, seq_lens[b] - window) .. seq_lens[b] - 1 (window 0:
+// from 0). Split-KV: the key range is cut into chunks of `chunk` keys (a multiple of 64); split s
+// of every sequence takes chunk s; a combine kernel merges the splits and adds the sink. The
+// grid depends only on B and num_splits (not on the lengths), so it replays in CUDA graphs.
+// Workspace: ws_o [B, Hq, num_splits, 64] fp32 and ws_ml [B, Hq, num_splits, 2] fp32.
+struct AttnDecodeArgs {
+  const __nv_bfloat16* q;
+  const __nv_bfloat16* k_cache;
+  const __nv_bfloat16* v_cache;
+  const float* sinks;
+  const int32_t* seq_lens;  // [B], 1 <= seq_lens[b] <= max_len (0: the output row is zero)
+  float* ws_o;
+  float* ws_ml;
+  __nv_bfloat16* out;       // [B, Hq, 64], token stride out_stride
+  int64_t q_stride, out_stride;
+  int B, Hq, Hkv, max_len, window, chunk, num_splits;
+  float sm_scale;
+};
+cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream);
+
+// The split count / chunk the host picks for a decode launch (depends on B, the heads, max_len,
+// the window and the SM count only).
+void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits);
+
+// Write T tokens' keys and values ([T, Hkv, 64], token strides k_stride / v_stride) into cache
+// rows slots[t] (flat b * max_len + pos, int64); a slot < 0 or >= rows is skipped.
+cudaError_t launch_kv_write(const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t k_stride, int64_t v_stride,
+                            const int64_t* slots, int64_t T, int Hkv, __nv_bfloat16* k_cache,
+                            __nv_bfloat16* v_cache, int64_t rows, cudaStream_t stream);
+
+}  // namespace gptoss

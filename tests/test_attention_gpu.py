@@ -1,0 +1,326 @@
+"""GPU tests of the attention kernels (varlen prefill, split-KV decode, KV-cache write) against the
+fp32 reference on fresh random inputs: lengths around the 64-key tiles and the 128 window, start
+offsets, window on/off, sinks, GQA ratios, mixed batches, NaN beyond the valid cache rows, CUDA
+graphs, and argument errors. Error is held to ~2x that of a plain bf16 PyTorch attention."""
+
+import math
+
+import pytest
+import torch
+
+from gptoss_ext import ops
+from gptoss_ext import reference as ref
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+D = 64
+
+
+def rand(shape, g, scale=1.0):
+    return (torch.randn(shape, device=DEV, generator=g) * scale).bfloat16()
+
+
+def bf16_attention(q, k, v, sinks, start, window):
+    """A plain bf16 PyTorch attention (what an eager bf16 model computes): the error yardstick."""
+    T, Hq, _ = q.shape
+    S, Hkv, _ = k.shape
+    G = Hq // Hkv
+    kk = k.repeat_interleave(G, 1).transpose(0, 1)                     # [Hq, S, D]
+    vv = v.repeat_interleave(G, 1).transpose(0, 1)
+    scores = torch.matmul(q.transpose(0, 1), kk.transpose(1, 2)) * (D ** -0.5)   # [Hq, T, S] bf16
+    qpos = start + torch.arange(T, device=DEV)[:, None]
+    kpos = torch.arange(S, device=DEV)[None, :]
+    allowed = kpos <= qpos
+    if window:
+        allowed &= qpos - kpos < window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    logits = torch.cat([scores, sinks.bfloat16().view(Hq, 1, 1).expand(Hq, T, 1)], -1)
+    probs = torch.softmax(logits, -1)[..., :-1]
+    return torch.matmul(probs, vv).transpose(0, 1)                     # [T, Hq, D] bf16
+
+
+def check_close(got, want32, yard):
+    """got (kernel, bf16) vs the fp32 reference: max error <= 2x the bf16 yardstick's (+ a floor)."""
+    assert not got.isnan().any(), "NaN in the kernel output"
+    err = (got.float() - want32).abs().max().item()
+    err_yard = (yard.float() - want32).abs().max().item()
+    floor = 2e-3 * max(want32.abs().max().item(), 1e-3)
+    assert err <= 2 * err_yard + floor, f"error {err:.3e} vs bf16 PyTorch {err_yard:.3e}"
+
+
+def make_cache(B, L, Hkv, g, poison=True):
+    """A cache [B, L, Hkv, D]; with poison, NaN everywhere (rows the kernels must never read)."""
+    if poison:
+        kc = torch.full((B, L, Hkv, D), float("nan"), dtype=torch.bfloat16, device=DEV)
+        return kc, kc.clone()
+    return rand((B, L, Hkv, D), g), rand((B, L, Hkv, D), g)
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 7, 127, 128, 129, 2 * 128 + 17, 1000, 4096])
+@pytest.mark.parametrize("start", [0, 75])
+@pytest.mark.parametrize("window", [0, 128])
+def test_prefill_matches_reference(T, start, window):
+    Hq, Hkv = 64, 8
+    g = torch.Generator(device=DEV).manual_seed(T * 31 + start + window)
+    q = rand((T, Hq, D), g, 2.0)
+    kc, vc = make_cache(1, start + T + 50, Hkv, g)
+    k, v = rand((start + T, Hkv, D), g, 2.0), rand((start + T, Hkv, D), g)
+    kc[0, :start + T], vc[0, :start + T] = k, v
+    sinks = torch.randn(Hq, device=DEV, generator=g) * 2
+    got = ops.attention_prefill(q, kc, vc, sinks, [0, T], [start], sliding_window=window)
+    want = ref.attention(q.float(), k.float(), v.float(), sinks, start=start, sliding_window=window).float()
+    check_close(got, want, bf16_attention(q, k, v, sinks, start, window))
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(8, 8), (64, 8), (12, 4), (32, 1), (64, 2)])
+def test_prefill_gqa_ratios(Hq, Hkv):
+    T, start = 300, 20
+    g = torch.Generator(device=DEV).manual_seed(Hq * 100 + Hkv)
+    q = rand((T, Hq, D), g, 2.0)
+    k, v = rand((start + T, Hkv, D), g, 2.0), rand((start + T, Hkv, D), g)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    for window in (0, 128):
+        got = ops.attention(q, k, v, sinks, start=start, sliding_window=window)
+        want = ref.attention(q.float(), k.float(), v.float(), sinks, start=start, sliding_window=window)
+        check_close(got, want, bf16_attention(q, k, v, sinks, start, window))
+
+
+def test_window_is_not_ignored():
+    """Beyond twice the window, windowed and full attention must differ, and each match its reference."""
+    T, Hq, Hkv = 600, 16, 2
+    g = torch.Generator(device=DEV).manual_seed(5)
+    q, k, v = rand((T, Hq, D), g, 2.0), rand((T, Hkv, D), g, 2.0), rand((T, Hkv, D), g)
+    sinks = torch.zeros(Hq, device=DEV)
+    win = ops.attention(q, k, v, sinks, sliding_window=128)
+    full = ops.attention(q, k, v, sinks, sliding_window=0)
+    assert torch.equal(win[:128], full[:128])                  # the first 128 queries see the same keys
+    assert (win[300:].float() - full[300:].float()).abs().mean() > 0.02
+    want = ref.attention(q.float(), k.float(), v.float(), sinks, sliding_window=128)
+    assert (win[300:].float() - want[300:]).abs().max() < (full[300:].float() - want[300:]).abs().max() / 5
+
+
+def test_sinks():
+    T, Hq, Hkv = 200, 16, 2
+    g = torch.Generator(device=DEV).manual_seed(9)
+    q, k, v = rand((T, Hq, D), g, 2.0), rand((T, Hkv, D), g, 2.0), rand((T, Hkv, D), g)
+    none = ops.attention(q, k, v, None)
+    want_none = ref.attention(q.float(), k.float(), v.float(), None)
+    check_close(none, want_none, bf16_attention(q, k, v, torch.full((Hq,), -1e4, device=DEV), 0, 0))
+    very_negative = ops.attention(q, k, v, torch.full((Hq,), -1e4, device=DEV))
+    assert torch.equal(very_negative, none)
+    large = ops.attention(q, k, v, torch.full((Hq,), 60.0, device=DEV))
+    assert not large.isnan().any() and large.float().abs().max() < 1e-6      # mass goes to the sink
+    sinks = torch.zeros(Hq, device=DEV)
+    base = ops.attention(q, k, v, sinks)
+    sinks2 = sinks.clone()
+    sinks2[3] = 2.0
+    moved = ops.attention(q, k, v, sinks2)
+    changed = (moved.float() - base.float()).abs().amax(dim=(0, 2)) > 0
+    assert changed[3] and changed.sum() == 1                                # only head 3 changes
+    assert moved[:, 3].float().abs().mean() < base[:, 3].float().abs().mean()
+
+
+def test_prefill_varlen_batch():
+    """Several sequences of different lengths and starts in one launch (one of them empty)."""
+    Hq, Hkv = 64, 8
+    g = torch.Generator(device=DEV).manual_seed(11)
+    lens, starts = [1, 129, 0, 700, 64, 300], [0, 40, 5, 1000, 2, 130]
+    L = max(s + n for s, n in zip(starts, lens)) + 10
+    kc, vc = make_cache(len(lens), L, Hkv, g)
+    ks, vs = [], []
+    for b, (s, n) in enumerate(zip(starts, lens)):
+        k, v = rand((s + n, Hkv, D), g, 2.0), rand((s + n, Hkv, D), g)
+        kc[b, :s + n], vc[b, :s + n] = k, v
+        ks.append(k)
+        vs.append(v)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    q = rand((cu[-1], Hq, D), g, 2.0)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    for window in (0, 128):
+        got = ops.attention_prefill(q, kc, vc, sinks, cu, starts, sliding_window=window)
+        for b, (s, n) in enumerate(zip(starts, lens)):
+            if n == 0:
+                continue
+            qs = q[cu[b]:cu[b + 1]]
+            want = ref.attention(qs.float(), ks[b].float(), vs[b].float(), sinks, start=s, sliding_window=window)
+            check_close(got[cu[b]:cu[b + 1]], want, bf16_attention(qs, ks[b], vs[b], sinks, s, window))
+        # the device-tensor form gives the same result
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+        st_t = torch.tensor(starts, dtype=torch.int32, device=DEV)
+        got2 = ops.attention_prefill(q, kc, vc, sinks, cu_t, st_t, sliding_window=window, max_q_len=max(lens))
+        assert torch.equal(got, got2)
+
+
+def test_prefill_chunked_equals_whole():
+    """Prefill in chunks (prompt continuation) gives what one whole prefill gives."""
+    T, Hq, Hkv = 700, 64, 8
+    g = torch.Generator(device=DEV).manual_seed(12)
+    q = rand((T, Hq, D), g, 2.0)
+    kc, vc = make_cache(1, T, Hkv, g, poison=False)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    whole = ops.attention_prefill(q, kc, vc, sinks, [0, T], [0], sliding_window=128)
+    parts = [ops.attention_prefill(q[a:b], kc, vc, sinks, [0, b - a], [a], sliding_window=128)
+             for a, b in ((0, 100), (100, 357), (357, 700))]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("L", [1, 2, 63, 64, 65, 127, 128, 129, 1000, 8192, 65536])
+@pytest.mark.parametrize("window", [0, 128])
+def test_decode_matches_reference(L, window):
+    Hq, Hkv = 64, 8
+    g = torch.Generator(device=DEV).manual_seed(L + window)
+    cap = L + 37
+    kc, vc = make_cache(1, cap, Hkv, g)
+    k, v = rand((L, Hkv, D), g, 2.0), rand((L, Hkv, D), g)
+    kc[0, :L], vc[0, :L] = k, v
+    q = rand((1, Hq, D), g, 2.0)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    got = ops.attention_decode(q, kc, vc, sinks, torch.tensor([L], dtype=torch.int32, device=DEV),
+                               sliding_window=window)
+    want = ref.attention(q.float(), k.float(), v.float(), sinks, start=L - 1, sliding_window=window)
+    check_close(got, want, bf16_attention(q, k, v, sinks, L - 1, window))
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(64, 8), (8, 8), (40, 2), (64, 1)])
+def test_decode_batch_mixed_lengths(Hq, Hkv):
+    g = torch.Generator(device=DEV).manual_seed(Hq + Hkv)
+    lens = [1, 300, 4096, 77, 129, 2000, 64]
+    B, cap = len(lens), 4096 + 64
+    kc, vc = make_cache(B, cap, Hkv, g)
+    for b, n in enumerate(lens):
+        kc[b, :n], vc[b, :n] = rand((n, Hkv, D), g, 2.0), rand((n, Hkv, D), g)
+    q = rand((B, Hq, D), g, 2.0)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    for window in (0, 128):
+        got = ops.attention_decode(q, kc, vc, sinks, lens, sliding_window=window)
+        for b, n in enumerate(lens):
+            k, v = kc[b, :n], vc[b, :n]
+            want = ref.attention(q[b:b + 1].float(), k.float(), v.float(), sinks, start=n - 1, sliding_window=window)
+            check_close(got[b:b + 1], want, bf16_attention(q[b:b + 1], k, v, sinks, n - 1, window))
+
+
+def test_decode_equals_prefill_last_row():
+    T, Hq, Hkv = 513, 64, 8
+    g = torch.Generator(device=DEV).manual_seed(21)
+    kc, vc = make_cache(1, 1024, Hkv, g, poison=False)
+    q = rand((T, Hq, D), g, 2.0)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    for window in (0, 128):
+        pre = ops.attention_prefill(q, kc, vc, sinks, [0, T], [0], sliding_window=window)
+        dec = ops.attention_decode(q[-1:], kc, vc, sinks, [T], sliding_window=window)
+        assert (pre[-1:].float() - dec.float()).abs().max() < 2e-2
+
+
+# ---- KV-cache write -----------------------------------------------------------------------------
+
+def test_kv_write():
+    g = torch.Generator(device=DEV).manual_seed(3)
+    B, L, Hkv, T = 3, 50, 8, 20
+    qkv = rand((T, (64 + 2 * Hkv) * D), g)
+    k = qkv[:, 64 * D:(64 + Hkv) * D].view(T, Hkv, D)          # strided views of a fused qkv buffer
+    v = qkv[:, (64 + Hkv) * D:].view(T, Hkv, D)
+    kc, vc = make_cache(B, L, Hkv, g, poison=False)
+    kc2, vc2 = kc.clone(), vc.clone()
+    slots = torch.randperm(B * L, device=DEV, generator=g)[:T]
+    slots[5] = -1                                               # skipped
+    ops.kv_write(k, v, kc, vc, slots)
+    keep = slots >= 0
+    ref.kv_write(k[keep], v[keep], kc2, vc2, slots[keep])
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+# ---- CUDA graphs --------------------------------------------------------------------------------
+
+def test_decode_cuda_graph_replay():
+    """A captured decode step replays with new lengths and queries written into its static inputs."""
+    Hq, Hkv, B, cap = 64, 8, 4, 2048
+    g = torch.Generator(device=DEV).manual_seed(4)
+    kc, vc = make_cache(B, cap, Hkv, g, poison=False)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    q = rand((B, Hq, D), g)
+    lens = torch.tensor([5, 100, 2000, 1], dtype=torch.int32, device=DEV)
+    outs = {}
+    for window in (0, 128):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.attention_decode(q, kc, vc, sinks, lens, sliding_window=window)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs[window] = ops.attention_decode(q, kc, vc, sinks, lens, sliding_window=window)
+        for new_lens in ([5, 100, 2000, 1], [2048, 1, 129, 700]):
+            lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+            q.copy_(rand((B, Hq, D), g))
+            graph.replay()
+            eager = ops.attention_decode(q, kc, vc, sinks, lens, sliding_window=window)
+            assert torch.equal(outs[window], eager)
+
+
+def test_prefill_cuda_graph_replay():
+    Hq, Hkv, T = 64, 8, 300
+    g = torch.Generator(device=DEV).manual_seed(8)
+    kc, vc = make_cache(2, 512, Hkv, g, poison=False)
+    q = rand((T, Hq, D), g)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    cu = torch.tensor([0, 100, T], dtype=torch.int32, device=DEV)
+    st = torch.tensor([0, 50], dtype=torch.int32, device=DEV)
+    eager = ops.attention_prefill(q, kc, vc, sinks, cu, st, max_q_len=200)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.attention_prefill(q, kc, vc, sinks, cu, st, max_q_len=200)
+    graph.replay()
+    assert torch.equal(out, eager)
+
+
+def test_opcheck():
+    g = torch.Generator(device=DEV).manual_seed(2)
+    q = rand((10, 8, D), g)
+    kc, vc = make_cache(1, 16, 2, g, poison=False)
+    cu = torch.tensor([0, 10], dtype=torch.int32, device=DEV)
+    st = torch.tensor([3], dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+    torch.library.opcheck(torch.ops.gptoss_ext.attn_prefill, (q, kc, vc, None, cu, st, 10, 0, 0.125, out))
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+def test_argument_errors():
+    g = torch.Generator(device=DEV).manual_seed(1)
+    q = rand((10, 8, D), g)
+    kc, vc = make_cache(2, 32, 2, g, poison=False)
+    cu = torch.tensor([0, 10], dtype=torch.int32, device=DEV)
+    st = torch.tensor([0], dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+    op = torch.ops.gptoss_ext.attn_prefill
+    with pytest.raises(RuntimeError, match="head_dim 64"):
+        op(rand((10, 8, 128), g), kc, vc, None, cu, st, 10, 0, 0.125, out)
+    with pytest.raises(RuntimeError, match="multiple of the cache's key/value heads"):
+        op(rand((10, 7, D), g), kc, vc, None, cu, st, 10, 0, 0.125, torch.empty(10, 7, D, dtype=torch.bfloat16, device=DEV))
+    with pytest.raises(RuntimeError, match="'sinks' must have dtype Float"):
+        op(q, kc, vc, torch.zeros(8, device=DEV, dtype=torch.bfloat16), cu, st, 10, 0, 0.125, out)
+    with pytest.raises(RuntimeError, match="'cu_seqlens' dim 0 must be 2"):
+        op(q, kc, vc, None, cu[:1], st, 10, 0, 0.125, out)
+    with pytest.raises(RuntimeError, match="'k_cache' must have dtype BFloat16"):
+        op(q, kc.float(), vc, None, cu, st, 10, 0, 0.125, out)
+    with pytest.raises(ValueError, match="do not fit the cache"):
+        ops.attention_prefill(q, kc, vc, None, [0, 10], [30])
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        ops.attention_prefill(q, kc, vc, None, [0, 4], [0])
+    with pytest.raises(ValueError, match="seq_lens must be in"):
+        ops.attention_decode(q[:2], kc, vc, None, [0, 5])
+    with pytest.raises(ValueError, match="sliding_window must be >= 0"):
+        ops.attention_decode(q[:2], kc, vc, None, [1, 5], sliding_window=-1)
+    ws = torch.empty(2, 8, 1, D, device=DEV)
+    ml = torch.empty(2, 8, 1, 2, device=DEV)
+    with pytest.raises(RuntimeError, match="chunk must be a positive multiple of 64"):
+        torch.ops.gptoss_ext.attn_decode(q[:2], kc, vc, None, torch.ones(2, dtype=torch.int32, device=DEV), 0,
+                                         0.125, 32, ws, ml, torch.empty_like(q[:2]))
+    with pytest.raises(RuntimeError, match="'slots' must have dtype Long"):
+        torch.ops.gptoss_ext.kv_write(q[:, :2], q[:, :2], torch.zeros(10, dtype=torch.int32, device=DEV), kc, vc)
