@@ -12,7 +12,7 @@
 //
 // Decode: a one-warp CTA takes the (up to 16) query heads of a GQA group of one sequence (so each
 // K/V tile is read once for the whole group: rows of the mma are heads) and one chunk of the key
-// range, streamed through a 3-stage cp.async pipeline. The partial (unnormalised output, max,
+// range, streamed through a 2-stage cp.async pipeline (32 KB of shared memory: 7 CTAs an SM). The partial (unnormalised output, max,
 // sum) goes to a workspace; the combine kernel merges the chunks and adds the sink.
 //
 // Rows of K/V past the valid range are zero-filled (never read from memory), so a cache holding
@@ -30,7 +30,7 @@ namespace {
 constexpr int D = kAttnHeadDim;  // 64 = 8 chunks of 16 bytes a row
 constexpr int BN = 64;           // keys a tile
 constexpr int kTileBytes = BN * D * 2;
-constexpr int kDecStages = 3;
+constexpr int kDecStages = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -INFINITY;
 
@@ -64,6 +64,13 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x on the SFU (flush-to-zero: results below 2^-126 are 0, which softmax weights can be).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -108,11 +115,11 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][8][4], const uint32_t (&q
   }
 }
 
-// Online softmax on a scaled, masked S tile (values already in the log2 domain, masked = -inf);
-// S becomes P, O is rescaled.
+// Online softmax on a raw S tile (masked entries -inf); sl2 = sm_scale * log2(e), the running
+// max m is kept in the scaled log2 domain. S becomes P, O is rescaled, l accumulates per thread.
 template <int MT>
 __device__ __forceinline__ void softmax_tile(float (&s)[MT][8][4], float (&o)[MT][8][4], float (&m)[MT][2],
-                                             float (&l)[MT][2]) {
+                                             float (&l)[MT][2], float sl2) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -122,23 +129,25 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][8][4], float (&o)[MT
       for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mnew = fmaxf(m[mt][hr], mx);
+      const float mnew = fmaxf(m[mt][hr], mx * sl2);
       const float mu = mnew == kNegInf ? 0.f : mnew;  // a row with nothing visible yet: no NaN
-      const float alpha = exp2f(m[mt][hr] - mu);
+      const float alpha = ex2(m[mt][hr] - mu);
       m[mt][hr] = mnew;
       float rs = 0.f;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const float p0 = exp2f(s[mt][j][2 * hr] - mu), p1 = exp2f(s[mt][j][2 * hr + 1] - mu);
+        const float p0 = ex2(fmaf(s[mt][j][2 * hr], sl2, -mu)), p1 = ex2(fmaf(s[mt][j][2 * hr + 1], sl2, -mu));
         s[mt][j][2 * hr] = p0;
         s[mt][j][2 * hr + 1] = p1;
         rs += p0 + p1;
       }
       l[mt][hr] = l[mt][hr] * alpha + rs;
+      if (alpha != 1.f) {
 #pragma unroll
-      for (int d = 0; d < 8; ++d) {
-        o[mt][d][2 * hr] *= alpha;
-        o[mt][d][2 * hr + 1] *= alpha;
+        for (int d = 0; d < 8; ++d) {
+          o[mt][d][2 * hr] *= alpha;
+          o[mt][d][2 * hr + 1] *= alpha;
+        }
       }
     }
 }
@@ -236,22 +245,19 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
     float s[MT][8][4];
     qk_tile<MT>(s, qf, sK + buf * kTileBytes, lane);
     const int k0 = t * BN;
-    const bool need_mask = (k0 + BN - 1 > pos0) || (a.window > 0 && k0 <= pos_last - a.window);
+    if ((k0 + BN - 1 > pos0) || (a.window > 0 && k0 <= pos_last - a.window)) {  // the tile cuts the band
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float v = s[mt][j][e] * sl2;
-          if (need_mask) {
+          for (int e = 0; e < 4; ++e) {
             const int pos = pos0 + wrow + mt * 16 + (lane >> 2) + ((e >> 1) << 3);
             const int key = k0 + j * 8 + ((lane & 3) << 1) + (e & 1);
-            if (key > pos || (a.window > 0 && pos - key >= a.window)) v = kNegInf;
+            if (key > pos || (a.window > 0 && pos - key >= a.window)) s[mt][j][e] = kNegInf;
           }
-          s[mt][j][e] = v;
-        }
-    softmax_tile<MT>(s, o, m, l);
+    }
+    softmax_tile<MT>(s, o, m, l, sl2);
     pv_tile<MT>(o, s, sV + buf * kTileBytes, lane);
     __syncthreads();
   }
@@ -266,7 +272,7 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
       L += __shfl_xor_sync(0xffffffffu, L, 1);
       L += __shfl_xor_sync(0xffffffffu, L, 2);
       const float mu = m[mt][hr] == kNegInf ? 0.f : m[mt][hr];
-      if (a.sinks) L += exp2f(sink - mu);
+      if (a.sinks) L += ex2(sink - mu);
       const float inv = L > 0.f ? 1.f / L : 0.f;
       const int r = wrow + mt * 16 + (lane >> 2) + hr * 8;
       if (r < rows) {
@@ -353,16 +359,14 @@ __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a)
     float s[1][8][4];
     qk_tile<1>(s, qf, sK + st * kTileBytes, lane);
     const int k0 = kbeg + t * BN;
-    const bool need_mask = k0 + BN > kend;
+    if (k0 + BN > kend) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = s[0][j][e] * sl2;
-        if (need_mask && k0 + j * 8 + ((lane & 3) << 1) + (e & 1) >= kend) v = kNegInf;
-        s[0][j][e] = v;
-      }
-    softmax_tile<1>(s, o, m, l);
+        for (int e = 0; e < 4; ++e)
+          if (k0 + j * 8 + ((lane & 3) << 1) + (e & 1) >= kend) s[0][j][e] = kNegInf;
+    }
+    softmax_tile<1>(s, o, m, l, sl2);
     pv_tile<1>(o, s, sV + st * kTileBytes, lane);
     __syncwarp();
   }
@@ -386,29 +390,54 @@ __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a)
   }
 }
 
-// One CTA of 64 threads (one a dimension) per (sequence, head): merge the splits, add the sink.
-__global__ void __launch_bounds__(64) attn_decode_combine_kernel(const AttnDecodeArgs a) {
-  const int bh = blockIdx.x, d = threadIdx.x;
+// One CTA of 128 threads per (sequence, head): the splits' (max, sum) pairs are read in parallel
+// into shared memory, reduced to the global max and the weights; then two halves of the CTA sum
+// the weighted partial outputs of alternate splits (independent loads, unrolled), sink added.
+constexpr int kCombineThreads = 128;
+
+__global__ void __launch_bounds__(kCombineThreads) attn_decode_combine_kernel(const AttnDecodeArgs a) {
+  extern __shared__ float wsm[];  // [S] weights, then 32 for reductions, then 64 for the halves
+  const int bh = blockIdx.x, tid = threadIdx.x;
   const int b = bh / a.Hq, h = bh % a.Hq, S = a.num_splits;
+  float* red = wsm + S;
   const float* ml = a.ws_ml + (int64_t)bh * S * 2;
   const float sink = a.sinks ? a.sinks[h] * kLog2e : kNegInf;
-  float M = sink;
-  for (int s = 0; s < S; ++s)
-    if (ml[2 * s + 1] > 0.f) M = fmaxf(M, ml[2 * s]);
-  float acc = 0.f, L = 0.f;
-  if (M != kNegInf) {
-    if (a.sinks) L = exp2f(sink - M);
-    const float* wo = a.ws_o + (int64_t)bh * S * D + d;
-    for (int s = 0; s < S; ++s) {
-      const float ls = ml[2 * s + 1];
-      if (ls > 0.f) {
-        const float w = exp2f(ml[2 * s] - M);
-        L += ls * w;
-        acc += w * wo[(int64_t)s * D];
-      }
-    }
+  float mx = kNegInf;
+  for (int s = tid; s < S; s += kCombineThreads) {
+    const float2 v = *reinterpret_cast<const float2*>(ml + 2 * s);
+    if (v.y > 0.f) mx = fmaxf(mx, v.x);
   }
-  a.out[(int64_t)b * a.out_stride + (int64_t)h * D + d] = __float2bfloat16(L > 0.f ? acc / L : 0.f);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((tid & 31) == 0) red[tid >> 5] = mx;
+  __syncthreads();
+  float M = sink;
+  for (int w = 0; w < kCombineThreads / 32; ++w) M = fmaxf(M, red[w]);
+  __syncthreads();
+  float part = 0.f;
+  for (int s = tid; s < S; s += kCombineThreads) {
+    const float2 v = *reinterpret_cast<const float2*>(ml + 2 * s);
+    const float w = (v.y > 0.f && M != kNegInf) ? ex2(v.x - M) : 0.f;
+    wsm[s] = w;
+    part += w * v.y;
+  }
+  const float L = block_sum(part, red) + ((a.sinks && M != kNegInf) ? ex2(sink - M) : 0.f);
+  // block_sum synchronised the weights too
+  const int d = tid & (D - 1), half = tid / D;
+  const float* wo = a.ws_o + (int64_t)bh * S * D + d;
+  float acc = 0.f;
+#pragma unroll 4
+  for (int s = half; s < S; s += 2) {
+    const float w = wsm[s];
+    if (w != 0.f) acc += w * wo[(int64_t)s * D];
+  }
+  float* halves = red + 32;
+  if (half == 1) halves[d] = acc;
+  __syncthreads();
+  if (half == 0) {
+    acc += halves[d];
+    a.out[(int64_t)b * a.out_stride + (int64_t)h * D + d] = __float2bfloat16(L > 0.f ? acc / L : 0.f);
+  }
 }
 
 // ---- KV-cache write -----------------------------------------------------------------------------
@@ -437,10 +466,8 @@ cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
 int prefill_block_rows(int window) {
   // GPTOSS_ATTN_BLOCK_M=64|128 overrides (for tuning); by default 64-row blocks for narrow windows
   // (a 128-row block would visit twice the keys it needs), 128 rows otherwise (K/V reuse).
-  static const int forced = [] {
-    const char* e = std::getenv("GPTOSS_ATTN_BLOCK_M");
-    return e ? std::atoi(e) : 0;
-  }();
+  const char* e = std::getenv("GPTOSS_ATTN_BLOCK_M");
+  const int forced = e ? std::atoi(e) : 0;
   if (forced == 64 || forced == 128) return forced;
   return (window > 0 && window <= 256) ? 64 : 128;
 }
@@ -455,7 +482,7 @@ cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream) {
 void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits) {
   const int G = Hq / Hkv, hchunks = (G + 15) / 16;
   const int range = std::max(1, window > 0 ? std::min(window, max_len) : max_len);
-  const int64_t ctas_wanted = (int64_t)std::max(num_sms, 1) * 8;
+  const int64_t ctas_wanted = (int64_t)std::max(num_sms, 1) * 14;  // two waves of 7 one-warp CTAs an SM
   const int64_t per_split = (int64_t)B * Hkv * hchunks;
   int64_t c = ((int64_t)range * per_split + ctas_wanted - 1) / ctas_wanted;
   c = std::max<int64_t>(BN, (c + BN - 1) / BN * BN);
@@ -470,7 +497,9 @@ cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream) {
   attn_decode_kernel<<<grid, 32, 2 * kDecStages * kTileBytes, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  attn_decode_combine_kernel<<<a.B * a.Hq, D, 0, stream>>>(a);
+  const size_t smem = (a.num_splits + 32 + D) * sizeof(float);
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // > 12k splits: never planned
+  attn_decode_combine_kernel<<<a.B * a.Hq, kCombineThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 
