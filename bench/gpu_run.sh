@@ -2,7 +2,7 @@
 # The one GPU command: build the extension, run the C++ kernel tests, the whole pytest suite (GPU
 # tests first) and the benchmarks. Results go into OUT_DIR: bench.json, bench.md, bench.png, and
 # logs.tar.gz (build with ptxas registers/spills, kernel tests, pytest, benchmark logs, junit xml).
-# Prints a short summary last. Usage (repository root, on a machine with a CUDA GPU):
+# Then the end-to-end benchmark (e2e_<preset>.json/.md). Prints a short summary last. Usage (repository root, on a machine with a CUDA GPU):
 #
 #     bench/gpu_run.sh OUT_DIR [bench names...]
 #
@@ -54,4 +54,12 @@ tail -1 "$LOGS/tests_cpu.log"
 
 stamp "benchmarks"
 $PY bench/run_all.py --out "$OUT" ${1:+--only "$@"} > "$LOGS/bench.log" 2>&1 || status=1
+
+# End-to-end (python -m gptoss_ext bench) for the presets in $E2E (default both; E2E=none skips).
+for preset in ${E2E:-gpt-oss-20b gpt-oss-120b}; do
+  [ "$preset" = none ] && continue
+  stamp "e2e $preset"
+  $PY -m gptoss_ext bench --preset "$preset" --json "$OUT/e2e_$preset.json" > "$OUT/e2e_$preset.md" 2> "$LOGS/e2e_$preset.log" || status=1
+  cat "$OUT/e2e_$preset.md"; tail -3 "$LOGS/e2e_$preset.log"
+done
 finish

@@ -149,6 +149,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import benchmark
+
+    res = benchmark.run(preset=None if args.model else args.preset, model_dir=args.model, peers=not args.no_peers,
+                        new_tokens=args.new_tokens)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    print(benchmark.format_table(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptoss_ext", description="gpt-oss inference with CUDA kernels")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -178,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch", type=int, default=1)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
+
+    b = sub.add_parser("bench", help="end-to-end speed on the GPU: prefill, decode (B=1 at 2k/8k, B=32), "
+                                     "memory, the bandwidth floor, transformers as a peer")
+    b.add_argument("--preset", default="gpt-oss-20b", help="model shapes (random weights drawn on the GPU)")
+    b.add_argument("--model", help="benchmark this checkpoint folder instead")
+    b.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per measurement")
+    b.add_argument("--no-peers", action="store_true", help="skip the transformers peer")
+    b.add_argument("--json", help="also write the results as JSON here")
+    b.set_defaults(fn=cmd_bench)
 
     try:
         from . import cli_chat

@@ -57,42 +57,183 @@ def _check_prompt(prompt, vocab: int) -> list[int]:
     return tokens
 
 
+def _is_batch(prompt_tokens) -> bool:
+    """A list of prompts (each a sequence of ids) rather than one prompt."""
+    if isinstance(prompt_tokens, torch.Tensor):
+        return False
+    try:
+        first = prompt_tokens[0]
+    except (TypeError, IndexError, KeyError):
+        return False
+    return isinstance(first, (list, tuple, torch.Tensor))
+
+
 def generate(model, prompt_tokens, max_new_tokens: int = 256, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             stop_tokens: Iterable[int] | None = None, stream: bool = False):
-    """Continue `prompt_tokens` (a sequence of ids).
+             stop_tokens: Iterable[int] | None = None, stream: bool = False, use_graph: bool | None = None):
+    """Continue `prompt_tokens`: one prompt (a sequence of ids) or a list of prompts.
 
-    Greedy at temperature 0. Stops after max_new_tokens, at the context length, or after a token
-    in stop_tokens (which is included as the last token). Returns the list of new tokens, or with
-    stream=True an iterator that yields each token as soon as it is sampled."""
+    Greedy at temperature 0. Each prompt stops after max_new_tokens, at the context length, or
+    after a token in stop_tokens (which is included as its last token). One prompt: returns the
+    list of new tokens, or with stream=True an iterator yielding each token as soon as it is
+    sampled. Several prompts (batch generation: one padding-free prefill, then batched decode):
+    returns a list of token lists, or with stream=True an iterator of (prompt index, token).
+    Decode runs from a CUDA graph on CUDA with the kernels built (use_graph=False: eager)."""
     config = model.config
-    tokens = _check_prompt(prompt_tokens, config.vocab_size)
+    batch = _is_batch(prompt_tokens)
+    prompts = [_check_prompt(p, config.vocab_size) for p in (prompt_tokens if batch else [prompt_tokens])]
+    if not prompts:
+        raise ValueError("no prompts given")
     check_sampling(temperature, top_p, top_k)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if len(tokens) >= config.context_length:
-        raise ValueError(f"the prompt has {len(tokens)} tokens; the context holds {config.context_length} "
-                         "(and at least one must be left to generate)")
+    for i, tokens in enumerate(prompts):
+        if len(tokens) >= config.context_length:
+            raise ValueError(f"{'prompt ' + str(i) if batch else 'the prompt'} has {len(tokens)} tokens; the context "
+                             f"holds {config.context_length} (and at least one must be left to generate)")
     stops = set(int(t) for t in (stop_tokens or ()))
-    it = _generate(model, tokens, max_new_tokens, temperature, top_p, top_k, seed, stops)
-    return it if stream else list(it)
+    it = _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stops, use_graph)
+    if batch:
+        if stream:
+            return it
+        out = [[] for _ in prompts]
+        for i, tok in it:
+            out[i].append(tok)
+        return out
+    single = (tok for _, tok in it)
+    return single if stream else list(single)
 
 
-def _generate(model, tokens, max_new_tokens, temperature, top_p, top_k, seed, stops) -> Iterator[int]:
+class DecodeRunner:
+    """Batched decode with static buffers over its own KV cache (batch rows x max_len).
+
+    A step reads the tokens in `tokens`, advances the lengths of the active rows, writes their
+    keys/values, and returns float32 logits [batch, V], all on the device. With use_graph the step
+    is captured once in a CUDA graph and replayed (no per-token launches from Python)."""
+
+    def __init__(self, model, batch: int, max_len: int, use_graph: bool):
+        dev = model.device
+        self.model = model
+        self.batch, self.max_len = batch, max_len
+        self.cache = model.new_cache(max_len, batch)
+        self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.active = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(batch, dtype=torch.int32, device=dev)
+        self.row0 = torch.arange(batch, device=dev) * max_len
+        self.use_graph = use_graph
+        self.graph = None
+        self.logits = None
+
+    def _step(self) -> torch.Tensor:
+        self.seq_lens += self.active
+        pos = (self.seq_lens - 1).long()
+        slots = torch.where(self.active > 0, self.row0 + pos, torch.full_like(pos, -1))
+        return self.model.decode(self.tokens, self.cache, self.seq_lens, slots)
+
+    def begin(self, lengths: list[int]) -> None:
+        """Rows 0 .. len(lengths)-1 hold prefilled sequences of these lengths; the rest idle."""
+        n = len(lengths)
+        lens = torch.ones(self.batch, dtype=torch.int32)
+        lens[:n] = torch.tensor(lengths, dtype=torch.int32).clamp_min(1)
+        act = torch.zeros(self.batch, dtype=torch.int32)
+        act[:n] = 1
+        self.seq_lens.copy_(lens)
+        self.active.copy_(act)
+
+    def deactivate(self, rows: list[int]) -> None:
+        self.active[torch.tensor(rows, device=self.active.device)] = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens[:tokens.numel()].copy_(tokens)
+        if not self.use_graph:
+            return self._step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        saved = self.active.clone()
+        self.active.zero_()                      # warm-up and capture change nothing: no row active
+        side = torch.cuda.Stream(self.tokens.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step()
+        self.active.copy_(saved)
+        self.graph = graph
+
+
+def decode_runner(model, batch: int, max_len: int, use_graph: bool | None = None) -> DecodeRunner:
+    """The model's decode runner for `batch` rows (rounded up to a power of two) and at least
+    `max_len` positions (rounded up to 1024, capped at the context length). One is kept on the model
+    and reused while it fits; a different shape replaces it (its cache and graph are freed)."""
+    from . import ops
+
+    cuda = model.device.type == "cuda"
+    if use_graph is None:
+        use_graph = cuda and ops.kernels_available() and model.dtype == torch.bfloat16
+    if use_graph and not cuda:
+        raise ValueError("CUDA-graph decode needs the model on a CUDA device")
+    rows = 1 << max(0, (batch - 1).bit_length())
+    limit = model.config.context_length + 1
+    r = getattr(model, "_decode_runner", None)
+    if r is not None and r.batch == rows and r.max_len >= max_len and r.use_graph == use_graph:
+        r.cache.reset()
+        return r
+    model._decode_runner = None
+    del r
+    if cuda:
+        torch.cuda.empty_cache()
+    length = min(limit, -(-max_len // 1024) * 1024)
+    r = DecodeRunner(model, rows, max(length, max_len), use_graph)
+    model._decode_runner = r
+    return r
+
+
+def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stops, use_graph) -> Iterator:
     if max_new_tokens == 0:
         return
     config = model.config
     device = model.device
-    max_len = min(config.context_length, len(tokens) + max_new_tokens)
-    cache = model.new_cache(max_len)
+    B = len(prompts)
+    limits = [min(max_new_tokens, config.context_length - len(p)) for p in prompts]
+    # +1: a step is launched before the previous tokens are read, so a row may write one more.
+    runner = decode_runner(model, B, max(len(p) + n for p, n in zip(prompts, limits)) + 1, use_graph)
+    cache = runner.cache
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else secrets.randbits(63))
-    logits = model(torch.tensor(tokens, device=device), cache=cache, last_only=True)
-    n = max_len - len(tokens)
-    for i in range(n):
-        nxt = sample(logits, temperature, top_k, top_p, gen)            # [1]
-        token = int(nxt.item())
-        yield token
-        if token in stops or i == n - 1:
+    logits = model.prefill([torch.tensor(p) for p in prompts], cache)           # [B, V]
+    runner.begin(cache.lengths[:B])
+    cuda = device.type == "cuda"
+    host = torch.empty(B, dtype=torch.int64, pin_memory=cuda)
+    ready = torch.cuda.Event() if cuda else None
+    produced, active = [0] * B, [True] * B
+    nxt = sample(logits[:B], temperature, top_k, top_p, gen)                     # [B]
+    while True:
+        host.copy_(nxt, non_blocking=cuda)
+        if cuda:
+            ready.record()
+        if any(a and p + 1 < n for a, p, n in zip(active, produced, limits)):
+            logits = runner.step(nxt)          # queued behind the copy: the GPU runs on while we read
+        if cuda:
+            ready.synchronize()
+        toks = host.tolist()
+        finished = []
+        for b in range(B):
+            if not active[b]:
+                continue
+            yield b, toks[b]
+            produced[b] += 1
+            if toks[b] in stops or produced[b] >= limits[b]:
+                active[b] = False
+                finished.append(b)
+        if not any(active):
             return
-        logits = model(nxt, cache=cache)
+        if finished:
+            runner.deactivate(finished)
+        nxt = sample(logits[:B], temperature, top_k, top_p, gen)

@@ -85,20 +85,29 @@ class Attention(nn.Module):
         self.norm = RMSNorm(c.hidden_size, device, dtype)
         self.qkv = Linear(c.hidden_size, c.qkv_dim, True, device, dtype)
         self.sinks = nn.Parameter(torch.empty(c.num_attention_heads, device=device, dtype=dtype), requires_grad=False)
+        self.sinks32 = None                 # float32 copy for the kernels (prepare_kernels)
         self.out = Linear(c.q_dim, c.hidden_size, True, device, dtype)
 
-    def forward(self, t: torch.Tensor, positions: torch.Tensor, start: int, cache: "KVCache | None") -> torch.Tensor:
-        """t: normed activations [T, H] at positions start .. start+T-1. Returns the block's output [T, H]."""
+    def forward(self, t: torch.Tensor, step: "Step") -> torch.Tensor:
+        """t: normed activations [T, H] of the step's tokens. Returns the block's output [T, H]."""
         T = t.shape[0]
         qkv = self.qkv(t)                                                   # [T, 5120]
         q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv) * self.head_dim
-        q = qkv[:, :q_end].reshape(T, self.n_heads, self.head_dim)          # [T, Hq, D]
-        k = qkv[:, q_end:k_end].reshape(T, self.n_kv, self.head_dim)        # [T, Hkv, D]
-        v = qkv[:, k_end:].reshape(T, self.n_kv, self.head_dim)             # [T, Hkv, D]
-        q, k = ops.rope(q, k, positions, **self.rope_kwargs)
-        if cache is not None:
-            k, v = cache.append(self.layer, start, k, v)                    # [start+T, Hkv, D]
-        o = ops.attention(q, k, v, self.sinks, start=start, sliding_window=self.window)
+        q = qkv[:, :q_end].view(T, self.n_heads, self.head_dim)             # [T, Hq, D]
+        k = qkv[:, q_end:k_end].view(T, self.n_kv, self.head_dim)           # [T, Hkv, D]
+        v = qkv[:, k_end:].view(T, self.n_kv, self.head_dim)                # [T, Hkv, D]
+        q, k = ops.rope(q, k, step.positions, **self.rope_kwargs)
+        sinks = self.sinks32 if self.sinks32 is not None else self.sinks
+        if step.cache is None:                                              # one sequence from position 0
+            o = ops.attention(q, k, v, sinks, sliding_window=self.window)
+        else:
+            kc, vc = step.cache.k[self.layer], step.cache.v[self.layer]      # [B, max_len, Hkv, D]
+            ops.kv_write(k, v, kc, vc, step.slots)
+            if step.seq_lens is not None:                                   # decode: one token a sequence
+                o = ops.attention_decode(q, kc, vc, sinks, step.seq_lens, sliding_window=self.window)
+            else:                                                           # varlen prefill
+                o = ops.attention_prefill(q, kc, vc, sinks, step.cu_seqlens, step.starts,
+                                          sliding_window=self.window, max_q_len=step.max_q_len)
         return self.out(o.reshape(T, -1))
 
 
@@ -134,33 +143,57 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """bf16 (or the model's dtype) keys and values for one sequence.
+    """Keys and values of `batch` sequences, bf16 (or the model's dtype).
 
-    k[layer], v[layer]: [max_len, Hkv, D]; positions 0 .. length-1 are filled. Sliding-window
-    layers keep every position here (the reference path slices what it needs)."""
+    k, v: [layers, batch, max_len, Hkv, D]; sequence b owns batch row b and its position p is row p
+    (the attention kernels' layout, see csrc/kernels/attention.h; a write goes through flat slots
+    b * max_len + p, so a paged layout only changes how slots are computed). lengths[b]: positions
+    filled. Sliding-window layers keep every position too."""
 
-    def __init__(self, config: ModelConfig, max_len: int, device=None, dtype=torch.bfloat16):
+    def __init__(self, config: ModelConfig, max_len: int, device=None, dtype=torch.bfloat16, batch: int = 1):
         if max_len <= 0:
             raise ValueError(f"KV cache length must be positive, got {max_len}")
-        shape = (config.num_hidden_layers, max_len, config.num_key_value_heads, config.head_dim)
+        if batch <= 0:
+            raise ValueError(f"KV cache batch must be positive, got {batch}")
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.length = 0
+        self.batch = batch
+        self.lengths = [0] * batch
 
-    def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[0]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, start:end] = k
-        self.v[layer, start:end] = v
-        return self.k[layer, :end], self.v[layer, :end]
+    @property
+    def length(self) -> int:
+        """Filled positions of sequence 0 (the one-sequence API)."""
+        return self.lengths[0]
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self.lengths[0] = n
 
     def reset(self) -> None:
-        self.length = 0
+        self.lengths = [0] * self.batch
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    @staticmethod
+    def bytes_for(config: ModelConfig, max_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+        return 2 * config.num_hidden_layers * batch * max_len * config.kv_dim * torch.finfo(dtype).bits // 8
+
+
+class Step:
+    """What the attention layers need to know about one forward step (built by GptOss)."""
+
+    def __init__(self, positions, cache=None, slots=None, cu_seqlens=None, starts=None, max_q_len=None,
+                 seq_lens=None):
+        self.positions = positions      # [T] int64, device
+        self.cache = cache              # KVCache or None (no cache: one sequence from position 0)
+        self.slots = slots              # [T] int64, device: cache rows written (-1: none)
+        self.cu_seqlens = cu_seqlens    # prefill: [B+1] int32, device
+        self.starts = starts            # prefill: [B] int32, device
+        self.max_q_len = max_q_len      # prefill: longest piece
+        self.seq_lens = seq_lens        # decode: [B] int32, device (lengths including the new token)
 
 
 class GptOss(nn.Module):
@@ -185,40 +218,121 @@ class GptOss(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embedding.weight.dtype
 
-    def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(self.config, max_len, self.device, self.dtype)
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        return KVCache(self.config, max_len, self.device, self.dtype, batch=batch)
 
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens [T] int64. Without a cache: the whole sequence from position 0. With a cache: the
-        tokens continue it at position cache.length, and the cache advances by T.
-        Returns logits [T, V] (or [1, V] with last_only) in float32."""
+    def _run(self, tokens: torch.Tensor, step: Step, select=None) -> torch.Tensor:
+        """Embedding -> blocks -> norm -> unembedding of the rows `select` (None: all). float32 logits."""
         c = self.config
-        if tokens.dim() != 1 or tokens.numel() == 0:
-            raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be int64 or int32, got {tokens.dtype}")
-        tokens = tokens.to(self.device)
-        T = tokens.shape[0]
-        start = cache.length if cache is not None else 0
-        if start + T > c.context_length:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {c.context_length}")
-        positions = torch.arange(start, start + T, device=self.device)
-
         x = self.embedding(tokens)                                           # [T, H] residual stream
         delta = None
         for blk in self.block:
             t, x = ops.add_rms_norm(delta, x, blk.attn.norm.scale, c.rms_norm_eps)
-            delta = blk.attn(t, positions, start, cache)
+            delta = blk.attn(t, step)
             t, x = ops.add_rms_norm(delta, x, blk.mlp.norm.scale, c.rms_norm_eps)
             delta = blk.mlp(t)
         t, x = ops.add_rms_norm(delta, x, self.norm.scale, c.rms_norm_eps)
-        if last_only:
-            t = t[-1:]
-        logits = self.unembedding(t).float()                                 # [T, V]
-        if cache is not None:
-            cache.length = start + T
-        return logits
+        if select is not None:
+            t = t[select]
+        return self.unembedding(t).float()
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.as_tensor(list(tokens), dtype=torch.int64)
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be a 1-D tensor, got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be int64 or int32, got {tokens.dtype}")
+        return tokens
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [T] int64. Without a cache: the whole sequence from position 0. With a cache: the
+        tokens continue its sequence 0 at position cache.length, and the cache advances by T.
+        Returns logits [T, V] (or [1, V] with last_only) in float32."""
+        tokens = self._check_tokens(tokens)
+        if tokens.numel() == 0:
+            raise ValueError("tokens must be a non-empty 1-D tensor, got shape (0,)")
+        if cache is None:
+            T = tokens.shape[0]
+            if T > self.config.context_length:
+                raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
+            step = Step(torch.arange(T, device=self.device))
+            return self._run(tokens.to(self.device), step, slice(-1, None) if last_only else None)
+        return self.prefill([tokens], cache, last_only=last_only)
+
+    @torch.inference_mode()
+    def prefill(self, pieces, cache: KVCache, last_only: bool = True, chunk: int = 8192) -> torch.Tensor:
+        """Continue sequences 0 .. len(pieces)-1 of `cache` with pieces[b] (1-D token ids, may be
+        empty) in one padding-free varlen pass (split into passes of at most `chunk` tokens).
+        Returns float32 logits: with last_only, [len(pieces), V] for each piece's last token (rows
+        of empty pieces are zero); else [sum of lengths, V]."""
+        c = self.config
+        if not 0 < len(pieces) <= cache.batch:
+            raise ValueError(f"{len(pieces)} sequences for a cache of batch {cache.batch}")
+        if chunk <= 0:
+            raise ValueError(f"chunk must be positive, got {chunk}")
+        pieces = [self._check_tokens(p) for p in pieces]
+        for b, p in enumerate(pieces):
+            end = cache.lengths[b] + p.numel()
+            if end > min(cache.max_len, c.context_length):
+                raise ValueError(f"sequence {b}: {end} positions exceed the "
+                                 + (f"context length {c.context_length}" if end > c.context_length
+                                    else f"KV cache of {cache.max_len} (it is full)"))
+        for p in pieces:
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= c.vocab_size):
+                raise ValueError(f"token ids must be in [0, {c.vocab_size})")
+        B = len(pieces)
+        done = [0] * B
+        out_last = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=self.device) if last_only else None
+        out_all = []
+        while True:
+            budget, take = chunk, []
+            for b in range(B):
+                n = min(pieces[b].numel() - done[b], budget)
+                take.append(n)
+                budget -= n
+            if sum(take) == 0:
+                break
+            toks = torch.cat([pieces[b][done[b]:done[b] + take[b]] for b in range(B)])
+            cu, starts, positions, slots, last_rows, last_seqs = [0], [], [], [], [], []
+            for b in range(B):
+                s0, n = cache.lengths[b], take[b]
+                cu.append(cu[-1] + n)
+                starts.append(s0)
+                positions.extend(range(s0, s0 + n))
+                slots.extend(range(b * cache.max_len + s0, b * cache.max_len + s0 + n))
+                if n and done[b] + n == pieces[b].numel():
+                    last_rows.append(cu[-1] - 1)
+                    last_seqs.append(b)
+            meta = torch.tensor(cu + starts, dtype=torch.int32)
+            longs = torch.tensor([positions, slots], dtype=torch.int64)
+            if self.device.type == "cuda":
+                meta, longs = meta.pin_memory(), longs.pin_memory()
+            meta = meta.to(self.device, non_blocking=True)
+            longs = longs.to(self.device, non_blocking=True)
+            step = Step(longs[0], cache, longs[1], meta[:B + 1], meta[B + 1:], max(take))
+            if last_only:
+                if last_rows:
+                    sel = torch.tensor(last_rows, device=self.device)
+                    out_last[torch.tensor(last_seqs, device=self.device)] = self._run(toks.to(self.device), step, sel)
+                else:
+                    self._run(toks.to(self.device), step, slice(0, 0))
+            else:
+                out_all.append(self._run(toks.to(self.device), step))
+            for b in range(B):
+                cache.lengths[b] += take[b]
+                done[b] += take[b]
+        return out_last if last_only else torch.cat(out_all)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One token for each of the cache's first B sequences, all on the device (no host sync; CUDA-graph
+        capturable): tokens [B] int64, seq_lens [B] int32 (lengths including the new token; the token
+        sits at position seq_lens - 1), slots [B] int64 (cache rows to write, -1: none). The caller
+        keeps cache.lengths. Returns float32 logits [B, V]."""
+        step = Step((seq_lens - 1).long(), cache, slots, seq_lens=seq_lens)
+        return self._run(tokens, step)
 
     def prepare_kernels(self) -> bool:
         """Reorder the MXFP4 experts into the CUDA kernels' layout (once, in place) when this model
@@ -229,6 +343,7 @@ class GptOss(nn.Module):
                 and c.num_experts <= 256 and c.experts_per_token <= 8):
             return False
         for blk in self.block:
+            blk.attn.sinks32 = blk.attn.sinks.detach().float()
             if blk.mlp.mlp1_weight.kernel is None:
                 blk.mlp.mlp1_weight.to_kernel_layout(swiglu=True)
                 blk.mlp.mlp2_weight.to_kernel_layout(swiglu=False)

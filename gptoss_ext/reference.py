@@ -156,11 +156,14 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
-    """Cache rows slots[t] (= b * max_len + pos) of k_cache / v_cache [B, max_len, Hkv, D] <- k[t], v[t]."""
+    """Cache rows slots[t] (= b * max_len + pos) of k_cache / v_cache [B, max_len, Hkv, D] <- k[t], v[t];
+    slots outside the cache (e.g. -1 for an idle sequence) are skipped."""
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     slots = slots.to(k_cache.device).long()
-    k_cache.view(-1, Hkv, D).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, Hkv, D).index_copy_(0, slots, v.to(v_cache.dtype))
+    keep = (slots >= 0) & (slots < k_cache.shape[0] * k_cache.shape[1])
+    kf, vf = k_cache.view(-1, Hkv, D), v_cache.view(-1, Hkv, D)
+    kf.index_copy_(0, slots[keep], k[keep].to(k_cache.dtype))
+    vf.index_copy_(0, slots[keep], v[keep].to(v_cache.dtype))
 
 
 # ---- router -------------------------------------------------------------------------------------

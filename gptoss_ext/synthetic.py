@@ -86,15 +86,16 @@ def random_tensors(config: ModelConfig, seed: int = 0, dtype=torch.bfloat16,
 
 
 def random_model(config: ModelConfig | str = "tiny", seed: int = 0, device="cpu", dtype=torch.bfloat16,
-                 quantized: bool = True):
-    """A `GptOss` with random weights, built in memory (equal to `make_checkpoint`'s with the same seed)."""
+                 quantized: bool = True, init_device=None):
+    """A `GptOss` with random weights, built in memory (equal to `make_checkpoint`'s with the same seed).
+    init_device="cuda" draws them on the GPU instead (fast at real shapes; other values, same layout)."""
     from .model import GptOss
 
     config = get_preset(config) if isinstance(config, str) else config
     with torch.device("meta"):
         model = GptOss(config, dtype=dtype, quantized=quantized)
     state = {}
-    for name, t in random_tensors(config, seed, torch.bfloat16, "cpu"):
+    for name, t in random_tensors(config, seed, torch.bfloat16, init_device or "cpu"):
         state.update(_to_model_tensors(name, t, quantized, state))
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
