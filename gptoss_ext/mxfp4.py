@@ -102,6 +102,8 @@ class KernelMXFP4:
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, swiglu: bool):
         self.codes, self.scales, self.swiglu = codes, scales, swiglu
+        # The largest E8M0 scale byte: <= 128 lets the prefill kernel fold scales into fp16 weights.
+        self.max_scale = int(scales.max()) if scales.numel() else 0
 
     @classmethod
     def from_checkpoint(cls, blocks: torch.Tensor, scales: torch.Tensor, swiglu: bool) -> "KernelMXFP4":

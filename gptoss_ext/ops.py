@@ -318,10 +318,10 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         H, I = mlp2_weight.shape
         h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
         torch.ops.gptoss_ext.moe_mlp1(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias, perm, offsets,
-                                      k, swiglu_alpha, swiglu_limit, h)
+                                      k, swiglu_alpha, swiglu_limit, h, mlp1_weight.max_scale)
         y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
         torch.ops.gptoss_ext.moe_mlp2(h, mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
-                                      weights.view(-1), y)
+                                      weights.view(-1), y, mlp2_weight.max_scale)
         out = torch.empty(T, H, dtype=torch.bfloat16, device=x.device)
         torch.ops.gptoss_ext.moe_combine(y, residual, k, out)
         return out
@@ -354,11 +354,11 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_mlp1")
-    def _(x, codes, scales, bias, perm, offsets, top_k, alpha, limit, out):
+    def _(x, codes, scales, bias, perm, offsets, top_k, alpha, limit, out, max_scale=255):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_mlp2")
-    def _(h, codes, scales, bias, perm, offsets, route_weights, out):
+    def _(h, codes, scales, bias, perm, offsets, route_weights, out, max_scale=255):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_combine")

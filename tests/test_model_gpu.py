@@ -55,20 +55,24 @@ def test_logits_match_fp32_reference(models, T):
 
 
 def test_cache_path_matches_whole_forward(models):
-    """Chunked varlen prefill then eager and graph decode steps give the no-cache forward's logits."""
-    gpu, _ = models
+    """Chunked varlen prefill, then eager and graph decode steps: the fp32 reference's logits within
+    2x the error of a bf16 PyTorch model (a bf16 near-tie may pick another expert for a token, so
+    the yardstick is the reference ops in bf16, not the kernels' own whole-sequence pass)."""
+    gpu, cpu32 = models
     toks = tokens(260, 1)
-    whole = gpu(toks.to(DEV))                                         # [260, V]
+    want = cpu32(toks)
+    with ops.reference_mode():
+        yard = gpu(toks.to(DEV)).cpu()
     cache = gpu.new_cache(512)
-    part = gpu.prefill([toks[:200]], cache, last_only=False, chunk=70)   # 3 passes
+    part = gpu.prefill([toks[:200]], cache, last_only=False, chunk=70).cpu()     # 3 passes
     assert cache.length == 200
-    assert rel(part, whole[:200]) < 2e-2
+    assert rel(part, want[:200]) <= 2 * rel(yard[:200], want[:200]) + 1e-3
     for use_graph in (False, True):
         r = decode_runner(gpu, 1, 512, use_graph=use_graph)
         gpu.prefill([toks[:200]], r.cache)
         r.begin(r.cache.lengths[:1])
-        steps = [r.step(toks[200 + i:201 + i].to(DEV))[:1].clone() for i in range(60)]
-        assert rel(torch.cat(steps), whole[200:]) < 2e-2
+        steps = torch.cat([r.step(toks[200 + i:201 + i].to(DEV))[:1].cpu() for i in range(60)])
+        assert rel(steps, want[200:]) <= 2 * rel(yard[200:], want[200:]) + 1e-3
         if use_graph:
             assert r.graph is not None
 

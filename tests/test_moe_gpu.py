@@ -124,6 +124,63 @@ def test_moe_matches_reference(E, T):
     assert err <= 2 * budget + 1e-4
 
 
+@pytest.mark.parametrize("mlp", [1, 2])
+def test_prefill_kernels_agree(mlp):
+    """The scale-folding prefill kernel (max_scale <= 128) against the per-group-partials kernel
+    (max_scale unknown) on the same routed pairs, and both against the fp32 reference."""
+    w = get_experts(32)
+    T, k = 1024, 4
+    x = torch.randn(T, H, device=DEV).bfloat16()
+    wts, ids, counts, offsets, perm = ops.route(torch.nn.functional.linear(x, w["gw"], w["gb"]), k)
+    assert w["k1"].max_scale <= 128
+    if mlp == 1:
+        outs = []
+        for ms in (w["k1"].max_scale, 255):
+            h = torch.full((T * k, I), float("nan"), dtype=torch.bfloat16, device=DEV)
+            torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, k, 1.702, 7.0,
+                                          h, ms)
+            outs.append(h)
+        e = 5
+        rows = perm[offsets[e]:offsets[e + 1]].long()
+        u = x[rows // k].float() @ ref.mxfp4_dequantize(w["b1"][e], w["s1"][e]).T + w["bias1"][e].float()
+        want = ref.swiglu(u)
+    else:
+        hh = (torch.randn(T * k, I, device=DEV) * 3).bfloat16()
+        outs = []
+        for ms in (w["k2"].max_scale, 255):
+            y = torch.full((T * k, H), float("nan"), device=DEV)
+            torch.ops.gptoss_ext.moe_mlp2(hh, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets,
+                                          wts.view(-1), y, ms)
+            outs.append(y)
+        e = 5
+        rows = perm[offsets[e]:offsets[e + 1]].long()
+        want = (hh[rows].float() @ ref.mxfp4_dequantize(w["b2"][e], w["s2"][e]).T + w["bias2"][e].float()) \
+            * wts.view(-1)[rows, None]
+    assert not outs[0].isnan().any() and not outs[1].isnan().any()
+    assert rel(outs[0][rows], want) < 1e-2 and rel(outs[1][rows], want) < 1e-2
+    assert rel(outs[0], outs[1]) < 1e-2
+
+
+def test_prefill_with_large_scales_uses_the_exact_kernel():
+    """Scales above 128 (weights beyond fp16 when folded) take the per-group kernel: still right."""
+    E, Hs = 4, 256
+    g = torch.Generator(device=DEV).manual_seed(5)
+    b1 = torch.randint(0, 256, (E, 2 * Hs, Hs // 32, 16), dtype=torch.uint8, device=DEV, generator=g)
+    s1 = torch.randint(126, 134, (E, 2 * Hs, Hs // 32), dtype=torch.uint8, device=DEV, generator=g)
+    k1 = KernelMXFP4.from_checkpoint(b1, s1, swiglu=True)
+    assert k1.max_scale > 128
+    T = 512
+    x = (torch.randn(T, Hs, device=DEV) * 1e-3).bfloat16()
+    wts, ids, counts, offsets, perm = ops.route(torch.randn(T, E, device=DEV), 4)
+    bias = torch.zeros(E, 2 * Hs, dtype=torch.bfloat16, device=DEV)
+    h = torch.empty(T * 4, Hs, dtype=torch.bfloat16, device=DEV)
+    torch.ops.gptoss_ext.moe_mlp1(x, k1.codes, k1.scales, bias, perm, offsets, 4, 1.702, 7.0, h, k1.max_scale)
+    e = 2
+    rows = perm[offsets[e]:offsets[e + 1]].long()
+    want = ref.swiglu(x[rows // 4].float() @ ref.mxfp4_dequantize(b1[e], s1[e]).T)
+    assert rel(h[rows], want) < 1e-2
+
+
 def test_moe_all_tokens_one_expert_set_and_clamp():
     w = get_experts(32)
     x = (torch.randn(300, H, device=DEV) * 8).bfloat16()        # large: the SwiGLU clamp engages

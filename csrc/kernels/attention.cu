@@ -462,22 +462,22 @@ cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-int prefill_block_rows(int window, int max_q_len) {
+int prefill_block_rows(int window) {
   // GPTOSS_ATTN_BLOCK_M=64|128 overrides (for tuning). By default 64-row blocks for narrow windows
-  // (a 128-row block would visit twice the keys it needs) and up to 8k queries (twice the CTAs:
-  // better balance of the causal triangle; H200, T=4096: 659 us vs 813 us), 128 rows beyond
-  // (half the shared-memory traffic a FLOP; T=16384: 8.3 ms vs 9.0 ms).
+  // (a 128-row block would visit twice the keys it needs: H200, T=4096, window 128: 78-84 us vs
+  // 98-103 us), 128 rows otherwise (half the shared-memory traffic a FLOP: causal T=4096 606 us
+  // vs 659 us, T=16384 8.0-8.3 ms vs 9.0-9.6 ms).
   const char* e = std::getenv("GPTOSS_ATTN_BLOCK_M");
   const int forced = e ? std::atoi(e) : 0;
   if (forced == 64 || forced == 128) return forced;
-  return ((window > 0 && window <= 256) || max_q_len <= 8192) ? 64 : 128;
+  return (window > 0 && window <= 256) ? 64 : 128;
 }
 
 }  // namespace
 
 cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream) {
   if (a.B <= 0 || a.max_q_len <= 0) return cudaSuccess;
-  return prefill_block_rows(a.window, a.max_q_len) == 64 ? launch_prefill_mt<1>(a, stream) : launch_prefill_mt<2>(a, stream);
+  return prefill_block_rows(a.window) == 64 ? launch_prefill_mt<1>(a, stream) : launch_prefill_mt<2>(a, stream);
 }
 
 void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits) {

@@ -44,6 +44,8 @@ struct MoeGemmArgs {
   int top_k;
   int E, R, K;
   float swiglu_alpha, swiglu_limit;
+  int max_scale;                // largest E8M0 scale byte of the weights (255 if unknown): <= 128
+                                // lets prefill fold the scales into fp16 weights
 };
 
 // mlp1 (with the SwiGLU epilogue) and mlp2 (bias and routing weight in the epilogue).

@@ -2,6 +2,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+
 #include "kernels/moe.h"
 #include "ops/checks.h"
 #include "ops/ops.h"
@@ -86,7 +88,7 @@ void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor
 
 void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
-              at::Tensor& out) {
+              at::Tensor& out, int64_t max_scale) {
   const char* op = "moe_mlp1";
   check_bf16_tensor(op, "x", x, 2, x);
   auto [E, R, K] = check_weights(op, codes, scales, x);
@@ -116,11 +118,13 @@ void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
   a.K = static_cast<int>(K);
   a.swiglu_alpha = static_cast<float>(alpha);
   a.swiglu_limit = static_cast<float>(limit);
+  a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp1(a, c10::cuda::getCurrentCUDAStream()));
 }
 
 void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
-              const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out) {
+              const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
+              int64_t max_scale) {
   const char* op = "moe_mlp2";
   check_bf16_tensor(op, "h", h, 2, h);
   auto [E, R, K] = check_weights(op, codes, scales, h);
@@ -155,6 +159,7 @@ void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& sc
   a.E = static_cast<int>(E);
   a.R = static_cast<int>(R);
   a.K = static_cast<int>(K);
+  a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp2(a, c10::cuda::getCurrentCUDAStream()));
 }
 
