@@ -198,14 +198,21 @@ def test_moe_all_tokens_one_expert_set_and_clamp():
 
 def test_moe_residual_and_reference_mode():
     w = get_experts(32)
-    x = torch.randn(5, H, device=DEV).bfloat16()
-    r = torch.randn(5, H, device=DEV).bfloat16()
+    g = torch.Generator(device=DEV).manual_seed(6)
+    x = torch.randn(16, H, device=DEV, generator=g).bfloat16()
+    r = torch.randn(16, H, device=DEV, generator=g).bfloat16()
     a = run_moe(x, w)
     b = run_moe(x, w, residual=r)
     assert rel(b, (a.float() + r.float())) < 1e-2
     with ops.reference_mode():
         c = run_moe(x, w)                                           # the reference reads the kernel layout too
-    assert rel(a, c) < 2e-2
+    # The kernel path routes on bf16 logits (like a bf16 model), the reference on fp32 ones: compare
+    # the tokens whose top-4 sets agree (a near-tie may send a token elsewhere).
+    ids_bf16 = torch.topk(torch.nn.functional.linear(x, w["gw"], w["gb"]).float(), 4).indices.sort(-1).values
+    ids_fp32 = ref.route(ref.router_logits(x, w["gw"], w["gb"]), 4)[1].sort(-1).values
+    same = (ids_bf16 == ids_fp32).all(-1)
+    assert same.sum() >= 12
+    assert rel(a[same], c[same]) < 2e-2
 
 
 def test_moe_cuda_graph_replay_equals_eager():
