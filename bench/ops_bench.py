@@ -85,5 +85,23 @@ def bench_rope(l2: int) -> list[Row]:
     return rows
 
 
+def bench_linear(l2: int) -> list[Row]:
+    """Decode projections (1 row): the skinny kernel against cuBLAS (F.linear)."""
+    rows = []
+    for name, N, K in (("qkv 2880->5120", 5120, 2880), ("out 4096->2880", 2880, 4096), ("gate 2880->32", 32, 2880)):
+        nbytes = N * K * 2
+        n = rotation_count(nbytes, l2)
+        ws = [torch.randn(N, K, device="cuda").bfloat16() for _ in range(n)]
+        b = torch.randn(N, device="cuda").bfloat16()
+        x = torch.randn(1, K, device="cuda").bfloat16()
+        out = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+        for impl, fn in (("gptoss_ext linear_skinny", lambda i: torch.ops.gptoss_ext.linear_skinny(x, ws[i], b, out)),
+                         ("cuBLAS (F.linear)", lambda i: torch.nn.functional.linear(x, ws[i], b))):
+            ms, p10, p90, mode = time_cuda(fn, n)
+            rows.append(Row("linear M=1", name, impl, ms, p10, p90, bytes=nbytes, timing=mode,
+                            target=">=80% copy BW" if impl.startswith("gptoss") and N > 32 else ""))
+    return rows
+
+
 def run(l2: int) -> list[Row]:
-    return bench_rmsnorm(l2) + bench_rope(l2)
+    return bench_rmsnorm(l2) + bench_rope(l2) + bench_linear(l2)

@@ -40,6 +40,8 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "float sm_scale, int chunk, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) out) -> ()");
   // cache rows slots[t] (= b * max_len + pos) <- k[t], v[t]
   m.def("kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
+  // out = x weight^T + bias for 1..8 rows of x (decode projections), bf16
+  m.def("linear_skinny(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
@@ -53,5 +55,6 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("attn_prefill", &gptoss::attn_prefill);
   m.impl("attn_decode", &gptoss::attn_decode);
   m.impl("kv_write", &gptoss::kv_write);
+  m.impl("linear_skinny", &gptoss::linear_skinny);
 }
 

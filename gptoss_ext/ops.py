@@ -74,8 +74,20 @@ def _reference_on_cuda(op: str, t: torch.Tensor) -> None:
 
 # ---- linear (cuBLAS through torch) -------------------------------------------------------------
 
+_SKINNY_MAX_WEIGHT = 64 << 20   # elements: beyond this (the unembedding) cuBLAS already streams at copy speed
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] @ weight [out, in]^T + bias [out]; cuBLAS on CUDA."""
+    """x [T, in] @ weight [out, in]^T + bias [out]. On CUDA bf16 with 1..8 rows (decode) the skinny
+    kernel (it streams the weight at ~copy speed where cuBLAS's split-K GEMV does not); else cuBLAS."""
+    if (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
+            and 1 <= x.shape[0] <= 8 and x.shape[1] % 8 == 0 and x.shape[0] * x.shape[1] * 2 <= 96 * 1024
+            and weight.is_contiguous() and weight.numel() <= _SKINNY_MAX_WEIGHT and x.stride(-1) == 1
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
+            and not getattr(_local, "reference", False) and _extension.available()):
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        torch.ops.gptoss_ext.linear_skinny(x if x.stride(0) % 8 == 0 else x.contiguous(), weight, bias, out)
+        return out
     return ref.linear(x, weight, bias)
 
 
@@ -312,7 +324,7 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
     elif kernel_weights and _use_kernel("moe", x):
         T = x.shape[0]
         k = experts_per_token
-        logits = torch.nn.functional.linear(x, gate_weight, gate_bias)            # [T, E] bf16
+        logits = linear(x, gate_weight, gate_bias)                                # [T, E] bf16
         weights, ids, counts, offsets, perm = route(logits, k)
         R1, _ = mlp1_weight.shape
         H, I = mlp2_weight.shape
@@ -371,6 +383,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::attn_decode")
     def _(q, k_cache, v_cache, sinks, seq_lens, window, sm_scale, chunk, ws_o, ws_ml, out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::linear_skinny")
+    def _(x, weight, bias, out):
         return None
 
     @torch.library.register_fake("gptoss_ext::kv_write")

@@ -34,4 +34,7 @@ void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
 void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, at::Tensor& k_cache,
               at::Tensor& v_cache);
 
+void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   at::Tensor& out);
+
 }  // namespace gptoss

@@ -1,0 +1,18 @@
+// Skinny bf16 linear for decode (torch-free launcher): out[m] = x[m] W^T + bias, M <= 8 rows.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace gptoss {
+
+constexpr int kSkinnyMaxM = 8;
+
+// x [M, K] (row stride x_stride), w [N, K] contiguous, bias [N] or nullptr, out [M, N] (row stride
+// out_stride), all bf16; fp32 accumulation. 1 <= M <= 8, K % 8 == 0, M * K * 2 <= 96 KB, 16-byte
+// aligned rows. Each warp streams two weight rows with 16-byte loads, x is staged in shared memory.
+cudaError_t launch_linear_skinny(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* w,
+                                 const __nv_bfloat16* bias, __nv_bfloat16* out, int64_t out_stride, int M, int N,
+                                 int K, cudaStream_t stream);
+
+}  // namespace gptoss

@@ -1,0 +1,48 @@
+// Host wrapper for the skinny (decode) bf16 linear.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/linear.h"
+#include "ops/checks.h"
+#include "ops/ops.h"
+
+namespace gptoss {
+
+void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   at::Tensor& out) {
+  const char* op = "linear_skinny";
+  check_cuda(op, "x", x);
+  check_dtype(op, "x", x, at::kBFloat16);
+  check_dim(op, "x", x, 2);
+  TORCH_CHECK(x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) % 8 == 0), "gptoss_ext.", op,
+              ": 'x' rows must be contiguous with a stride that is a multiple of 8, got strides ", x.strides());
+  check_aligned16(op, "x", x);
+  check_bf16_tensor(op, "weight", weight, 2, x);
+  check_aligned16(op, "weight", weight);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  check_size(op, "weight", weight, 1, K, "columns of x");
+  TORCH_CHECK(M >= 1 && M <= kSkinnyMaxM, "gptoss_ext.", op, ": takes 1 to ", kSkinnyMaxM, " rows, got ", M);
+  TORCH_CHECK(K % 8 == 0 && M * K * 2 <= 96 * 1024, "gptoss_ext.", op,
+              ": K must be a multiple of 8 and rows x K x 2 bytes <= 96 KB, got K = ", K);
+  TORCH_CHECK(N <= INT32_MAX && K <= INT32_MAX, "gptoss_ext.", op, ": weight too large");
+  const __nv_bfloat16* b = nullptr;
+  if (bias.has_value()) {
+    check_bf16_tensor(op, "bias", *bias, 1, x);
+    check_size(op, "bias", *bias, 0, N, "rows of weight");
+    b = reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr());
+  }
+  check_cuda(op, "out", out);
+  check_same_device(op, "out", out, x);
+  check_dtype(op, "out", out, at::kBFloat16);
+  check_dim(op, "out", out, 2);
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N && out.stride(1) == 1, "gptoss_ext.", op, ": 'out' must be [", M,
+              ", ", N, "] with contiguous rows, got ", shape_str(out));
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  GPTOSS_CHECK_LAUNCH(op, launch_linear_skinny(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), x.stride(0),
+                                               reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr()), b,
+                                               reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), out.stride(0),
+                                               static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                                               c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace gptoss
