@@ -85,12 +85,33 @@ def test_greedy_graph_equals_eager(models):
     assert eager == graph and len(graph) == 40
 
 
+def greedy_margins(model, prompt, new):
+    """For each generated token: (max logit - the token's logit, top-1 minus top-2 gap) from a
+    whole-sequence forward of prompt + new (teacher forcing)."""
+    logits = model(torch.tensor(prompt + new, device=DEV))[len(prompt) - 1:-1].float()
+    top2 = logits.topk(2, dim=-1).values
+    chosen = logits.gather(1, torch.tensor(new, device=DEV)[:, None])[:, 0]
+    return (top2[:, 0] - chosen).tolist(), (top2[:, 0] - top2[:, 1]).tolist()
+
+
 def test_batch_generation_equals_one_at_a_time(models):
+    """Batched greedy generation gives each prompt the tokens it gets alone. Batches pick other
+    kernel tilings (bf16 rounding differs at ~1e-2 logits), so at an exact near-tie either token is
+    right: both runs must be greedy under a whole-sequence forward, and equal up to the first step
+    whose top-2 gap is below that noise."""
     gpu, _ = models
     prompts = [tokens(n, 10 + n).tolist() for n in (5, 140, 40, 1)]
     together = generate(gpu, prompts, max_new_tokens=24, temperature=0)
     alone = [generate(gpu, p, max_new_tokens=24, temperature=0) for p in prompts]
-    assert together == alone
+    tol = 0.05
+    for p, a, b in zip(prompts, together, alone):
+        assert len(a) == len(b) == 24
+        for seq in (a, b):
+            off, _ = greedy_margins(gpu, p, seq)
+            assert max(off) <= tol, off
+        _, gaps = greedy_margins(gpu, p, b)
+        clear = next((i for i, gap in enumerate(gaps) if gap < 2 * tol), len(b))
+        assert a[:clear] == b[:clear]
 
 
 def test_batch_stops_each_prompt_on_its_own(models):
