@@ -481,12 +481,16 @@ cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream) {
 }
 
 void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits) {
+  // About one wave of CTAs (4 one-warp CTAs an SM fit): (B x KV heads) rows times the splits.
+  // Fewer, longer splits pipeline better inside a CTA and leave the combine less to merge (v1, two
+  // waves of one-tile CTAs at B=1, L=8192: 26% of copy bandwidth).
   const int G = Hq / Hkv, hchunks = (G + 15) / 16;
   const int range = std::max(1, window > 0 ? std::min(window, max_len) : max_len);
-  const int64_t ctas_wanted = (int64_t)std::max(num_sms, 1) * 8;  // two waves of 4 one-warp CTAs an SM
-  const int64_t per_split = (int64_t)B * Hkv * hchunks;
-  int64_t c = ((int64_t)range * per_split + ctas_wanted - 1) / ctas_wanted;
-  c = std::max<int64_t>(BN, (c + BN - 1) / BN * BN);
+  const int64_t wanted = (int64_t)std::max(num_sms, 1) * 4;
+  const int64_t rows = (int64_t)B * Hkv * hchunks;
+  const int64_t max_splits = (range + BN - 1) / BN;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(max_splits, (wanted + rows / 2) / rows));
+  const int64_t c = ((range + splits - 1) / splits + BN - 1) / BN * BN;
   chunk = static_cast<int>(c);
   num_splits = static_cast<int>((range + c - 1) / c);
 }
