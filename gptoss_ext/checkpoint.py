@@ -305,9 +305,16 @@ def load_model(path, device="cpu", dtype=torch.bfloat16):
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise CheckpointError(f"out of GPU memory while loading {info.path}: {e}") from None
         raise CheckpointError(f"failed to load {info.path}: {type(e).__name__}: {e}") from None
+    state.clear()          # the model holds the tensors now: the relayout below frees each packed original
     model.eval()
     model.checkpoint_info = info
-    model.prepare_kernels()
+    try:
+        model.prepare_kernels()
+    except torch.cuda.OutOfMemoryError as e:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise CheckpointError(f"out of GPU memory while preparing the MXFP4 experts of {info.path}: {e}") from None
     return model
 
 

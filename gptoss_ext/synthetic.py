@@ -99,6 +99,7 @@ def random_model(config: ModelConfig | str = "tiny", seed: int = 0, device="cpu"
         state.update(_to_model_tensors(name, t, quantized, state))
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    del state              # (else the packed originals outlive the kernel relayout: twice the expert bytes)
     model.eval()
     model.prepare_kernels()
     return model
