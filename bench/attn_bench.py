@@ -134,6 +134,16 @@ def bench_decode(l2: int) -> list[Row]:
         chunk, splits = ops._decode_plan(B, HQ, HKV, L, window, 0)
         rows.append(Row("attention decode", case, "gptoss_ext (split-KV)", ms, p10, p90, bytes=nbytes, timing=mode,
                         flops=4 * B * keys * HQ * D, target=target, extra={"chunk": chunk, "splits": splits}))
+        if B == 1 and not window:   # the split length, swept (the plan's choice is the row above)
+            for c in sorted({256, 512, 2048, 4096} - {chunk}):
+                S = -(-L // c)
+                ws_o = torch.empty(B, HQ, S, D, device="cuda")
+                ws_ml = torch.empty(B, HQ, S, 2, device="cuda")
+                o = torch.empty(B, HQ, D, device="cuda", dtype=torch.bfloat16)
+                ms, p10, p90, mode = time_cuda(lambda i, c=c, ws_o=ws_o, ws_ml=ws_ml, o=o: torch.ops.gptoss_ext.attn_decode(
+                    q, caches[i][0], caches[i][1], sinks, lens, 0, SCALE, c, ws_o, ws_ml, o), n)
+                rows.append(Row("attention decode", case, f"gptoss_ext, chunk {c} ({S} splits)", ms, p10, p90,
+                                bytes=nbytes, timing=mode))
         if not window:
             qh = q.view(B, HQ, 1, D)
             views = [(kc.transpose(1, 2), vc.transpose(1, 2)) for kc, vc in caches]
