@@ -12,8 +12,10 @@
 //
 // Decode: a one-warp CTA takes the (up to 16) query heads of a GQA group of one sequence (so each
 // K/V tile is read once for the whole group: rows of the mma are heads) and one chunk of the key
-// range, streamed through a 3-stage cp.async pipeline (48 KB of shared memory: 4 CTAs an SM;
-// 2 stages and 7 CTAs an SM measured 79% instead of 99% of copy bandwidth at B=32, L=8192). The partial (unnormalised output, max,
+// range, streamed in 32-key tiles through a 4-stage cp.async pipeline (32 KB of shared memory: 7
+// CTAs an SM). A one-warp CTA is latency-bound on its own tile chain (~2 us a 64-key tile alone
+// on an SM), so shorter tiles and more CTAs an SM: v1 (64-key tiles, 3 stages, 4 CTAs an SM) 12.1
+// us at B=1, L=8192; 2 stages of 64 keys (7 CTAs) lost B=32 from 99% to 79% of copy bandwidth. The partial (unnormalised output, max,
 // sum) goes to a workspace; the combine kernel merges the chunks and adds the sink.
 //
 // Rows of K/V past the valid range are zero-filled (never read from memory), so a cache holding
@@ -31,7 +33,10 @@ namespace {
 constexpr int D = kAttnHeadDim;  // 64 = 8 chunks of 16 bytes a row
 constexpr int BN = 64;           // keys a tile
 constexpr int kTileBytes = BN * D * 2;
-constexpr int kDecStages = 3;
+constexpr int kDecStages = 4;
+constexpr int kDecNB = 4;                      // decode tiles: 32 keys
+constexpr int kDecBN = 8 * kDecNB;
+constexpr int kDecTileBytes = kDecBN * D * 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -INFINITY;
 
@@ -82,29 +87,29 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // Byte offset of 16-byte chunk c of row r in a [rows, 64] bf16 tile (rows of 128 bytes, XOR swizzle).
 __device__ __forceinline__ uint32_t swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
-// Copy rows [key0, key0 + 64) of one KV head into a tile; rows >= key_end are zero-filled.
-template <int NT>
+// Copy rows [key0, key0 + 8 * NB) of one KV head into a tile; rows >= key_end are zero-filled.
+template <int NT, int NB = 8>
 __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_t row_stride, int key0, int key_end,
                                           int tid) {
 #pragma unroll
-  for (int i = tid; i < BN * 8; i += NT) {
+  for (int i = tid; i < NB * 8 * 8; i += NT) {
     const int r = i >> 3, c = i & 7;
     const bool valid = key0 + r < key_end;
     cp_async16(dst + swz(r, c), valid ? base + (int64_t)(key0 + r) * row_stride + c * 8 : base, valid);
   }
 }
 
-// S[mt] (16 rows x 64 keys) = Q[mt] K^T for one warp's MT row tiles.
-template <int MT>
-__device__ __forceinline__ void qk_tile(float (&s)[MT][8][4], const uint32_t (&qf)[MT][4][4], uint32_t sK, int lane) {
+// S[mt] (16 rows x 8*NB keys) = Q[mt] K^T for one warp's MT row tiles.
+template <int MT, int NB = 8>
+__device__ __forceinline__ void qk_tile(float (&s)[MT][NB][4], const uint32_t (&qf)[MT][4][4], uint32_t sK, int lane) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+    for (int j = 0; j < NB; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
 #pragma unroll
-    for (int nb = 0; nb < 4; ++nb) {
+    for (int nb = 0; nb < NB / 2; ++nb) {
       uint32_t b[4];
       ldsm_x4(b, sK + swz(nb * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
 #pragma unroll
@@ -118,8 +123,8 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][8][4], const uint32_t (&q
 
 // Online softmax on a raw S tile (masked entries -inf); sl2 = sm_scale * log2(e), the running
 // max m is kept in the scaled log2 domain. S becomes P, O is rescaled, l accumulates per thread.
-template <int MT>
-__device__ __forceinline__ void softmax_tile(float (&s)[MT][8][4], float (&o)[MT][8][4], float (&m)[MT][2],
+template <int MT, int NB = 8>
+__device__ __forceinline__ void softmax_tile(float (&s)[MT][NB][4], float (&o)[MT][8][4], float (&m)[MT][2],
                                              float (&l)[MT][2], float sl2) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -127,7 +132,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][8][4], float (&o)[MT
     for (int hr = 0; hr < 2; ++hr) {
       float mx = kNegInf;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]));
+      for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mnew = fmaxf(m[mt][hr], mx * sl2);
@@ -136,7 +141,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][8][4], float (&o)[MT
       m[mt][hr] = mnew;
       float rs = 0.f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < NB; ++j) {
         const float p0 = ex2(fmaf(s[mt][j][2 * hr], sl2, -mu)), p1 = ex2(fmaf(s[mt][j][2 * hr + 1], sl2, -mu));
         s[mt][j][2 * hr] = p0;
         s[mt][j][2 * hr + 1] = p1;
@@ -151,11 +156,11 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][8][4], float (&o)[MT
     }
 }
 
-// O[mt] += P[mt] V for one 64-key tile.
-template <int MT>
-__device__ __forceinline__ void pv_tile(float (&o)[MT][8][4], const float (&p)[MT][8][4], uint32_t sV, int lane) {
+// O[mt] += P[mt] V for one tile of 8*NB keys.
+template <int MT, int NB = 8>
+__device__ __forceinline__ void pv_tile(float (&o)[MT][8][4], const float (&p)[MT][NB][4], uint32_t sV, int lane) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < NB / 2; ++kk) {
     uint32_t pa[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -287,7 +292,7 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
 
 __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a) {
   extern __shared__ __align__(128) uint8_t smem[];
-  const uint32_t sK = smem_u32(smem), sV = sK + kDecStages * kTileBytes;
+  const uint32_t sK = smem_u32(smem), sV = sK + kDecStages * kDecTileBytes;
   const int lane = threadIdx.x;
   const int split = blockIdx.x, b = blockIdx.z;
   const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
@@ -316,12 +321,12 @@ __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a)
   const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
   const bf16* kb = a.k_cache + kv_off;
   const bf16* vb = a.v_cache + kv_off;
-  const int ntiles = (kend - kbeg + BN - 1) / BN;
+  const int ntiles = (kend - kbeg + kDecBN - 1) / kDecBN;
 #pragma unroll
   for (int st = 0; st < kDecStages - 1; ++st) {
     if (st < ntiles) {
-      load_tile<32>(sK + st * kTileBytes, kb, kv_row, kbeg + st * BN, kend, lane);
-      load_tile<32>(sV + st * kTileBytes, vb, kv_row, kbeg + st * BN, kend, lane);
+      load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + st * kDecBN, kend, lane);
+      load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + st * kDecBN, kend, lane);
     }
     cp_async_commit();
   }
@@ -348,25 +353,25 @@ __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a)
     const int nt = t + kDecStages - 1;
     if (nt < ntiles) {
       const int st = nt % kDecStages;
-      load_tile<32>(sK + st * kTileBytes, kb, kv_row, kbeg + nt * BN, kend, lane);
-      load_tile<32>(sV + st * kTileBytes, vb, kv_row, kbeg + nt * BN, kend, lane);
+      load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + nt * kDecBN, kend, lane);
+      load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + nt * kDecBN, kend, lane);
     }
     cp_async_commit();
     cp_async_wait<kDecStages - 1>();
     __syncwarp();
     const int st = t % kDecStages;
-    float s[1][8][4];
-    qk_tile<1>(s, qf, sK + st * kTileBytes, lane);
-    const int k0 = kbeg + t * BN;
-    if (k0 + BN > kend) {
+    float s[1][kDecNB][4];
+    qk_tile<1, kDecNB>(s, qf, sK + st * kDecTileBytes, lane);
+    const int k0 = kbeg + t * kDecBN;
+    if (k0 + kDecBN > kend) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < kDecNB; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (k0 + j * 8 + ((lane & 3) << 1) + (e & 1) >= kend) s[0][j][e] = kNegInf;
     }
-    softmax_tile<1>(s, o, m, l, sl2);
-    pv_tile<1>(o, s, sV + st * kTileBytes, lane);
+    softmax_tile<1, kDecNB>(s, o, m, l, sl2);
+    pv_tile<1, kDecNB>(o, s, sV + st * kDecTileBytes, lane);
     __syncwarp();
   }
 
@@ -499,7 +504,7 @@ cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream) {
   if (a.B <= 0) return cudaSuccess;
   const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
   const dim3 grid(a.num_splits, a.Hkv * hchunks, a.B);
-  attn_decode_kernel<<<grid, 32, 2 * kDecStages * kTileBytes, stream>>>(a);
+  attn_decode_kernel<<<grid, 32, 2 * kDecStages * kDecTileBytes, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const size_t smem = (a.num_splits + 32 + D) * sizeof(float);
