@@ -171,7 +171,8 @@ class DecodeRunner:
 def decode_runner(model, batch: int, max_len: int, use_graph: bool | None = None) -> DecodeRunner:
     """The model's decode runner for `batch` rows (rounded up to a power of two) and at least
     `max_len` positions (rounded up to 1024, capped at the context length). One is kept on the model
-    and reused while it fits; a different shape replaces it (its cache and graph are freed)."""
+    and reused while it fits; a different shape replaces it (its cache and graph are freed);
+    model.release_decode_state() frees it."""
     from . import ops
 
     cuda = model.device.type == "cuda"

@@ -349,6 +349,13 @@ class GptOss(nn.Module):
                 blk.mlp.mlp2_weight.to_kernel_layout(swiglu=False)
         return True
 
+    def release_decode_state(self) -> None:
+        """Free the KV cache and CUDA graph that generate() keeps between calls (see
+        gptoss_ext.generate.decode_runner); the next generate() allocates them again."""
+        self._decode_runner = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def generate(self, prompt_tokens, **kwargs):
         """See `gptoss_ext.generate.generate`."""
         from .generate import generate

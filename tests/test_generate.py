@@ -73,3 +73,16 @@ def test_invalid_prompts(tiny_bf16):
     with pytest.raises(ValueError, match="context"):
         generate(m, list(range(8)))
     assert len(generate(m, list(range(5)), max_new_tokens=10, temperature=0)) == 3  # stops at the context
+
+
+def test_decode_state_is_kept_and_released():
+    import gptoss_ext as g
+
+    m = g.random_model("tiny", dtype=torch.float32)
+    a = m.generate([1, 2, 3], max_new_tokens=3, temperature=0)
+    r = m._decode_runner
+    assert r is not None and r.batch == 1 and not r.use_graph
+    assert m.generate([1, 2, 3], max_new_tokens=3, temperature=0) == a and m._decode_runner is r
+    m.release_decode_state()
+    assert m._decode_runner is None
+    assert m.generate([1, 2, 3], max_new_tokens=3, temperature=0) == a
