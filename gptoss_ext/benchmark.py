@@ -121,7 +121,7 @@ def bench_transformers(config, new_tokens: int = 16) -> dict:
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = GptOssForCausalLM._from_config(hf_cfg, torch_dtype=torch.bfloat16)
+        model = GptOssForCausalLM._from_config(hf_cfg, dtype=torch.bfloat16)
     model.eval()
     g = torch.Generator().manual_seed(2)
     res = {"version": transformers.__version__}
