@@ -159,6 +159,17 @@ def _scale(sm_scale: float | None, d: int) -> float:
     return float(sm_scale) if sm_scale is not None else d ** -0.5
 
 
+def _check_attn_shapes(op: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be [tokens, heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache must both be [batch, max_len, kv_heads, head_dim], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.shape[3] != q.shape[2] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"{op}: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)} (head_dim must "
+                         "match and query heads be a multiple of the key/value heads)")
+
+
 def _host_ints(name: str, v) -> list[int]:
     if isinstance(v, torch.Tensor):
         if v.dim() != 1:
@@ -196,6 +207,7 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     sliding_window > 0: a query at i sees keys j with i - window < j <= i. Returns [Ttot, Hq, 64]."""
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    _check_attn_shapes("attention_prefill", q, k_cache, v_cache)
     T, Hq, D = q.shape
     on_device = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda
     if not on_device:
@@ -241,6 +253,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     shape depends only on B and the cache size. Returns [B, Hq, 64]."""
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    _check_attn_shapes("attention_decode", q, k_cache, v_cache)
     B, Hq, D = q.shape
     max_len = k_cache.shape[1]
     if not isinstance(seq_lens, torch.Tensor) or not seq_lens.is_cuda:

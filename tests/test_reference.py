@@ -199,6 +199,10 @@ def test_cache_attention_ops_on_cpu():
         ops.attention_prefill(q, kc, vc, sinks, [0, 5, 4, 17], starts)
     with pytest.raises(ValueError, match="seq_lens must be in"):
         ops.attention_decode(q[:3], kc, vc, sinks, [1, 41, 9])
+    with pytest.raises(ValueError, match="q must be"):
+        ops.attention_prefill(q[0], kc, vc, sinks, cu, starts)
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        ops.attention_decode(q[:3, :3], kc, vc, sinks, [1, 2, 3])
     k, v = torch.randn(2, Hkv, D, generator=g), torch.randn(2, Hkv, D, generator=g)
     ops.kv_write(k, v, kc, vc, torch.tensor([L + 4, 2 * L - 1]))
     assert torch.equal(kc[1, 4], k[0]) and torch.equal(vc[1, L - 1], v[1])
