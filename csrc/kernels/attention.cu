@@ -26,6 +26,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/common.cuh"
+#include "kernels/mma.cuh"
 
 namespace gptoss {
 namespace {
@@ -40,38 +41,6 @@ constexpr int kDecTileBytes = kDecBN * D * 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -INFINITY;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // 2^x on the SFU (flush-to-zero: results below 2^-126 are 0, which softmax weights can be).
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -84,8 +53,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Byte offset of 16-byte chunk c of row r in a [rows, 64] bf16 tile (rows of 128 bytes, XOR swizzle).
-__device__ __forceinline__ uint32_t swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
 // Copy rows [key0, key0 + 8 * NB) of one KV head into a tile; rows >= key_end are zero-filled.
 template <int NT, int NB = 8>
@@ -95,7 +62,7 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_
   for (int i = tid; i < NB * 8 * 8; i += NT) {
     const int r = i >> 3, c = i & 7;
     const bool valid = key0 + r < key_end;
-    cp_async16(dst + swz(r, c), valid ? base + (int64_t)(key0 + r) * row_stride + c * 8 : base, valid);
+    cp_async16(dst + swz128(r, c), valid ? base + (int64_t)(key0 + r) * row_stride + c * 8 : base, valid);
   }
 }
 
@@ -111,7 +78,7 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][NB][4], const uint32_t (&
 #pragma unroll
     for (int nb = 0; nb < NB / 2; ++nb) {
       uint32_t b[4];
-      ldsm_x4(b, sK + swz(nb * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+      ldsm_x4(b, sK + swz128(nb * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         mma_bf16(s[mt][2 * nb], qf[mt][ks], b[0], b[1]);
@@ -172,7 +139,7 @@ __device__ __forceinline__ void pv_tile(float (&o)[MT][8][4], const float (&p)[M
 #pragma unroll
     for (int db = 0; db < 4; ++db) {
       uint32_t b[4];
-      ldsm_x4_t(b, sV + swz(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), db * 2 + (lane >> 4)));
+      ldsm_x4_t(b, sV + swz128(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), db * 2 + (lane >> 4)));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         mma_bf16(o[mt][2 * db], pa[mt], b[0], b[1]);
@@ -212,7 +179,7 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
   for (int i = tid; i < BM * 8; i += NT) {
     const int r = i >> 3, c = i & 7;
     const bool valid = r < rows;
-    cp_async16(sQ + swz(r, c), valid ? qb + (int64_t)r * a.q_stride + c * 8 : qb, valid);
+    cp_async16(sQ + swz128(r, c), valid ? qb + (int64_t)r * a.q_stride + c * 8 : qb, valid);
   }
   load_tile<NT>(sK, kb, kv_row, t_lo * BN, key_end, tid);
   load_tile<NT>(sV, vb, kv_row, t_lo * BN, key_end, tid);
@@ -244,7 +211,7 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks)
-          ldsm_x4(qf[mt][ks], sQ + swz(wrow + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+          ldsm_x4(qf[mt][ks], sQ + swz128(wrow + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
     }
     float s[MT][8][4];
     qk_tile<MT>(s, qf, sK + buf * kTileBytes, lane);

@@ -23,6 +23,7 @@
 #include <cstdlib>
 
 #include "kernels/common.cuh"
+#include "kernels/mma.cuh"
 #include "kernels/moe.h"
 
 namespace gptoss {
@@ -30,14 +31,6 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxExperts = 256;
-
-__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Nibble pairs (bits 4h, 16 + 4h) of w -> fp16x2 with value E2M1 * 2^-14 (sign, then the 3
 // magnitude bits as the low exponent bits and the top mantissa bit).
@@ -77,6 +70,34 @@ __device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int64_t
     acc += tiles;
   }
   return false;
+}
+
+// The epilogue for one accumulator tile (rows tile*16 + g, +8; tokens 2q + t of n-tile n, whose
+// pair indices are pair_of): mlp1 adds the bias and applies SwiGLU to (gate, linear) row pairs;
+// mlp2 adds the bias and scales by the routing weight.
+template <bool SWIGLU>
+__device__ __forceinline__ void store_tile(const MoeGemmArgs& a, const bf16* bias, const int32_t* pair_of, int n,
+                                           int tile, int g, int q, const float (&acc)[4]) {
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+    const int p = pair_of[n * 8 + 2 * q + t];
+    if (p < 0) continue;
+    if constexpr (SWIGLU) {
+      const int col = tile * 8 + g;  // output column (I index)
+      float gate = acc[t] + __bfloat162float(bias[2 * col]);
+      float lin = acc[2 + t] + __bfloat162float(bias[2 * col + 1]);
+      gate = fminf(gate, a.swiglu_limit);
+      lin = fminf(fmaxf(lin, -a.swiglu_limit), a.swiglu_limit);
+      const float hval = gate / (1.f + __expf(-a.swiglu_alpha * gate)) * (lin + 1.f);
+      a.out_h[static_cast<int64_t>(p) * (a.R / 2) + col] = __float2bfloat16(hval);
+    } else {
+      const int r0 = tile * 16 + g;
+      const float w = a.route_weights[p];
+      float* y = a.out_y + static_cast<int64_t>(p) * a.R;
+      y[r0] = (acc[t] + __bfloat162float(bias[r0])) * w;
+      y[r0 + 8] = (acc[2 + t] + __bfloat162float(bias[r0 + 8])) * w;
+    }
+  }
 }
 
 template <int WM, int NT, int DEPTH, bool SWIGLU>
@@ -224,28 +245,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   // Epilogue. Accumulator (n, j): token n*8 + 2q + (j & 1), tile row g + 8 * (j >> 1).
   const bf16* bias = a.bias + static_cast<int64_t>(expert) * a.R;
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int p = pair_of[n * 8 + 2 * q + t];
-      if (p < 0) continue;
-      if constexpr (SWIGLU) {
-        const int col = tile * 8 + g;                              // output column (I index)
-        float gate = acc[n][t] + __bfloat162float(bias[2 * col]);
-        float lin = acc[n][2 + t] + __bfloat162float(bias[2 * col + 1]);
-        gate = fminf(gate, a.swiglu_limit);
-        lin = fminf(fmaxf(lin, -a.swiglu_limit), a.swiglu_limit);
-        const float hval = gate / (1.f + __expf(-a.swiglu_alpha * gate)) * (lin + 1.f);
-        a.out_h[static_cast<int64_t>(p) * (a.R / 2) + col] = __float2bfloat16(hval);
-      } else {
-        const int r0 = tile * 16 + g;
-        const float w = a.route_weights[p];
-        float* y = a.out_y + static_cast<int64_t>(p) * a.R;
-        y[r0] = (acc[n][t] + __bfloat162float(bias[r0])) * w;
-        y[r0 + 8] = (acc[n][2 + t] + __bfloat162float(bias[r0 + 8])) * w;
-      }
-    }
-  }
+  for (int n = 0; n < NT; ++n) store_tile<SWIGLU>(a, bias, pair_of, n, tile, g, q, acc[n]);
 }
 
 // ---- prefill: 128 weight rows x 64 tokens a CTA, scales folded into the fp16 weights -------------
@@ -261,14 +261,6 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
 constexpr int kPrefillBN = 64;
 constexpr int kPrefillDepth = 3;
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 // 2^(s - 113) as fp16x2 (s <= 128): times fp4 * 2^-14 gives fp4 * 2^(s - 127).
 __device__ __forceinline__ uint32_t scale_f16x2(uint32_t s) {
   const uint32_t h = s >= 99u ? (s - 98u) << 10 : (s >= 89u ? 1u << (s - 89u) : 0u);
@@ -281,8 +273,6 @@ __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
   return d;
 }
 
-// Byte offset of 16-byte chunk c of row r in a [rows, 64] fp16 tile (128-byte rows, XOR swizzle).
-__device__ __forceinline__ uint32_t swz128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
 template <bool SWIGLU>
 __global__ void __launch_bounds__(128) moe_prefill_kernel(MoeGemmArgs a) {
@@ -371,7 +361,7 @@ __global__ void __launch_bounds__(128) moe_prefill_kernel(MoeGemmArgs a) {
     for (int d = 0; d < DEPTH; ++d) {
       const int c = c0 + d;
       if (c >= chunks) break;
-      const uint32_t sB_buf = smem_addr(sB[c & 1]);
+      const uint32_t sB_buf = smem_u32(sB[c & 1]);
       const uint32_t words[MT][4] = {{wc[d][0].x, wc[d][0].y, wc[d][0].z, wc[d][0].w},
                                      {wc[d][1].x, wc[d][1].y, wc[d][1].z, wc[d][1].w}};
 #pragma unroll
@@ -410,30 +400,8 @@ __global__ void __launch_bounds__(128) moe_prefill_kernel(MoeGemmArgs a) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     if (!tile_ok[mt]) continue;
-    const int tile = tile0 + mt;
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        const int p = pair_of[n * 8 + 2 * q + t];
-        if (p < 0) continue;
-        if constexpr (SWIGLU) {
-          const int col = tile * 8 + g;
-          float gate = acc[mt][n][t] + __bfloat162float(bias[2 * col]);
-          float lin = acc[mt][n][2 + t] + __bfloat162float(bias[2 * col + 1]);
-          gate = fminf(gate, a.swiglu_limit);
-          lin = fminf(fmaxf(lin, -a.swiglu_limit), a.swiglu_limit);
-          const float hval = gate / (1.f + __expf(-a.swiglu_alpha * gate)) * (lin + 1.f);
-          a.out_h[static_cast<int64_t>(p) * (a.R / 2) + col] = __float2bfloat16(hval);
-        } else {
-          const int r0 = tile * 16 + g;
-          const float w = a.route_weights[p];
-          float* y = a.out_y + static_cast<int64_t>(p) * a.R;
-          y[r0] = (acc[mt][n][t] + __bfloat162float(bias[r0])) * w;
-          y[r0 + 8] = (acc[mt][n][2 + t] + __bfloat162float(bias[r0 + 8])) * w;
-        }
-      }
-    }
+    for (int n = 0; n < 8; ++n) store_tile<SWIGLU>(a, bias, pair_of, n, tile0 + mt, g, q, acc[mt][n]);
   }
 }
 

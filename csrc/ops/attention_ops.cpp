@@ -17,16 +17,9 @@ namespace {
 // [T, H, 64] bf16 with packed heads (a view of a fused qkv output is fine).
 void check_heads(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
   check_cuda(op, name, t);
-  check_same_device(op, name, t, ref);
-  check_dtype(op, name, t, at::kBFloat16);
-  check_dim(op, name, t, 3);
-  TORCH_CHECK(t.size(2) == kAttnHeadDim, "gptoss_ext.", op, ": the attention kernels take head_dim ",
+  TORCH_CHECK(t.dim() == 3 && t.size(2) == kAttnHeadDim, "gptoss_ext.", op, ": the attention kernels take head_dim ",
               kAttnHeadDim, "; '", name, "' has shape ", shape_str(t));
-  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == kAttnHeadDim, "gptoss_ext.", op, ": '", name,
-              "' must have contiguous heads (strides [*, 64, 1]), got strides ", t.strides());
-  TORCH_CHECK(t.size(0) <= 1 || (t.stride(0) >= t.size(1) * kAttnHeadDim && t.stride(0) % 8 == 0), "gptoss_ext.",
-              op, ": '", name, "' token stride must cover its heads and be a multiple of 8, got ", t.stride(0));
-  check_aligned16(op, name, t);
+  check_packed_heads(op, name, t, ref);
 }
 
 void check_cache(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& ref) {

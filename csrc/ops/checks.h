@@ -59,6 +59,20 @@ inline void check_bf16_tensor(const char* op, const char* name, const at::Tensor
   check_contiguous(op, name, t);
 }
 
+// [T, H, D] bf16 with packed heads (strides [*, D, 1]); the token stride may exceed H * D (a view
+// of a fused qkv buffer) but must be a multiple of 8; 16-byte aligned.
+inline void check_packed_heads(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  check_cuda(op, name, t);
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, at::kBFloat16);
+  check_dim(op, name, t, 3);
+  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), "gptoss_ext.", op, ": '", name,
+              "' must have contiguous heads (strides [*, ", t.size(2), ", 1]), got strides ", t.strides());
+  TORCH_CHECK(t.size(0) <= 1 || (t.stride(0) >= t.size(1) * t.size(2) && t.stride(0) % 8 == 0), "gptoss_ext.", op,
+              ": '", name, "' token stride must cover its heads and be a multiple of 8, got ", t.stride(0));
+  check_aligned16(op, name, t);
+}
+
 }  // namespace gptoss
 
 #define GPTOSS_CHECK_LAUNCH(op, err)                                                                  \

@@ -8,25 +8,11 @@
 
 namespace gptoss {
 
-namespace {
-void check_heads(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  check_cuda(op, name, t);
-  check_same_device(op, name, t, ref);
-  check_dtype(op, name, t, at::kBFloat16);
-  check_dim(op, name, t, 3);
-  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), "gptoss_ext.", op, ": '", name,
-              "' must have contiguous heads (strides [*, ", t.size(2), ", 1]), got strides ", t.strides());
-  TORCH_CHECK(t.size(0) <= 1 || (t.stride(0) >= t.size(1) * t.size(2) && t.stride(0) % 8 == 0), "gptoss_ext.", op,
-              ": '", name, "' token stride must cover its heads and be a multiple of 8, got ", t.stride(0));
-  check_aligned16(op, name, t);
-}
-}  // namespace
-
 void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& inv_freq,
            double concentration) {
   const char* op = "rope_";
-  check_heads(op, "q", q, q);
-  check_heads(op, "k", k, q);
+  check_packed_heads(op, "q", q, q);
+  check_packed_heads(op, "k", k, q);
   const int64_t T = q.size(0), D = q.size(2);
   check_size(op, "k", k, 0, T, "tokens of q");
   check_size(op, "k", k, 2, D, "head_dim of q");
