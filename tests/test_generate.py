@@ -86,3 +86,50 @@ def test_decode_state_is_kept_and_released():
     m.release_decode_state()
     assert m._decode_runner is None
     assert m.generate([1, 2, 3], max_new_tokens=3, temperature=0) == a
+
+
+def test_batch_generation_on_cpu_matches_one_prompt_at_a_time():
+    import gptoss_ext as g
+
+    m = g.random_model("tiny", dtype=torch.float32)
+    prompts = [[1, 2, 3], [5] * 20, [7]]
+    together = generate(m, prompts, max_new_tokens=6, temperature=0)
+    alone = [generate(m, p, max_new_tokens=6, temperature=0) for p in prompts]
+    assert together == alone and all(len(t) == 6 for t in together)
+    streamed = list(generate(m, prompts, max_new_tokens=2, temperature=0, stream=True))
+    assert sorted(streamed) == sorted((i, t) for i, seq in enumerate(together) for t in seq[:2])
+    stop = together[1][2]
+    out = generate(m, prompts, max_new_tokens=6, temperature=0, stop_tokens=[stop])
+    assert out[1] == together[1][:3]
+
+
+def test_prefill_in_chunks_and_pieces_matches_the_whole_forward():
+    import gptoss_ext as g
+
+    m = g.random_model("tiny", dtype=torch.float32)
+    toks = torch.arange(100, 140)
+    whole = m(toks)
+    cache = m.new_cache(64, batch=2)
+    part = m.prefill([toks[:25], toks[:10]], cache, last_only=False, chunk=7)
+    assert cache.lengths == [25, 10]
+    torch.testing.assert_close(part[:25], whole[:25], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(part[25:], whole[:10], rtol=1e-4, atol=1e-4)
+    last = m.prefill([toks[25:30], toks[:0]], cache)            # continue sequence 0; sequence 1 idle
+    torch.testing.assert_close(last[0], whole[29], rtol=1e-4, atol=1e-4)
+    assert torch.equal(last[1], torch.zeros_like(last[1])) and cache.lengths == [30, 10]
+    with pytest.raises(ValueError, match="3 sequences for a cache of batch 2"):
+        m.prefill([toks[:1]] * 3, cache)
+    with pytest.raises(ValueError, match="KV cache of 64"):
+        m.prefill([toks[:40]], cache)
+
+
+def test_batch_generate_errors():
+    import gptoss_ext as g
+
+    m = g.random_model("tiny", dtype=torch.float32)
+    with pytest.raises(ValueError, match="empty"):
+        generate(m, [[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(m, [[1, 2], [10 ** 9]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="CUDA-graph decode needs the model on a CUDA device"):
+        generate(m, [[1, 2]], max_new_tokens=2, use_graph=True)
