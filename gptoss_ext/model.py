@@ -177,10 +177,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    @staticmethod
-    def bytes_for(config: ModelConfig, max_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
-        return 2 * config.num_hidden_layers * batch * max_len * config.kv_dim * torch.finfo(dtype).bits // 8
-
 
 class Step:
     """What the attention layers need to know about one forward step (built by GptOss)."""
