@@ -40,8 +40,11 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "float sm_scale, int chunk, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) out) -> ()");
   // cache rows slots[t] (= b * max_len + pos) <- k[t], v[t]
   m.def("kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
-  // out = x weight^T + bias for 1..8 rows of x (decode projections), bf16
-  m.def("linear_skinny(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+  // out = x weight^T + bias for 1..8 rows of x (decode projections), bf16. weight_constant: no
+  // kernel of this library writes `weight` (model weights): its loads may overlap the previous kernel
+  m.def("linear_skinny(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool weight_constant=False) -> ()");
+  // programmatic dependent launch of this library's kernels on Hopper (default on; GPTOSS_PDL=0 off)
+  m.def("set_pdl(bool enabled) -> bool", &gptoss::set_pdl_enabled);
 }
 
 TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {

@@ -102,6 +102,22 @@ def bench_ours(model, bw: float, new_tokens: int = 64) -> dict:
         r.update(batch=B, context=ctx, floor_ms=floor_s * 1e3, step_ms=step_s * 1e3,
                  pct_of_floor=100 * floor_s / step_s if step_s else 0.0, aggregate_tok_s=r["decode_tok_s"])
         res[name] = r
+    # Ablation in the same run: B=1 2k with plain stream-ordered launches (no programmatic launch).
+    from . import ops
+    prev = ops.set_pdl(False)
+    try:
+        model.release_decode_state()
+        prompts = _prompts(model, 1, 2048 - new_tokens)
+        _timed_generate(model, prompts, new_tokens)
+        r = _timed_generate(model, prompts, new_tokens)
+        step_s = r["decode_s"] / max(1, r["decode_tokens"])
+        floor_s = c.decode_bytes_per_step(2048, 1) / bw
+        res["b1_ctx2k_no_pdl"] = dict(r, step_ms=step_s * 1e3, floor_ms=floor_s * 1e3,
+                                      pct_of_floor=100 * floor_s / step_s if step_s else 0.0,
+                                      aggregate_tok_s=r["decode_tok_s"])
+    finally:
+        ops.set_pdl(prev)
+        model.release_decode_state()
     res["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     return res
 
@@ -190,7 +206,10 @@ def format_table(res: dict) -> str:
     lines.append(f"| prefill 2048 tokens | {p['tok_s']:.0f} tok/s | "
                  + (f"transformers {peer:.0f} tok/s ({p['tok_s'] / peer:.1f}x)" if peer else hf.get("skipped", "")) + " |")
     for k, label in (("b1_ctx2k", "decode B=1, 2k context"), ("b1_ctx8k", "decode B=1, 8k context"),
-                     ("b32_ctx2k", "decode B=32, 2k context")):
+                     ("b32_ctx2k", "decode B=32, 2k context"),
+                     ("b1_ctx2k_no_pdl", "decode B=1, 2k, without programmatic launch")):
+        if k not in o:
+            continue
         r = o[k]
         extra = ""
         if k == "b1_ctx2k" and "b1_ctx2k" in hf:

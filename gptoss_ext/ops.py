@@ -77,18 +77,32 @@ def _reference_on_cuda(op: str, t: torch.Tensor) -> None:
 _SKINNY_MAX_WEIGHT = 64 << 20   # elements: beyond this (the unembedding) cuBLAS already streams at copy speed
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_constant: bool = False) -> torch.Tensor:
     """x [T, in] @ weight [out, in]^T + bias [out]. On CUDA bf16 with 1..8 rows (decode) the skinny
-    kernel (it streams the weight at ~copy speed where cuBLAS's split-K GEMV does not); else cuBLAS."""
+    kernel (it streams the weight at ~copy speed where cuBLAS's split-K GEMV does not); else cuBLAS.
+    weight_constant=True promises that no kernel of this library writes `weight` (model weights):
+    the skinny kernel then starts loading it while the previous kernel finishes."""
     if (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
             and 1 <= x.shape[0] <= 8 and x.shape[1] % 8 == 0 and x.shape[0] * x.shape[1] * 2 <= 96 * 1024
             and weight.is_contiguous() and weight.numel() <= _SKINNY_MAX_WEIGHT and x.stride(-1) == 1
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
             and not getattr(_local, "reference", False) and _extension.available()):
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-        torch.ops.gptoss_ext.linear_skinny(x if x.stride(0) % 8 == 0 else x.contiguous(), weight, bias, out)
+        torch.ops.gptoss_ext.linear_skinny(x if x.stride(0) % 8 == 0 else x.contiguous(), weight, bias, out,
+                                           weight_constant)
         return out
     return ref.linear(x, weight, bias)
+
+
+def set_pdl(enabled: bool) -> bool:
+    """Programmatic dependent launch for this library's kernels (Hopper; on by default, GPTOSS_PDL=0
+    turns it off): each kernel may launch while the previous one finishes and waits on the device
+    for its results. Returns the previous setting. Takes effect for later launches (and graphs
+    captured later)."""
+    if not _extension.available():
+        return False
+    return bool(torch.ops.gptoss_ext.set_pdl(bool(enabled)))
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------
@@ -399,7 +413,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("gptoss_ext::linear_skinny")
-    def _(x, weight, bias, out):
+    def _(x, weight, bias, out, weight_constant=False):
         return None
 
     @torch.library.register_fake("gptoss_ext::kv_write")

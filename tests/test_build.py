@@ -33,3 +33,15 @@ def test_arch_coverage_rules():
     assert not _extension._arch_covers(["90a"], 8, 0)
     assert _extension._arch_covers(["80"], 8, 9)
     assert not _extension._arch_covers(["80"], 9, 0)
+
+
+def test_programmatic_launch_switch():
+    from gptoss_ext import ops
+    if not _extension.available():
+        assert ops.set_pdl(True) is False          # nothing to switch without the extension
+        return
+    prev = ops.set_pdl(False)
+    try:
+        assert ops.set_pdl(True) is False and ops.set_pdl(True) is True
+    finally:
+        ops.set_pdl(prev)

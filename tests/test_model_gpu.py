@@ -85,6 +85,33 @@ def test_greedy_graph_equals_eager(models):
     assert eager == graph and len(graph) == 40
 
 
+def test_programmatic_launch_equals_plain_launches(models):
+    """With programmatic dependent launch (each kernel starts while the one before finishes and
+    waits on the device) the logits are bit-equal to plain stream-ordered launches: eager prefill
+    and decode, and CUDA-graph decode captured under each setting. A missing wait would read a
+    half-written tensor and differ."""
+    gpu, _ = models
+    toks = tokens(300, 5)
+    results = {}
+    prev = ops.set_pdl(True)
+    try:
+        for pdl in (True, False):
+            ops.set_pdl(pdl)
+            gpu.release_decode_state()
+            out = [gpu(toks.to(DEV)).cpu()]
+            for use_graph in (False, True):
+                r = decode_runner(gpu, 1, 512, use_graph=use_graph)
+                gpu.prefill([toks[:250]], r.cache)
+                r.begin(r.cache.lengths[:1])
+                out.append(torch.cat([r.step(toks[250 + i:251 + i].to(DEV))[:1].cpu() for i in range(50)]))
+            results[pdl] = out
+    finally:
+        ops.set_pdl(prev)
+        gpu.release_decode_state()
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+
+
 def greedy_margins(model, prompt, new):
     """For each generated token: (max logit - the token's logit, top-1 minus top-2 gap) from a
     whole-sequence forward of prompt + new (teacher forcing)."""

@@ -41,16 +41,20 @@ def emulate_kernel(codes, ks, x):
                     part = np.zeros(2)
                     for s in (2 * grp, 2 * grp + 1):
                         w = int(codes[t, c, L, s])
+                        regs = (((w << 9) & 0x0E000E00) | ((w << 2) & 0x80008000),   # the kernel's decode
+                                ((w << 6) & 0x0E000E00) | ((w << 1) & 0x80008000),
+                                (w << 3) & 0x8E008E00,
+                                w & 0x8E008E00)
                         for h in range(4):
-                            yv = w >> (4 * h)
-                            bits = ((yv << 9) & 0x0E000E00) | ((yv << 12) & 0x80008000)
+                            bits = regs[h] & 0xFFFFFFFF
                             lo, hi = np.array([bits & 0xFFFF, bits >> 16], dtype=np.uint16).view(np.float16)
                             k = c * 64 + 16 * s + 2 * q + 8 * (h // 2)
                             # this lane's partial product for its rows (the mma sums over the 4 lanes of a row)
                             part[h % 2] += float(lo) * x[k] + float(hi) * x[k + 1]
                     sc = ks[t, c, g]
-                    acc[0] += part[0] * 2.0 ** (int(sc[2 * grp]) - 113)
-                    acc[1] += part[1] * 2.0 ** (int(sc[2 * grp + 1]) - 113)
+                    acc[0] += part[0] * 2.0 ** (int(sc[2 * grp]) - 127)       # the kernel's fp32 2^(s-127)
+                    acc[1] += part[1] * 2.0 ** (int(sc[2 * grp + 1]) - 127)
+            acc *= 2.0 ** 14                                                # and the final 2^14
             y[16 * t + g] += acc[0]
             y[16 * t + g + 8] += acc[1]
     return y

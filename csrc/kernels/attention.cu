@@ -153,6 +153,8 @@ __device__ __forceinline__ void pv_tile(float (&o)[MT][8][4], const float (&p)[M
 
 template <int MT>
 __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs a) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   constexpr int BM = 64 * MT, NT = 128;
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sQ = smem_u32(smem), sK = sQ + BM * 128, sV = sK + 2 * kTileBytes;
@@ -258,6 +260,8 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
 // ---- decode -------------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + kDecStages * kDecTileBytes;
   const int lane = threadIdx.x;
@@ -367,6 +371,8 @@ __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a)
 constexpr int kCombineThreads = 128;
 
 __global__ void __launch_bounds__(kCombineThreads) attn_decode_combine_kernel(const AttnDecodeArgs a) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   extern __shared__ float wsm[];  // [S] weights, then 32 for reductions, then 64 for the halves
   const int bh = blockIdx.x, tid = threadIdx.x;
   const int b = bh / a.Hq, h = bh % a.Hq, S = a.num_splits;
@@ -416,6 +422,8 @@ __global__ void __launch_bounds__(kCombineThreads) attn_decode_combine_kernel(co
 __global__ void kv_write_kernel(const bf16* __restrict__ k, const bf16* __restrict__ v, int64_t k_stride,
                                 int64_t v_stride, const int64_t* __restrict__ slots, int Hkv, bf16* __restrict__ kc,
                                 bf16* __restrict__ vc, int64_t rows) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const int64_t slot = slots[t];
   if (slot < 0 || slot >= rows) return;
@@ -430,8 +438,7 @@ cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
   constexpr int BM = 64 * MT;
   const size_t smem = BM * 128 + 4 * kTileBytes;
   const dim3 grid(ceil_div(a.max_q_len, BM), a.Hq, a.B);
-  attn_prefill_kernel<MT><<<grid, 128, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(attn_prefill_kernel<MT>, grid, dim3(128), smem, stream, a);
 }
 
 int prefill_block_rows(int window) {
@@ -471,21 +478,18 @@ cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream) {
   if (a.B <= 0) return cudaSuccess;
   const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
   const dim3 grid(a.num_splits, a.Hkv * hchunks, a.B);
-  attn_decode_kernel<<<grid, 32, 2 * kDecStages * kDecTileBytes, stream>>>(a);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(attn_decode_kernel, grid, dim3(32), 2 * kDecStages * kDecTileBytes, stream, a);
   if (err != cudaSuccess) return err;
   const size_t smem = (a.num_splits + 32 + D) * sizeof(float);
   if (smem > 48 * 1024) return cudaErrorInvalidValue;  // > 12k splits: never planned
-  attn_decode_combine_kernel<<<a.B * a.Hq, kCombineThreads, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(attn_decode_combine_kernel, dim3(a.B * a.Hq), dim3(kCombineThreads), smem, stream, a);
 }
 
 cudaError_t launch_kv_write(const bf16* k, const bf16* v, int64_t k_stride, int64_t v_stride, const int64_t* slots,
                             int64_t T, int Hkv, bf16* k_cache, bf16* v_cache, int64_t rows, cudaStream_t stream) {
   if (T <= 0) return cudaSuccess;
-  kv_write_kernel<<<static_cast<unsigned>(T), Hkv * (D / 8), 0, stream>>>(k, v, k_stride, v_stride, slots, Hkv,
-                                                                           k_cache, v_cache, rows);
-  return cudaGetLastError();
+  return launch_kernel(kv_write_kernel, dim3(static_cast<unsigned>(T)), dim3(Hkv * (D / 8)), 0, stream, k, v, k_stride,
+                       v_stride, slots, Hkv, k_cache, v_cache, rows);
 }
 
 }  // namespace gptoss

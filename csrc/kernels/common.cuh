@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "kernels/pdl.h"
+
 namespace gptoss {
 
 using bf16 = __nv_bfloat16;

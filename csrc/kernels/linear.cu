@@ -17,27 +17,16 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
                                                                      const bf16* __restrict__ w,
                                                                      const bf16* __restrict__ bias,
                                                                      bf16* __restrict__ out, int64_t out_stride, int N,
-                                                                     int K) {
+                                                                     int K, bool weight_constant) {
   extern __shared__ uint4 xs[];  // [M][K / 8]
   const int vecs = K / 8;
-  for (int i = threadIdx.x; i < M * vecs; i += kWarps * 32) {
-    const int m = i / vecs, v = i % vecs;
-    xs[i] = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);
-  }
-  __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n0 = (blockIdx.x * kWarps + warp) * kRows;
-  if (n0 >= N) return;
-  float acc[kRows][M];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   const uint4* wr[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) wr[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(min(n0 + r, N - 1)) * K);
-  for (int v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
-    uint4 wv[kRows][kUnroll];
+  uint4 wv[kRows][kUnroll];
+  const auto load_w = [&](int v0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
@@ -45,6 +34,24 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
         const int v = v0 + u * 32;
         wv[r][u] = v < vecs ? __ldg(wr[r] + v) : make_uint4(0, 0, 0, 0);
       }
+  };
+  // Constant weights: the first vectors are in flight before waiting on the previous kernel.
+  if (weight_constant && n0 < N) load_w(lane);
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
+  for (int i = threadIdx.x; i < M * vecs; i += kWarps * 32) {
+    const int m = i / vecs, v = i % vecs;
+    xs[i] = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);
+  }
+  __syncthreads();
+  if (n0 >= N) return;
+  float acc[kRows][M];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+  for (int v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
+    if (v0 != lane || !weight_constant) load_w(v0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int v = v0 + u * 32;
@@ -81,7 +88,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
 
 template <int M>
 cudaError_t launch_m(const bf16* x, int64_t xs, const bf16* w, const bf16* b, bf16* o, int64_t os, int N, int K,
-                     cudaStream_t stream) {
+                     bool wc, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(M) * K * 2;
   auto kernel = linear_skinny_kernel<M>;
   if (smem > 48 * 1024) {
@@ -89,25 +96,24 @@ cudaError_t launch_m(const bf16* x, int64_t xs, const bf16* w, const bf16* b, bf
     if (e != cudaSuccess) return e;
   }
   const int ctas = (N + kWarps * kRows - 1) / (kWarps * kRows);
-  kernel<<<ctas, kWarps * 32, smem, stream>>>(x, xs, w, b, o, os, N, K);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(ctas), dim3(kWarps * 32), smem, stream, x, xs, w, b, o, os, N, K, wc);
 }
 
 }  // namespace
 
 cudaError_t launch_linear_skinny(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, bf16* out,
-                                 int64_t out_stride, int M, int N, int K, cudaStream_t stream) {
+                                 int64_t out_stride, int M, int N, int K, bool weight_constant, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (M > kSkinnyMaxM || K % 8 != 0 || static_cast<size_t>(M) * K * 2 > 96 * 1024) return cudaErrorInvalidValue;
   switch (M) {
-    case 1: return launch_m<1>(x, x_stride, w, bias, out, out_stride, N, K, stream);
-    case 2: return launch_m<2>(x, x_stride, w, bias, out, out_stride, N, K, stream);
-    case 3: return launch_m<3>(x, x_stride, w, bias, out, out_stride, N, K, stream);
-    case 4: return launch_m<4>(x, x_stride, w, bias, out, out_stride, N, K, stream);
-    case 5: return launch_m<5>(x, x_stride, w, bias, out, out_stride, N, K, stream);
-    case 6: return launch_m<6>(x, x_stride, w, bias, out, out_stride, N, K, stream);
-    case 7: return launch_m<7>(x, x_stride, w, bias, out, out_stride, N, K, stream);
-    default: return launch_m<8>(x, x_stride, w, bias, out, out_stride, N, K, stream);
+    case 1: return launch_m<1>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
+    case 2: return launch_m<2>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
+    case 3: return launch_m<3>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
+    case 4: return launch_m<4>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
+    case 5: return launch_m<5>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
+    case 6: return launch_m<6>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
+    case 7: return launch_m<7>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
+    default: return launch_m<8>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
   }
 }
 

@@ -11,8 +11,10 @@ constexpr int kSkinnyMaxM = 8;
 // x [M, K] (row stride x_stride), w [N, K] contiguous, bias [N] or nullptr, out [M, N] (row stride
 // out_stride), all bf16; fp32 accumulation. 1 <= M <= 8, K % 8 == 0, M * K * 2 <= 96 KB, 16-byte
 // aligned rows. Each warp streams two weight rows with 16-byte loads, x is staged in shared memory.
+// weight_constant: w is never written by the kernel launched just before (model weights), so its
+// first vectors may be loaded before the programmatic-launch wait (kernels/pdl.h).
 cudaError_t launch_linear_skinny(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* w,
                                  const __nv_bfloat16* bias, __nv_bfloat16* out, int64_t out_stride, int M, int N,
-                                 int K, cudaStream_t stream);
+                                 int K, bool weight_constant, cudaStream_t stream);
 
 }  // namespace gptoss

@@ -32,16 +32,22 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxExperts = 256;
 
-// Nibble pairs (bits 4h, 16 + 4h) of w -> fp16x2 with value E2M1 * 2^-14 (sign, then the 3
-// magnitude bits as the low exponent bits and the top mantissa bit).
-__device__ __forceinline__ uint32_t fp4x2_to_f16x2(uint32_t w, int h) {
-  const uint32_t y = w >> (4 * h);
-  return ((y << 9) & 0x0E000E00u) | ((y << 12) & 0x80008000u);
+// The four fp16x2 A registers held by one word of the kernel layout (gptoss_ext/mxfp4.py): each
+// code's 3 magnitude bits land at fp16 bits 9..11 and its sign at bit 15, i.e. E2M1 * 2^-14,
+// exact (code 1 = 0.5 becomes an fp16 subnormal). 11 integer operations for 8 weights.
+__device__ __forceinline__ void fp4x8_to_f16x2(uint32_t w, uint32_t (&r)[4]) {
+  constexpr uint32_t kMag = 0x0E000E00u, kSign = 0x80008000u, kBoth = kMag | kSign;
+  r[0] = ((w << 9) & kMag) | ((w << 2) & kSign);
+  r[1] = ((w << 6) & kMag) | ((w << 1) & kSign);
+  r[2] = (w << 3) & kBoth;
+  r[3] = w & kBoth;
 }
 
-// E8M0 scale s -> 2^(s - 127) * 2^14 as fp32 (s = 255, NaN in E8M0, gives inf).
-__device__ __forceinline__ float e8m0_scale(uint32_t s) {
-  return __uint_as_float(min(s + 14u, 255u) << 23);
+// E8M0 byte k of the scale word sc -> 2^(s - 127) as fp32 (s = 0 gives 0 instead of 2^-127, s = 255,
+// NaN in E8M0, gives inf). Two integer operations; the decode's 2^-14 is undone once at the end.
+template <int k>
+__device__ __forceinline__ float e8m0_byte(uint32_t sc) {
+  return __uint_as_float((k < 3 ? sc << (23 - 8 * k) : sc >> 1) & 0x7F800000u);
 }
 
 __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
@@ -50,26 +56,56 @@ __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// Which (expert, first token) this CTA serves; false if the work item is past the end. Offsets
-// that are not a valid grouping of P pairs (not from the router) end the scan: no out-of-range access.
-// `offsets` is the CTA's shared-memory copy (a scan over global memory cost a load latency an expert).
-__device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int64_t P, int bn, int item, int& expert,
-                                          int& start, int& count) {
-  int acc = 0;
-  for (int e = 0; e < E; ++e) {
-    const int lo = offsets[e], hi = offsets[e + 1];
-    if (lo < 0 || hi < lo || hi > P) return false;
-    const int n = hi - lo;
-    const int tiles = (n + bn - 1) / bn;
-    if (item < acc + tiles) {
-      expert = e;
-      start = (item - acc) * bn;
-      count = min(bn, n - start);
-      return true;
-    }
-    acc += tiles;
+// Which (expert, first pair, count, perm index of the first pair) work item `item` is, for tiles of
+// bn pairs; false if the item is past the end. One warp does it (every warp of a CTA gets the same
+// answer): lane l holds experts 8l .. 8l + 7 (E <= 256), a warp prefix sum over their tile counts
+// finds the owner. Offsets that are not a valid grouping of P pairs (not from the router) give
+// false for every item: no out-of-range access.
+__device__ __forceinline__ bool find_work(const int32_t* __restrict__ offsets, int E, int64_t P, int bn, int item,
+                                          int& expert, int& start, int& count, int& base) {
+  const int lane = threadIdx.x & 31, e0 = lane * 8;
+  int lo[8], n[8], tiles = 0;
+  bool bad = false;
+  int prev = e0 <= E ? __ldg(offsets + e0) : 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int e = e0 + i;
+    const int hi = e < E ? __ldg(offsets + e + 1) : prev;
+    bad |= prev < 0 || hi < prev || hi > P;
+    lo[i] = prev;
+    n[i] = hi - prev;
+    tiles += (n[i] + bn - 1) / bn;
+    prev = hi;
   }
-  return false;
+  if (__any_sync(0xFFFFFFFFu, bad)) return false;
+  int incl = tiles;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  const unsigned owner = __ballot_sync(0xFFFFFFFFu, item >= incl - tiles && item < incl);
+  if (!owner) return false;
+  int info[4] = {0, 0, 0, 0};
+  int acc = incl - tiles;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int t = (n[i] + bn - 1) / bn;
+    if (item >= acc && item < acc + t) {
+      const int st = (item - acc) * bn;
+      info[0] = e0 + i;
+      info[1] = st;
+      info[2] = min(bn, n[i] - st);
+      info[3] = lo[i] + st;
+    }
+    acc += t;
+  }
+  const int src = __ffs(owner) - 1;
+  expert = __shfl_sync(0xFFFFFFFFu, info[0], src);
+  start = __shfl_sync(0xFFFFFFFFu, info[1], src);
+  count = __shfl_sync(0xFFFFFFFFu, info[2], src);
+  base = __shfl_sync(0xFFFFFFFFu, info[3], src);
+  return true;
 }
 
 // The epilogue for one accumulator tile (rows tile*16 + g, +8; tokens 2q + t of n-tile n, whose
@@ -102,17 +138,16 @@ __device__ __forceinline__ void store_tile(const MoeGemmArgs& a, const bf16* bia
 
 template <int WM, int NT, int DEPTH, bool SWIGLU>
 __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, int slab) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   constexpr int WK = kWarps / WM;
   constexpr int BN = 8 * NT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint32_t* bs = reinterpret_cast<uint32_t*>(smem_raw);        // [BN][slab/2 + 4] fp16x2 activations
   __shared__ int32_t pair_of[BN];
-  __shared__ int32_t offs[kMaxExperts + 1];
 
-  for (int e = threadIdx.x; e <= a.E; e += kWarps * 32) offs[e] = a.offsets[e];
-  __syncthreads();
-  int expert, start, count;
-  if (!find_work(offs, a.E, a.P, BN, blockIdx.y, expert, start, count)) return;
+  int expert, start, count, base;
+  if (!find_work(a.offsets, a.E, a.P, BN, blockIdx.y, expert, start, count, base)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp % WM, wk = warp / WM;
   const int g = lane >> 2, q = lane & 3;
@@ -122,16 +157,32 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
   const int stride = slab / 2 + 4;                                 // words a staged row (+16 B pad)
   const int rows = a.P < BN ? static_cast<int>(a.P) : BN;          // staged rows (a tile never has more tokens)
 
-  if (threadIdx.x < BN) {
-    const int p = threadIdx.x < count ? a.perm[offs[expert] + start + threadIdx.x] : -1;
-    pair_of[threadIdx.x] = (p >= 0 && p < a.P) ? p : -1;   // a pair index out of range is skipped
-  }
-  __syncthreads();
-
   const uint4* codes = reinterpret_cast<const uint4*>(a.codes) +
                        ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 32 + lane;
   const uint32_t* scales = reinterpret_cast<const uint32_t*>(a.scales) +
                            ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 8 + g;
+  // This warp's chunks of a slab (every WK-th), DEPTH at a time, software-pipelined: batch b + 1
+  // is in flight while batch b is computed. The first batch goes out before the routing lookups
+  // and the activation staging, so weight traffic starts at once.
+  uint4 code[DEPTH], code_next[DEPTH];
+  uint32_t sc[DEPTH], sc_next[DEPTH];
+  const auto load_batch = [&](int c0, int c_end, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int c = c0 + d * WK;
+      const bool ok = tile_ok && c < c_end;
+      cd[d] = ok ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
+      sv[d] = ok ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
+    }
+  };
+  load_batch(wk, slab / 64, code, sc);
+
+  if (threadIdx.x < BN) {
+    const int p = threadIdx.x < count ? a.perm[base + threadIdx.x] : -1;
+    pair_of[threadIdx.x] = (p >= 0 && p < a.P) ? p : -1;   // a pair index out of range is skipped
+  }
+  __syncthreads();
+
   // Staged row each n-tile reads for this lane; rows past the staged ones only feed unused columns.
   int brow_of[NT];
 #pragma unroll
@@ -143,22 +194,10 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
 
   for (int k0 = 0; k0 < a.K; k0 += slab) {
     const int c_begin = k0 / 64, c_end = (k0 + slab) / 64;
-    // This warp's chunks of the slab (every WK-th), DEPTH at a time, software-pipelined: batch
-    // b + 1 is in flight while batch b is computed. The first batch is issued before the
-    // activations are staged, so weight traffic starts at once.
-    uint4 code[DEPTH], code_next[DEPTH];
-    uint32_t sc[DEPTH], sc_next[DEPTH];
-    const auto load_batch = [&](int c0, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
-#pragma unroll
-      for (int d = 0; d < DEPTH; ++d) {
-        const int c = c0 + d * WK;
-        const bool ok = tile_ok && c < c_end;
-        cd[d] = ok ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
-        sv[d] = ok ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
-      }
-    };
-    load_batch(c_begin + wk, code, sc);
-    // Stage the slab of activations for the tile's tokens (fp16).
+    if (k0 > 0) load_batch(c_begin + wk, c_end, code, sc);
+    // Stage the slab of activations for the tile's tokens (fp16). Within each 64-column chunk, word
+    // q + 4i (the B fragment word i of lane quad q) goes to q * 8 + i, so a lane's 8 words of a
+    // chunk are two 16-byte loads.
     __syncthreads();
     const int vecs = slab / 8;                                       // 16-byte vectors a row
     for (int i = threadIdx.x; i < rows * vecs; i += kWarps * 32) {
@@ -166,24 +205,30 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
       const int p = pair_of[n];
       if (p < 0) continue;  // rows past `count` only feed accumulator columns that are never stored
       const int64_t row = SWIGLU ? p / a.top_k : p;
-      uint4 v = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K + k0) + c4);
-      v.x = bf16x2_to_f16x2(v.x);
-      v.y = bf16x2_to_f16x2(v.y);
-      v.z = bf16x2_to_f16x2(v.z);
-      v.w = bf16x2_to_f16x2(v.w);
-      *reinterpret_cast<uint4*>(bs + n * stride + c4 * 4) = v;
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K + k0) + c4);
+      uint32_t* dst = bs + n * stride + (c4 >> 3) * 32 + (c4 & 7);
+      dst[0] = bf16x2_to_f16x2(v.x);
+      dst[8] = bf16x2_to_f16x2(v.y);
+      dst[16] = bf16x2_to_f16x2(v.z);
+      dst[24] = bf16x2_to_f16x2(v.w);
     }
     __syncthreads();
     if (!tile_ok) continue;
     for (int c0 = c_begin + wk; c0 < c_end; c0 += WK * DEPTH) {
       const bool more = c0 + WK * DEPTH < c_end;
-      if (more) load_batch(c0 + WK * DEPTH, code_next, sc_next);
+      if (more) load_batch(c0 + WK * DEPTH, c_end, code_next, sc_next);
 #pragma unroll
       for (int d = 0; d < DEPTH; ++d) {
         const int c = c0 + d * WK;
         if (c >= c_end) break;
         const uint32_t words4[4] = {code[d].x, code[d].y, code[d].z, code[d].w};
-        const int kw = (c - c_begin) * 32;                           // word offset of the chunk in the slab
+        const int kw = (c - c_begin) * 32 + q * 8;                   // this lane's 8 B words of the chunk
+        uint4 bv[NT][2];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          bv[n][0] = *reinterpret_cast<const uint4*>(bs + brow_of[n] + kw);
+          bv[n][1] = *reinterpret_cast<const uint4*>(bs + brow_of[n] + kw + 4);
+        }
 #pragma unroll
         for (int grp = 0; grp < 2; ++grp) {
           float part[NT][4];
@@ -192,16 +237,15 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
 #pragma unroll
           for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
             uint32_t af[4];
-#pragma unroll
-            for (int h = 0; h < 4; ++h) af[h] = fp4x2_to_f16x2(words4[s], h);
+            fp4x8_to_f16x2(words4[s], af);
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
-              const uint32_t* brow = bs + brow_of[n] + kw + s * 8 + q;
-              mma_f16(part[n], af, brow[0], brow[4]);
+              const uint4& b = bv[n][grp];
+              mma_f16(part[n], af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
             }
           }
-          const float s_lo = e8m0_scale((sc[d] >> (16 * grp)) & 0xFFu);       // row g
-          const float s_hi = e8m0_scale((sc[d] >> (16 * grp + 8)) & 0xFFu);   // row g + 8
+          const float s_lo = grp ? e8m0_byte<2>(sc[d]) : e8m0_byte<0>(sc[d]);   // row g
+          const float s_hi = grp ? e8m0_byte<3>(sc[d]) : e8m0_byte<1>(sc[d]);   // row g + 8
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
             acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
@@ -220,6 +264,10 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
       }
     }
   }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[n][j] *= 16384.f;   // the decode's 2^-14
 
   // Split-K: warps wk > 0 hand their sums to wk == 0 through shared memory.
   if constexpr (WK > 1) {
@@ -276,20 +324,19 @@ __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
 
 template <bool SWIGLU>
 __global__ void __launch_bounds__(128) moe_prefill_kernel(MoeGemmArgs a) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   constexpr int BN = kPrefillBN, MT = 2, DEPTH = kPrefillDepth;
   __shared__ __align__(128) uint8_t sB[2][BN * 128];
   __shared__ int32_t pair_of[BN];
-  __shared__ int32_t offs[kMaxExperts + 1];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int e = tid; e <= a.E; e += 128) offs[e] = a.offsets[e];
-  __syncthreads();
-  int expert, start, count;
-  if (!find_work(offs, a.E, a.P, BN, blockIdx.y, expert, start, count)) return;
+  int expert, start, count, base;
+  if (!find_work(a.offsets, a.E, a.P, BN, blockIdx.y, expert, start, count, base)) return;
   const int g = lane >> 2, q = lane & 3;
   const int row_tiles = a.R / 16, chunks = a.K / 64;
   const int tile0 = blockIdx.x * 8 + warp * MT;
   if (tid < BN) {
-    const int p = tid < count ? a.perm[offs[expert] + start + tid] : -1;
+    const int p = tid < count ? a.perm[base + tid] : -1;
     pair_of[tid] = (p >= 0 && p < a.P) ? p : -1;
   }
   __syncthreads();
@@ -372,10 +419,11 @@ __global__ void __launch_bounds__(128) moe_prefill_kernel(MoeGemmArgs a) {
         for (int mt = 0; mt < MT; ++mt) {
           const uint32_t f_lo = scale_f16x2((wsc[d][mt] >> (16 * grp)) & 0xFFu);      // row g
           const uint32_t f_hi = scale_f16x2((wsc[d][mt] >> (16 * grp + 8)) & 0xFFu);  // row g + 8
-          af[mt][0] = hmul2(fp4x2_to_f16x2(words[mt][s], 0), f_lo);
-          af[mt][1] = hmul2(fp4x2_to_f16x2(words[mt][s], 1), f_hi);
-          af[mt][2] = hmul2(fp4x2_to_f16x2(words[mt][s], 2), f_lo);
-          af[mt][3] = hmul2(fp4x2_to_f16x2(words[mt][s], 3), f_hi);
+          fp4x8_to_f16x2(words[mt][s], af[mt]);
+          af[mt][0] = hmul2(af[mt][0], f_lo);
+          af[mt][1] = hmul2(af[mt][1], f_hi);
+          af[mt][2] = hmul2(af[mt][2], f_lo);
+          af[mt][3] = hmul2(af[mt][3], f_hi);
         }
 #pragma unroll
         for (int nb = 0; nb < 4; ++nb) {
@@ -409,8 +457,7 @@ template <bool SWIGLU>
 cudaError_t launch_prefill(const MoeGemmArgs& a, cudaStream_t stream) {
   const int64_t max_items = (a.P + kPrefillBN - 1) / kPrefillBN + std::min<int64_t>(a.E, a.P);
   const dim3 grid((a.R / 16 + 7) / 8, static_cast<unsigned>(max_items));
-  moe_prefill_kernel<SWIGLU><<<grid, 128, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(moe_prefill_kernel<SWIGLU>, grid, dim3(128), 0, stream, a);
 }
 
 template <int WM, int NT, int DEPTH, bool SWIGLU>
@@ -439,8 +486,7 @@ cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
   }
   const int64_t max_items = (a.P + BN - 1) / BN + std::min<int64_t>(a.E, a.P);
   const dim3 grid((a.R / 16 + WM - 1) / WM, static_cast<unsigned>(max_items));
-  kernel<<<grid, kWarps * 32, smem, stream>>>(a, slab);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(kWarps * 32), smem, stream, a, slab);
 }
 
 // GPTOSS_MOE_GENERIC_PREFILL=1: the per-group-partials kernel for prefill too (tests, comparisons).
@@ -470,6 +516,8 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
 
 __global__ void combine_kernel(const float* __restrict__ y, const bf16* __restrict__ residual, bf16* __restrict__ out,
                                int k, int H) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   for (int h = (blockIdx.y * blockDim.x + threadIdx.x) * 4; h < H; h += gridDim.y * blockDim.x * 4) {
     float4 s = residual ? make_float4(__bfloat162float(residual[t * H + h]), __bfloat162float(residual[t * H + h + 1]),
@@ -498,8 +546,7 @@ cudaError_t launch_moe_combine(const float* y, const bf16* residual, bf16* out, 
   if (H % 4 != 0 || T > INT32_MAX) return cudaErrorInvalidValue;
   const int threads = 128;
   const dim3 grid(static_cast<unsigned>(T), std::max(1, std::min(8, H / (threads * 4))));
-  combine_kernel<<<grid, threads, 0, stream>>>(y, residual, out, k, H);
-  return cudaGetLastError();
+  return launch_kernel(combine_kernel, grid, dim3(threads), 0, stream, y, residual, out, k, H);
 }
 
 }  // namespace gptoss

@@ -29,6 +29,8 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
                                                       int32_t* __restrict__ ids, float* __restrict__ weights,
                                                       int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
                                                       int32_t* __restrict__ perm, int32_t* __restrict__ scratch) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   __shared__ int32_t cursor[32][kRouterMaxExperts];  // histogram, then per-warp write cursors
   __shared__ int32_t offs[kRouterMaxExperts + 1];
   __shared__ bool is_last;
@@ -185,13 +187,9 @@ cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, i
     return cudaErrorInvalidValue;
   const int64_t ncta = std::max<int64_t>(1, (T + kTokensPerCta - 1) / kTokensPerCta);
   const int threads = static_cast<int>(std::min<int64_t>(kTokensPerCta, std::max<int64_t>(1, T)) * 32);
-  if (logits_bf16)
-    router_kernel<true><<<static_cast<unsigned>(ncta), threads, 0, stream>>>(logits, static_cast<int>(T), E, k, ids,
-                                                                          weights, counts, offsets, perm, scratch);
-  else
-    router_kernel<false><<<static_cast<unsigned>(ncta), threads, 0, stream>>>(logits, static_cast<int>(T), E, k, ids,
-                                                                           weights, counts, offsets, perm, scratch);
-  return cudaGetLastError();
+  return launch_kernel(logits_bf16 ? router_kernel<true> : router_kernel<false>, dim3(static_cast<unsigned>(ncta)),
+                       dim3(threads), 0, stream, logits, static_cast<int>(T), E, k, ids, weights, counts, offsets, perm,
+                       scratch);
 }
 
 }  // namespace gptoss

@@ -20,6 +20,8 @@ __global__ void __launch_bounds__(256) add_rms_norm_kernel(
     bf16* __restrict__ out,             // [T, H]
     bf16* __restrict__ residual_out,    // [T, H] or null
     int H, float eps) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const int nvec = H / 8;
@@ -76,9 +78,8 @@ cudaError_t launch(const bf16* x, const bf16* residual, const bf16* scale, bf16*
                    int64_t T, int64_t H, float eps, cudaStream_t stream) {
   const int nvec = static_cast<int>(H / 8);
   const int threads = ((ceil_div(nvec, VPT) + 31) / 32) * 32;
-  add_rms_norm_kernel<VPT><<<static_cast<unsigned>(T), threads, 0, stream>>>(
-      x, residual, scale, out, residual_out, static_cast<int>(H), eps);
-  return cudaGetLastError();
+  return launch_kernel(add_rms_norm_kernel<VPT>, dim3(static_cast<unsigned>(T)), dim3(threads), 0, stream, x, residual,
+                       scale, out, residual_out, static_cast<int>(H), eps);
 }
 
 }  // namespace

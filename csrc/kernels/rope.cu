@@ -22,6 +22,8 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
     const int64_t* __restrict__ positions,        // [T]
     const double* __restrict__ inv_freq,          // [D/2]
     double concentration, int Hq, int Hkv, int D, int64_t q_stride, int64_t k_stride) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
   __shared__ float cs[128], sn[128];
   const int64_t t = blockIdx.x;
   const int half = D / 2;
@@ -84,9 +86,8 @@ cudaError_t launch_rope(bf16* q, bf16* k, const int64_t* positions, const double
   if (D % 16 != 0 || D > 256 || T > INT32_MAX) return cudaErrorInvalidValue;
   const int items = (Hq + Hkv) * (D / 16);
   const int threads = std::min(kMaxThreads, std::max(32, (ceil_div(items, kItemsPerThread) + 31) / 32 * 32));
-  rope_kernel<<<static_cast<unsigned>(T), threads, 0, stream>>>(q, k, positions, inv_freq, concentration,
-                                                                 Hq, Hkv, D, q_stride, k_stride);
-  return cudaGetLastError();
+  return launch_kernel(rope_kernel, dim3(static_cast<unsigned>(T)), dim3(threads), 0, stream, q, k, positions, inv_freq,
+                       concentration, Hq, Hkv, D, q_stride, k_stride);
 }
 
 }  // namespace gptoss

@@ -3,13 +3,14 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/linear.h"
+#include "kernels/pdl.h"
 #include "ops/checks.h"
 #include "ops/ops.h"
 
 namespace gptoss {
 
 void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   at::Tensor& out) {
+                   at::Tensor& out, bool weight_constant) {
   const char* op = "linear_skinny";
   check_cuda(op, "x", x);
   check_dtype(op, "x", x, at::kBFloat16);
@@ -42,7 +43,9 @@ void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::opt
                                                reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr()), b,
                                                reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), out.stride(0),
                                                static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                                               c10::cuda::getCurrentCUDAStream()));
+                                               weight_constant, c10::cuda::getCurrentCUDAStream()));
 }
+
+bool set_pdl_enabled(bool enabled) { return set_pdl(enabled); }
 
 }  // namespace gptoss

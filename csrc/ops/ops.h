@@ -35,6 +35,8 @@ void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
               at::Tensor& v_cache);
 
 void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   at::Tensor& out);
+                   at::Tensor& out, bool weight_constant);
+// Programmatic dependent launch on/off for this process (kernels/pdl.h); returns the previous state.
+bool set_pdl_enabled(bool enabled);
 
 }  // namespace gptoss

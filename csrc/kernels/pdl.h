@@ -1,0 +1,81 @@
+// Programmatic dependent launch (PDL, Hopper): every kernel of this library is launched with the
+// programmatic-stream-serialization attribute, so it may start while the kernel before it in the
+// stream is still running. Each kernel begins with pdl_wait() (griddepcontrol.wait: blocks until
+// the previous grid has completed and its writes are visible) before it reads anything another
+// kernel wrote or writes anything at all; only reads of constant data (weights) may come before
+// it. Right after, pdl_trigger() lets the next kernel launch. A step of decode is ~300 small
+// dependent launches: this hides each one's launch latency and prologue behind its predecessor.
+// On by default where the device is sm_90 (the sm_90a build has the waits); GPTOSS_PDL=0 or
+// gptoss_ext.ops.set_pdl(False) turns it off (launches are then plain stream-ordered launches).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdlib>
+
+namespace gptoss {
+
+// -1: not decided yet (GPTOSS_PDL at first use), 0 off, 1 on (where the device supports it).
+inline std::atomic<int>& pdl_mode() {
+  static std::atomic<int> mode{-1};
+  return mode;
+}
+
+inline bool set_pdl(bool on) {
+  const int prev = pdl_mode().exchange(on ? 1 : 0);
+  return prev == 1 || (prev == -1 && !(std::getenv("GPTOSS_PDL") && std::getenv("GPTOSS_PDL")[0] == '0'));
+}
+
+inline bool pdl_enabled() {
+  int mode = pdl_mode().load(std::memory_order_relaxed);
+  if (mode < 0) {
+    const char* e = std::getenv("GPTOSS_PDL");
+    mode = (e && e[0] == '0') ? 0 : 1;
+    pdl_mode().store(mode);
+  }
+  if (!mode) return false;
+  // Only sm_90 runs the sm_90a code that has the waits (a newer GPU JIT-compiles the sm_80 PTX,
+  // which has none, so it must not be launched with the attribute).
+  static int major_of[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (major_of[dev] == 0) {
+    int major = -1;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) major = -1;
+    major_of[dev] = major;
+  }
+  return major_of[dev] == 9;
+}
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when enabled.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+#endif
+
+}  // namespace gptoss
