@@ -154,7 +154,6 @@ __device__ __forceinline__ void pv_tile(float (&o)[MT][8][4], const float (&p)[M
 template <int MT>
 __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs a) {
   pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
   constexpr int BM = 64 * MT, NT = 128;
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sQ = smem_u32(smem), sK = sQ + BM * 128, sV = sK + 2 * kTileBytes;
@@ -234,6 +233,7 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
     pv_tile<MT>(o, s, sV + buf * kTileBytes, lane);
     __syncthreads();
   }
+  pdl_trigger();  // multi-wave: the next kernel launches once every CTA is past its main loop
 
   bf16* ob = a.out + (int64_t)(q0 + row0) * a.out_stride + (int64_t)h * D;
   const float sink = a.sinks ? a.sinks[h] * kLog2e : kNegInf;

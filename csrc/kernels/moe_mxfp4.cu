@@ -325,7 +325,6 @@ __device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
 template <bool SWIGLU>
 __global__ void __launch_bounds__(128) moe_prefill_kernel(MoeGemmArgs a) {
   pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
   constexpr int BN = kPrefillBN, MT = 2, DEPTH = kPrefillDepth;
   __shared__ __align__(128) uint8_t sB[2][BN * 128];
   __shared__ int32_t pair_of[BN];
@@ -443,6 +442,7 @@ __global__ void __launch_bounds__(128) moe_prefill_kernel(MoeGemmArgs a) {
     }
   }
 
+  pdl_trigger();  // multi-wave: the next kernel launches once every CTA is past its main loop
   // Epilogue. Accumulator (mt, n, j): token n*8 + 2q + (j & 1), row (tile0 + mt)*16 + g + 8*(j >> 1).
   const bf16* bias = a.bias + static_cast<int64_t>(expert) * a.R;
 #pragma unroll
