@@ -1,4 +1,5 @@
-import sys, torch
+"""A/B timing of the MoE kernels (CUDA graphs of 20 calls): decode variants (GPTOSS_MOE_DECODE) and\nprogrammatic launch on/off. Usage: python bench/moe_ab.py"""
+import os, sys, torch
 sys.path.insert(0, "bench")
 from moe_bench import H, I, make, routing
 from gptoss_ext import ops
@@ -24,7 +25,10 @@ for T in (1, 8, 4096):
     y = torch.empty(T * 4, H, device="cuda")
     m1 = lambda: torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h, w["k1"].max_scale)
     m2 = lambda: torch.ops.gptoss_ext.moe_mlp2(h, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wt.view(-1), y, w["k2"].max_scale)
-    for pdl in (True, False):
-        ops.set_pdl(pdl)
-        print(f"T={T} pdl={pdl} mlp1 {timeit(m1):.1f} us  mlp2 {timeit(m2):.1f} us  both {timeit(lambda: (m1(), m2())):.1f} us", flush=True)
+    for var in (("a", "b") if T <= 8 else ("a",)):
+        os.environ["GPTOSS_MOE_DECODE"] = var
+        for pdl in (True, False):
+            ops.set_pdl(pdl)
+            print(f"T={T} variant={var} pdl={pdl} mlp1 {timeit(m1):.1f} us  mlp2 {timeit(m2):.1f} us  "
+                  f"both {timeit(lambda: (m1(), m2())):.1f} us", flush=True)
 ops.set_pdl(True)

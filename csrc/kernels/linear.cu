@@ -38,7 +38,6 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
   // Constant weights: the first vectors are in flight before waiting on the previous kernel.
   if (weight_constant && n0 < N) load_w(lane);
   pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
   for (int i = threadIdx.x; i < M * vecs; i += kWarps * 32) {
     const int m = i / vecs, v = i % vecs;
     xs[i] = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);
@@ -75,6 +74,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
       }
     }
   }
+  pdl_trigger();  // after the main loop: an early launch of the next grid slowed this one (placement)
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int n = n0 + r;

@@ -136,11 +136,10 @@ __device__ __forceinline__ void store_tile(const MoeGemmArgs& a, const bf16* bia
   }
 }
 
-template <int WM, int NT, int DEPTH, bool SWIGLU>
-__global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, int slab) {
+template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
+__global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab) {
   pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
-  constexpr int WK = kWarps / WM;
+  constexpr int WK = NW / WM;
   constexpr int BN = 8 * NT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint32_t* bs = reinterpret_cast<uint32_t*>(smem_raw);        // [BN][slab/2 + 4] fp16x2 activations
@@ -200,7 +199,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
     // chunk are two 16-byte loads.
     __syncthreads();
     const int vecs = slab / 8;                                       // 16-byte vectors a row
-    for (int i = threadIdx.x; i < rows * vecs; i += kWarps * 32) {
+    for (int i = threadIdx.x; i < rows * vecs; i += NW * 32) {
       const int n = i / vecs, c4 = i % vecs;
       const int p = pair_of[n];
       if (p < 0) continue;  // rows past `count` only feed accumulator columns that are never stored
@@ -269,6 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32) moe_gemm_kernel(MoeGemmArgs a, in
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[n][j] *= 16384.f;   // the decode's 2^-14
 
+  pdl_trigger();  // after the main loop: an early launch of the next grid slowed this one (placement)
   // Split-K: warps wk > 0 hand their sums to wk == 0 through shared memory.
   if constexpr (WK > 1) {
     __syncthreads();
@@ -460,7 +460,7 @@ cudaError_t launch_prefill(const MoeGemmArgs& a, cudaStream_t stream) {
   return launch_kernel(moe_prefill_kernel<SWIGLU>, grid, dim3(128), 0, stream, a);
 }
 
-template <int WM, int NT, int DEPTH, bool SWIGLU>
+template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
 cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
   constexpr int BN = 8 * NT;
   const int rows = static_cast<int>(std::min<int64_t>(BN, a.P));
@@ -476,17 +476,17 @@ cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
       }
     }
   }
-  constexpr int WK = kWarps / WM;
+  constexpr int WK = NW / WM;
   const size_t red_bytes = WK > 1 ? static_cast<size_t>(WK - 1) * WM * NT * 4 * 32 * 4 : 0;
   const size_t smem = std::max(bytes(slab), red_bytes);
-  auto kernel = moe_gemm_kernel<WM, NT, DEPTH, SWIGLU>;
+  auto kernel = moe_gemm_kernel<WM, NT, DEPTH, SWIGLU, NW, MINB>;
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
   const int64_t max_items = (a.P + BN - 1) / BN + std::min<int64_t>(a.E, a.P);
   const dim3 grid((a.R / 16 + WM - 1) / WM, static_cast<unsigned>(max_items));
-  return launch_kernel(kernel, grid, dim3(kWarps * 32), smem, stream, a, slab);
+  return launch_kernel(kernel, grid, dim3(NW * 32), smem, stream, a, slab);
 }
 
 // GPTOSS_MOE_GENERIC_PREFILL=1: the per-group-partials kernel for prefill too (tests, comparisons).
@@ -507,7 +507,14 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   // (A variant streaming the weights through per-warp cp.async rings, 40 registers, measured
   // 38.9 us vs 36.3 us at T=1 and 230 vs 185 us at T=8: issue-bound on the FP4 decode, not
   // latency-bound; see bench/NOTES.md.)
-  if (per_expert <= 8) return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
+  if (per_expert <= 8) {
+    // GPTOSS_MOE_DECODE=b: 8 warps a CTA, K split over 2 (mlp1) / 4 (mlp2) warps, 4-chunk batches,
+    // registers capped for 3 CTAs an SM (tuning experiment: twice the warps, half the depth).
+    const char* v = std::getenv("GPTOSS_MOE_DECODE");
+    if (v && v[0] == 'b')
+      return SWIGLU ? launch_gemm<4, 1, 4, SWIGLU, 8, 3>(a, stream) : launch_gemm<2, 1, 4, SWIGLU, 8, 3>(a, stream);
+    return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
+  }
   if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);
   // prefill: the scale-folding tensor-core kernel when every scale fits fp16 (s <= 128, see above)
   if (a.max_scale <= 128 && !force_generic_prefill()) return launch_prefill<SWIGLU>(a, stream);
