@@ -1,4 +1,5 @@
-"""A/B timing of the MoE kernels (CUDA graphs of 20 calls): decode variants (GPTOSS_MOE_DECODE) and\nprogrammatic launch on/off. Usage: python bench/moe_ab.py"""
+"""A/B timing of the MoE kernels (CUDA graphs of 20 calls): decode variants (GPTOSS_MOE_DECODE) and
+programmatic launch on/off. Usage: python bench/moe_ab.py"""
 import os, sys, torch
 sys.path.insert(0, "bench")
 from moe_bench import H, I, make, routing
