@@ -35,13 +35,9 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
         wv[r][u] = v < vecs ? __ldg(wr[r] + v) : make_uint4(0, 0, 0, 0);
       }
   };
-  // The CTA's rows (contiguous) are requested into L2 and, for constant weights, the first vectors
-  // loaded, before waiting on the previous kernel.
-  const int row0 = blockIdx.x * kWarps * kRows, nrows = min(kWarps * kRows, N - row0);
-  if (weight_constant && warp == 0) prefetch_l2_warp(w + static_cast<int64_t>(row0) * K, static_cast<size_t>(nrows) * K * 2);
+  // Constant weights: the first vectors are in flight before waiting on the previous kernel.
   if (weight_constant && n0 < N) load_w(lane);
   pdl_wait();     // see kernels/pdl.h
-  if (!weight_constant && warp == 0) prefetch_l2_warp(w + static_cast<int64_t>(row0) * K, static_cast<size_t>(nrows) * K * 2);
   for (int i = threadIdx.x; i < M * vecs; i += kWarps * 32) {
     const int m = i / vecs, v = i % vecs;
     xs[i] = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);

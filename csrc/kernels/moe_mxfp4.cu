@@ -160,16 +160,6 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
                        ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 32 + lane;
   const uint32_t* scales = reinterpret_cast<const uint32_t*>(a.scales) +
                            ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 8 + g;
-  if (NT <= 2 && threadIdx.x < 32) {
-    // Decode: the CTA's whole weight slice (its WM adjacent tiles, contiguous) is requested into L2
-    // at once, so DRAM streams at full rate while the latency-bound main loop catches up.
-    const int first = blockIdx.x * WM, ntiles = min(WM, row_tiles - first);
-    if (ntiles > 0) {
-      const int64_t t0 = static_cast<int64_t>(expert) * row_tiles + first;
-      prefetch_l2_warp(a.codes + t0 * chunks * 512, static_cast<size_t>(ntiles) * chunks * 512);
-      prefetch_l2_warp(a.scales + t0 * chunks * 32, static_cast<size_t>(ntiles) * chunks * 32);
-    }
-  }
   // This warp's chunks of a slab (every WK-th), DEPTH at a time, software-pipelined: batch b + 1
   // is in flight while batch b is computed. The first batch goes out before the routing lookups
   // and the activation staging, so weight traffic starts at once.

@@ -60,24 +60,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Asks the memory system to bring [p, p + bytes) into L2 without waiting for it (sm_90 bulk
-// prefetch; a no-op before). The calling warp spreads the range over its lanes in 16-byte-aligned
-// pieces. p and bytes must be multiples of 16. Used to start a weight stream at once instead of at
-// the pace of a latency-bound main loop, and (for constant weights) before pdl_wait().
-__device__ __forceinline__ void prefetch_l2_warp(const void* p, size_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int lane = threadIdx.x & 31;
-  const size_t share = ((bytes + 31) / 32 + 15) & ~size_t(15);
-  const size_t off = share * lane;
-  if (off < bytes) {
-    const size_t n = bytes - off < share ? bytes - off : share;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(static_cast<const char*>(p) + off),
-                 "r"(static_cast<uint32_t>(n))
-                 : "memory");
-  }
-#endif
-}
-
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when enabled.
 template <typename... KArgs, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
