@@ -508,12 +508,13 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   // 38.9 us vs 36.3 us at T=1 and 230 vs 185 us at T=8: issue-bound on the FP4 decode, not
   // latency-bound; see bench/NOTES.md.)
   if (per_expert <= 8) {
-    // GPTOSS_MOE_DECODE=b: 8 warps a CTA, K split over 2 (mlp1) / 4 (mlp2) warps, 4-chunk batches,
-    // registers capped for 3 CTAs an SM (tuning experiment: twice the warps, half the depth).
+    // 8 warps a CTA, K split over 2 (mlp1) / 4 (mlp2) warps, 4-chunk batches, registers capped for
+    // 3 CTAs an SM: twice the warps of the 4-warp, 8-chunk version (GPTOSS_MOE_DECODE=a, kept for
+    // A/B with bench/moe_ab.py) for the latency-bound loop. H200, 20b: T=1 28.1 vs 28.8 us,
+    // T=8 133 vs 136 us, e2e B=32 decode 7.6 vs 8.2 ms a step.
     const char* v = std::getenv("GPTOSS_MOE_DECODE");
-    if (v && v[0] == 'b')
-      return SWIGLU ? launch_gemm<4, 1, 4, SWIGLU, 8, 3>(a, stream) : launch_gemm<2, 1, 4, SWIGLU, 8, 3>(a, stream);
-    return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
+    if (v && v[0] == 'a') return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
+    return SWIGLU ? launch_gemm<4, 1, 4, SWIGLU, 8, 3>(a, stream) : launch_gemm<2, 1, 4, SWIGLU, 8, 3>(a, stream);
   }
   if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);
   // prefill: the scale-folding tensor-core kernel when every scale fits fp16 (s <= 128, see above)
