@@ -40,6 +40,10 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "float sm_scale, int chunk, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) out) -> ()");
   // cache rows slots[t] (= b * max_len + pos) <- k[t], v[t]
   m.def("kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
+  // rope_ and kv_write in one launch (decode and prefill with a cache): q, k rotated in place,
+  // rotated k and v written to cache rows slots[t]
+  m.def("rope_kv_(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, Tensor inv_freq, float concentration, "
+        "Tensor slots, Tensor(c!) k_cache, Tensor(d!) v_cache) -> ()");
   // out = x weight^T + bias for 1..8 rows of x (decode projections), bf16. weight_constant: no
   // kernel of this library writes `weight` (model weights): its loads may overlap the previous kernel
   m.def("linear_skinny(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool weight_constant=False) -> ()");
@@ -58,6 +62,7 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("attn_prefill", &gptoss::attn_prefill);
   m.impl("attn_decode", &gptoss::attn_decode);
   m.impl("kv_write", &gptoss::kv_write);
+  m.impl("rope_kv_", &gptoss::rope_kv_);
   m.impl("linear_skinny", &gptoss::linear_skinny);
 }
 

@@ -96,13 +96,13 @@ class Attention(nn.Module):
         q = qkv[:, :q_end].view(T, self.n_heads, self.head_dim)             # [T, Hq, D]
         k = qkv[:, q_end:k_end].view(T, self.n_kv, self.head_dim)           # [T, Hkv, D]
         v = qkv[:, k_end:].view(T, self.n_kv, self.head_dim)                # [T, Hkv, D]
-        q, k = ops.rope(q, k, step.positions, **self.rope_kwargs)
         sinks = self.sinks32 if self.sinks32 is not None else self.sinks
         if step.cache is None:                                              # one sequence from position 0
+            q, k = ops.rope(q, k, step.positions, **self.rope_kwargs)
             o = ops.attention(q, k, v, sinks, sliding_window=self.window)
         else:
             kc, vc = step.cache.k[self.layer], step.cache.v[self.layer]      # [B, max_len, Hkv, D]
-            ops.kv_write(k, v, kc, vc, step.slots)
+            q, k = ops.rope_kv_write(q, k, v, step.positions, kc, vc, step.slots, **self.rope_kwargs)
             if step.seq_lens is not None:                                   # decode: one token a sequence
                 o = ops.attention_decode(q, kc, vc, sinks, step.seq_lens, sliding_window=self.window)
             else:                                                           # varlen prefill

@@ -138,6 +138,9 @@ def _inv_freq(device: torch.device, head_dim: int, theta: float, factor: float, 
     return inv.to(device), conc
 
 
+_ROPE_DEFAULTS = dict(theta=150000.0, factor=32.0, original_context=4096, ntk_alpha=1.0, ntk_beta=32.0)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, theta: float = 150000.0,
          factor: float = 32.0, original_context: int = 4096, ntk_alpha: float = 1.0,
          ntk_beta: float = 32.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +152,22 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, theta: fl
         return q, k
     cos, sin = ref.rope_cos_sin(positions, q.shape[-1], theta, factor, original_context, ntk_alpha, ntk_beta)
     return ref.apply_rope(q, cos, sin), ref.apply_rope(k, cos, sin)
+
+
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, **rope_kwargs
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope(q, k, positions)` then `kv_write(k, v, k_cache, v_cache, slots)`, in one kernel launch
+    where both kernels would run (head_dim 64); else the two ops. Returns the rotated (q, k)."""
+    if _use_kernel("rope", q) and q.shape[-1] == 64 and _use_kernel("kv_write", k):
+        r = {**_ROPE_DEFAULTS, **rope_kwargs}
+        inv, conc = _inv_freq(q.device, q.shape[-1], r["theta"], r["factor"], r["original_context"], r["ntk_alpha"],
+                              r["ntk_beta"])
+        torch.ops.gptoss_ext.rope_kv_(q, k, v, positions, inv, conc, slots.to(k.device, torch.int64), k_cache, v_cache)
+        return q, k
+    q, k = rope(q, k, positions, **rope_kwargs)
+    kv_write(k, v, k_cache, v_cache, slots)
+    return q, k
 
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -382,6 +401,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::add_rms_norm")
     def _(x, residual, scale, eps, out, residual_out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::rope_kv_")
+    def _(q, k, v, positions, inv_freq, concentration, slots, k_cache, v_cache):
         return None
 
     @torch.library.register_fake("gptoss_ext::rope_")

@@ -235,6 +235,50 @@ def test_kv_write():
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
+@pytest.mark.parametrize("T", [1, 20, 300])
+def test_rope_kv_write_fused_equals_rope_then_kv_write(T):
+    """One launch (rope_kv_) == rope_ then kv_write, bit for bit: q and k rotated in place, the
+    rotated k and the untouched v in the cache rows of the slots, invalid slots skipped."""
+    g = torch.Generator(device=DEV).manual_seed(T)
+    B, L, Hkv = 3, 200, 8
+    qkv = rand((T, (64 + 2 * Hkv) * D), g)
+    pos = torch.randint(0, 100000, (T,), device=DEV, generator=g)
+    slots = torch.randperm(B * L, device=DEV, generator=g)[:T]
+    slots[0] = -1                                               # skipped
+    if T > 1:
+        slots[-1] = B * L + 7                                   # out of range: skipped
+    kc, vc = make_cache(B, L, Hkv, g, poison=False)
+    outs = []
+    for fused in (True, False):
+        buf, kc_, vc_ = qkv.clone(), kc.clone(), vc.clone()
+        q = buf[:, :64 * D].view(T, 64, D)
+        k = buf[:, 64 * D:(64 + Hkv) * D].view(T, Hkv, D)
+        v = buf[:, (64 + Hkv) * D:].view(T, Hkv, D)
+        if fused:
+            ops.rope_kv_write(q, k, v, pos, kc_, vc_, slots)
+        else:
+            ops.rope(q, k, pos)
+            ops.kv_write(k, v, kc_, vc_, slots)
+        outs.append((buf, kc_, vc_))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[0][1], kc)                    # something was written
+
+
+def test_rope_kv_write_rejects_bad_shapes():
+    g = torch.Generator(device=DEV).manual_seed(0)
+    T, Hkv = 4, 8
+    qkv = rand((T, (64 + 2 * Hkv) * D), g)
+    q = qkv[:, :64 * D].view(T, 64, D)
+    k = qkv[:, 64 * D:(64 + Hkv) * D].view(T, Hkv, D)
+    kc, vc = make_cache(2, 16, Hkv, g, poison=False)
+    pos = torch.arange(T, device=DEV)
+    with pytest.raises(RuntimeError, match="rope_kv_.*'v'"):
+        ops.rope_kv_write(q, k, k[:, :4], pos, kc, vc, torch.arange(T, device=DEV))
+    with pytest.raises(RuntimeError, match="rope_kv_.*slots"):
+        ops.rope_kv_write(q, k, k, pos, kc, vc, torch.arange(T + 1, device=DEV))
+
+
 # ---- CUDA graphs --------------------------------------------------------------------------------
 
 def test_decode_cuda_graph_replay():

@@ -277,6 +277,11 @@ __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a)
   const int64_t ws0 = ((int64_t)b * a.Hq + h0) * S + split;  // workspace row of head h0
 
   if (kbeg >= kend) {  // nothing in this chunk: an empty partial (sum 0)
+    if (S == 1) {      // no combine: the output itself (zero, as the combine would give)
+      for (int i = lane; i < nrows * (D / 2); i += 32)
+        reinterpret_cast<uint32_t*>(a.out + (int64_t)b * a.out_stride + (int64_t)(h0 + i / (D / 2)) * D)[i % (D / 2)] = 0u;
+      return;
+    }
     if ((lane & 3) == 0)
       for (int hr = 0; hr < 2; ++hr) {
         const int r = r0 + hr * 8;
@@ -352,6 +357,18 @@ __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a)
     L += __shfl_xor_sync(0xffffffffu, L, 1);
     L += __shfl_xor_sync(0xffffffffu, L, 2);
     const int r = r0 + hr * 8;
+    if (S == 1) {  // one split (short windows): normalise with the sink here, no combine launch
+      if (r < nrows) {
+        const float mu = m[0][hr] == kNegInf ? 0.f : m[0][hr];
+        if (a.sinks) L += ex2(a.sinks[h0 + r] * kLog2e - mu);
+        const float inv = L > 0.f ? 1.f / L : 0.f;
+        bf16* orow = a.out + (int64_t)b * a.out_stride + (int64_t)(h0 + r) * D + ((lane & 3) << 1);
+#pragma unroll
+        for (int d = 0; d < 8; ++d)
+          *reinterpret_cast<uint32_t*>(orow + d * 8) = pack_bf16(o[0][d][2 * hr] * inv, o[0][d][2 * hr + 1] * inv);
+      }
+      continue;
+    }
     if (r < nrows) {
       const int64_t w = ws0 + (int64_t)r * S;
       float* wo = a.ws_o + w * D + ((lane & 3) << 1);
@@ -468,7 +485,11 @@ void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_
   const int64_t wanted = (int64_t)std::max(num_sms, 1) * 4;
   const int64_t rows = (int64_t)B * Hkv * hchunks;
   const int64_t max_splits = (range + BN - 1) / BN;
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(max_splits, (wanted + rows / 2) / rows));
+  // A range whose tiles are all in flight at once in one CTA (the 128 window) takes one split: the
+  // kernel then writes the output itself and the combine launch is skipped.
+  const int64_t splits = range <= kDecStages * kDecBN
+                             ? 1
+                             : std::max<int64_t>(1, std::min<int64_t>(max_splits, (wanted + rows / 2) / rows));
   const int64_t c = ((range + splits - 1) / splits + BN - 1) / BN * BN;
   chunk = static_cast<int>(c);
   num_splits = static_cast<int>((range + c - 1) / c);
@@ -479,7 +500,7 @@ cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream) {
   const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
   const dim3 grid(a.num_splits, a.Hkv * hchunks, a.B);
   cudaError_t err = launch_kernel(attn_decode_kernel, grid, dim3(32), 2 * kDecStages * kDecTileBytes, stream, a);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || a.num_splits == 1) return err;   // one split: the kernel wrote the output
   const size_t smem = (a.num_splits + 32 + D) * sizeof(float);
   if (smem > 48 * 1024) return cudaErrorInvalidValue;  // > 12k splits: never planned
   return launch_kernel(attn_decode_combine_kernel, dim3(a.B * a.Hq), dim3(kCombineThreads), smem, stream, a);

@@ -160,21 +160,25 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
                        ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 32 + lane;
   const uint32_t* scales = reinterpret_cast<const uint32_t*>(a.scales) +
                            ((static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks) * 8 + g;
-  // This warp's chunks of a slab (every WK-th), DEPTH at a time, software-pipelined: batch b + 1
-  // is in flight while batch b is computed. The first batch goes out before the routing lookups
-  // and the activation staging, so weight traffic starts at once.
-  uint4 code[DEPTH], code_next[DEPTH];
-  uint32_t sc[DEPTH], sc_next[DEPTH];
+  // This warp's chunks of a slab (every WK-th), DEPTH at a time, software-pipelined over two
+  // register sets (ping-pong, no copies): batch b + 1 is in flight while batch b is computed. Loads
+  // use one base pointer a batch and constant offsets. The first batch goes out before the routing
+  // lookups and the activation staging, so weight traffic starts at once.
+  uint4 code_a[DEPTH], code_b[DEPTH];
+  uint32_t sc_a[DEPTH], sc_b[DEPTH];
   const auto load_batch = [&](int c0, int c_end, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
+    const uint4* cp = codes + static_cast<int64_t>(c0) * 32;
+    const uint32_t* sp = scales + static_cast<int64_t>(c0) * 8;
+    const int left = c_end - c0;
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
-      const int c = c0 + d * WK;
-      const bool ok = tile_ok && c < c_end;
-      cd[d] = ok ? __ldg(codes + static_cast<int64_t>(c) * 32) : make_uint4(0, 0, 0, 0);
-      sv[d] = ok ? __ldg(scales + static_cast<int64_t>(c) * 8) : 0u;
+      if (d * WK < left) {
+        cd[d] = __ldg(cp + d * WK * 32);
+        sv[d] = __ldg(sp + d * WK * 8);
+      }
     }
   };
-  load_batch(wk, slab / 64, code, sc);
+  if (tile_ok) load_batch(wk, slab / 64, code_a, sc_a);
 
   if (threadIdx.x < BN) {
     const int p = threadIdx.x < count ? a.perm[base + threadIdx.x] : -1;
@@ -193,7 +197,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
 
   for (int k0 = 0; k0 < a.K; k0 += slab) {
     const int c_begin = k0 / 64, c_end = (k0 + slab) / 64;
-    if (k0 > 0) load_batch(c_begin + wk, c_end, code, sc);
+    if (k0 > 0 && tile_ok) load_batch(c_begin + wk, c_end, code_a, sc_a);
     // Stage the slab of activations for the tile's tokens (fp16). Within each 64-column chunk, word
     // q + 4i (the B fragment word i of lane quad q) goes to q * 8 + i, so a lane's 8 words of a
     // chunk are two 16-byte loads.
@@ -213,14 +217,12 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
     }
     __syncthreads();
     if (!tile_ok) continue;
-    for (int c0 = c_begin + wk; c0 < c_end; c0 += WK * DEPTH) {
-      const bool more = c0 + WK * DEPTH < c_end;
-      if (more) load_batch(c0 + WK * DEPTH, c_end, code_next, sc_next);
+    const auto compute_batch = [&](int c0, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
 #pragma unroll
       for (int d = 0; d < DEPTH; ++d) {
         const int c = c0 + d * WK;
         if (c >= c_end) break;
-        const uint32_t words4[4] = {code[d].x, code[d].y, code[d].z, code[d].w};
+        const uint32_t words4[4] = {cd[d].x, cd[d].y, cd[d].z, cd[d].w};
         const int kw = (c - c_begin) * 32 + q * 8;                   // this lane's 8 B words of the chunk
         uint4 bv[NT][2];
 #pragma unroll
@@ -243,8 +245,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
               mma_f16(part[n], af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
             }
           }
-          const float s_lo = grp ? e8m0_byte<2>(sc[d]) : e8m0_byte<0>(sc[d]);   // row g
-          const float s_hi = grp ? e8m0_byte<3>(sc[d]) : e8m0_byte<1>(sc[d]);   // row g + 8
+          const float s_lo = grp ? e8m0_byte<2>(sv[d]) : e8m0_byte<0>(sv[d]);   // row g
+          const float s_hi = grp ? e8m0_byte<3>(sv[d]) : e8m0_byte<1>(sv[d]);   // row g + 8
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
             acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
@@ -254,13 +256,14 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
           }
         }
       }
-      if (more) {
-#pragma unroll
-        for (int d = 0; d < DEPTH; ++d) {
-          code[d] = code_next[d];
-          sc[d] = sc_next[d];
-        }
-      }
+    };
+    constexpr int kStep = WK * DEPTH;
+    for (int c0 = c_begin + wk; c0 < c_end; c0 += 2 * kStep) {
+      if (c0 + kStep < c_end) load_batch(c0 + kStep, c_end, code_b, sc_b);
+      compute_batch(c0, code_a, sc_a);
+      if (c0 + kStep >= c_end) break;
+      if (c0 + 2 * kStep < c_end) load_batch(c0 + 2 * kStep, c_end, code_a, sc_a);
+      compute_batch(c0 + kStep, code_b, sc_b);
     }
   }
 #pragma unroll

@@ -21,28 +21,35 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
     bf16* __restrict__ q, bf16* __restrict__ k,   // [T, Hq, D], [T, Hkv, D] (token strides below)
     const int64_t* __restrict__ positions,        // [T]
     const double* __restrict__ inv_freq,          // [D/2]
-    double concentration, int Hq, int Hkv, int D, int64_t q_stride, int64_t k_stride) {
+    double concentration, int Hq, int Hkv, int D, int64_t q_stride, int64_t k_stride,
+    RopeCacheWrite cw) {                          // cw.k_cache null: no cache write
   pdl_wait();     // see kernels/pdl.h
   pdl_trigger();
   __shared__ float cs[128], sn[128];
   const int64_t t = blockIdx.x;
   const int half = D / 2;
   const int chunks = half / 8;                    // work items per head
-  const int items = (Hq + Hkv) * chunks;
+  // With a cache write, v's heads are work items too (copied, not rotated).
+  const int items = (Hq + Hkv + (cw.k_cache ? Hkv : 0)) * chunks;
+  const int64_t slot = cw.k_cache ? cw.slots[t] : -1;
+  const bool to_cache = slot >= 0 && slot < cw.rows;    // invalid slots are skipped, as kv_write does
+  const int64_t cache_row = slot * Hkv * D;
   for (int first = 0; first < items; first += kItemsPerThread * blockDim.x) {
     // 1. Issue every load of this pass before anything waits on memory.
     bf16x8 a[kItemsPerThread], b[kItemsPerThread];
     bf16* ptr[kItemsPerThread];
-    int col[kItemsPerThread];
+    int col[kItemsPerThread], head_of[kItemsPerThread];
 #pragma unroll
     for (int i = 0; i < kItemsPerThread; ++i) {
       const int it = first + threadIdx.x + i * blockDim.x;
       ptr[i] = nullptr;
       if (it < items) {
         const int head = it / chunks;
+        head_of[i] = head;
         col[i] = (it - head * chunks) * 8;
-        ptr[i] = head < Hq ? q + t * q_stride + static_cast<int64_t>(head) * D
-                           : k + t * k_stride + static_cast<int64_t>(head - Hq) * D;
+        ptr[i] = head < Hq         ? q + t * q_stride + static_cast<int64_t>(head) * D
+                 : head < Hq + Hkv ? k + t * k_stride + static_cast<int64_t>(head - Hq) * D
+                                   : const_cast<bf16*>(cw.v) + t * cw.v_stride + static_cast<int64_t>(head - Hq - Hkv) * D;
         a[i] = load_bf16x8_rw(ptr[i] + col[i]);
         b[i] = load_bf16x8_rw(ptr[i] + half + col[i]);
       }
@@ -62,6 +69,14 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
 #pragma unroll
     for (int i = 0; i < kItemsPerThread; ++i) {
       if (ptr[i] == nullptr) continue;
+      if (head_of[i] >= Hq + Hkv) {  // v: copied into the cache as it is
+        if (to_cache) {
+          bf16* dst = cw.v_cache + cache_row + static_cast<int64_t>(head_of[i] - Hq - Hkv) * D;
+          store_bf16x8(dst + col[i], a[i]);
+          store_bf16x8(dst + half + col[i], b[i]);
+        }
+        continue;
+      }
       float x1[8], x2[8], y1[8], y2[8];
       unpack(a[i], x1);
       unpack(b[i], x2);
@@ -71,8 +86,14 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
         y1[j] = x1[j] * c - x2[j] * s;
         y2[j] = x2[j] * c + x1[j] * s;
       }
-      store_bf16x8(ptr[i] + col[i], pack(y1));
-      store_bf16x8(ptr[i] + half + col[i], pack(y2));
+      const bf16x8 r1 = pack(y1), r2 = pack(y2);
+      store_bf16x8(ptr[i] + col[i], r1);
+      store_bf16x8(ptr[i] + half + col[i], r2);
+      if (to_cache && head_of[i] >= Hq) {  // rotated k into the cache too
+        bf16* dst = cw.k_cache + cache_row + static_cast<int64_t>(head_of[i] - Hq) * D;
+        store_bf16x8(dst + col[i], r1);
+        store_bf16x8(dst + half + col[i], r2);
+      }
     }
   }
 }
@@ -81,13 +102,14 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
 
 cudaError_t launch_rope(bf16* q, bf16* k, const int64_t* positions, const double* inv_freq,
                         double concentration, int64_t T, int Hq, int Hkv, int D, int64_t q_stride,
-                        int64_t k_stride, cudaStream_t stream) {
+                        int64_t k_stride, cudaStream_t stream, const RopeCacheWrite& cw) {
   if (T == 0) return cudaSuccess;
   if (D % 16 != 0 || D > 256 || T > INT32_MAX) return cudaErrorInvalidValue;
-  const int items = (Hq + Hkv) * (D / 16);
+  if (cw.k_cache && (!cw.v || !cw.v_cache || !cw.slots)) return cudaErrorInvalidValue;
+  const int items = (Hq + Hkv + (cw.k_cache ? Hkv : 0)) * (D / 16);
   const int threads = std::min(kMaxThreads, std::max(32, (ceil_div(items, kItemsPerThread) + 31) / 32 * 32));
   return launch_kernel(rope_kernel, dim3(static_cast<unsigned>(T)), dim3(threads), 0, stream, q, k, positions, inv_freq,
-                       concentration, Hq, Hkv, D, q_stride, k_stride);
+                       concentration, Hq, Hkv, D, q_stride, k_stride, cw);
 }
 
 }  // namespace gptoss

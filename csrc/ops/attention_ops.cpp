@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "kernels/attention.h"
+#include "kernels/rope.h"
 #include "ops/checks.h"
 #include "ops/ops.h"
 
@@ -181,9 +182,9 @@ void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   GPTOSS_CHECK_LAUNCH(op, launch_attn_decode(a, c10::cuda::getCurrentCUDAStream()));
 }
 
-void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, at::Tensor& k_cache,
-              at::Tensor& v_cache) {
-  const char* op = "kv_write";
+namespace {
+void check_kv_write_args(const char* op, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache) {
   check_heads(op, "k", k, k);
   check_heads(op, "v", v, k);
   check_cache(op, k_cache, v_cache, k);
@@ -200,10 +201,40 @@ void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
   check_contiguous(op, "slots", slots);
   check_size(op, "slots", slots, 0, T, "tokens of k");
   TORCH_CHECK(T <= INT32_MAX, "gptoss_ext.", op, ": too many tokens (", T, ")");
+}
+}  // namespace
+
+void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, at::Tensor& k_cache,
+              at::Tensor& v_cache) {
+  const char* op = "kv_write";
+  check_kv_write_args(op, k, v, slots, k_cache, v_cache);
+  const int64_t T = k.size(0), Hkv = k.size(1);
   const c10::cuda::OptionalCUDAGuard guard(k.device());
   GPTOSS_CHECK_LAUNCH(op, launch_kv_write(bf(k), bf(v), k.stride(0), v.stride(0), slots.data_ptr<int64_t>(), T,
                                           static_cast<int>(Hkv), bf_mut(k_cache), bf_mut(v_cache),
                                           k_cache.size(0) * k_cache.size(1), c10::cuda::getCurrentCUDAStream()));
+}
+
+void rope_kv_(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+              const at::Tensor& inv_freq, double concentration, const at::Tensor& slots, at::Tensor& k_cache,
+              at::Tensor& v_cache) {
+  const char* op = "rope_kv_";
+  check_rope_args(op, q, k, positions, inv_freq);
+  check_kv_write_args(op, k, v, slots, k_cache, v_cache);
+  const int64_t T = q.size(0), D = q.size(2);
+  RopeCacheWrite cw;
+  cw.v = bf(v);
+  cw.v_stride = v.stride(0);
+  cw.slots = slots.data_ptr<int64_t>();
+  cw.k_cache = bf_mut(k_cache);
+  cw.v_cache = bf_mut(v_cache);
+  cw.rows = k_cache.size(0) * k_cache.size(1);
+  const c10::cuda::OptionalCUDAGuard guard(q.device());
+  GPTOSS_CHECK_LAUNCH(op, launch_rope(reinterpret_cast<__nv_bfloat16*>(q.data_ptr()),
+                                      reinterpret_cast<__nv_bfloat16*>(k.data_ptr()), positions.data_ptr<int64_t>(),
+                                      inv_freq.data_ptr<double>(), concentration, T, static_cast<int>(q.size(1)),
+                                      static_cast<int>(k.size(1)), static_cast<int>(D), q.stride(0), k.stride(0),
+                                      c10::cuda::getCurrentCUDAStream(), cw));
 }
 
 }  // namespace gptoss

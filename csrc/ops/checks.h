@@ -73,6 +73,10 @@ inline void check_packed_heads(const char* op, const char* name, const at::Tenso
   check_aligned16(op, name, t);
 }
 
+// rope_ / rope_kv_: q [T, Hq, D], k [T, Hkv, D] packed heads, positions [T] int64, inv_freq [D/2] fp64.
+void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                     const at::Tensor& inv_freq);
+
 }  // namespace gptoss
 
 #define GPTOSS_CHECK_LAUNCH(op, err)                                                                  \

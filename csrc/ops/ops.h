@@ -33,6 +33,9 @@ void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
                  int64_t chunk, at::Tensor& ws_o, at::Tensor& ws_ml, at::Tensor& out);
 void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, at::Tensor& k_cache,
               at::Tensor& v_cache);
+void rope_kv_(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+              const at::Tensor& inv_freq, double concentration, const at::Tensor& slots, at::Tensor& k_cache,
+              at::Tensor& v_cache);
 
 void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    at::Tensor& out, bool weight_constant);

@@ -8,9 +8,8 @@
 
 namespace gptoss {
 
-void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& inv_freq,
-           double concentration) {
-  const char* op = "rope_";
+void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                     const at::Tensor& inv_freq) {
   check_packed_heads(op, "q", q, q);
   check_packed_heads(op, "k", k, q);
   const int64_t T = q.size(0), D = q.size(2);
@@ -29,6 +28,13 @@ void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::
   check_dim(op, "inv_freq", inv_freq, 1);
   check_contiguous(op, "inv_freq", inv_freq);
   check_size(op, "inv_freq", inv_freq, 0, D / 2, "head_dim / 2");
+}
+
+void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& inv_freq,
+           double concentration) {
+  const char* op = "rope_";
+  check_rope_args(op, q, k, positions, inv_freq);
+  const int64_t T = q.size(0), D = q.size(2);
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   auto err = launch_rope(reinterpret_cast<__nv_bfloat16*>(q.data_ptr()), reinterpret_cast<__nv_bfloat16*>(k.data_ptr()),
                          positions.data_ptr<int64_t>(), inv_freq.data_ptr<double>(), concentration, T,
