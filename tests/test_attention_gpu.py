@@ -244,8 +244,8 @@ def test_rope_kv_write_fused_equals_rope_then_kv_write(T):
     qkv = rand((T, (64 + 2 * Hkv) * D), g)
     pos = torch.randint(0, 100000, (T,), device=DEV, generator=g)
     slots = torch.randperm(B * L, device=DEV, generator=g)[:T]
-    slots[0] = -1                                               # skipped
     if T > 1:
+        slots[0] = -1                                           # skipped
         slots[-1] = B * L + 7                                   # out of range: skipped
     kc, vc = make_cache(B, L, Hkv, g, poison=False)
     outs = []
