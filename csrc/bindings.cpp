@@ -12,6 +12,10 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // residual_out = residual + x; out = rms_norm(residual_out) * scale
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor scale, float eps, Tensor(a!) out, "
         "Tensor(b!) residual_out) -> ()");
+  // the MoE combine fused into the next residual add + RMSNorm: r = residual + sum_j y[:, j] (y fp32
+  // [T, k, H], the experts' weighted outputs), rounded once; out = rms_norm(r) * scale, residual_out = r
+  m.def("moe_combine_add_rms_norm(Tensor y, Tensor residual, Tensor scale, float eps, Tensor(a!) out, "
+        "Tensor(b!) residual_out) -> ()");
   // YaRN RoPE in place on q [T, Hq, D] and k [T, Hkv, D] at positions [T]
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, float concentration) -> ()");
   // top-k experts + softmax per token, and the grouping by expert (counts, offsets, perm);
@@ -54,6 +58,7 @@ TORCH_LIBRARY(gptoss_ext, m) {
 TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("rms_norm", &gptoss::rms_norm);
   m.impl("add_rms_norm", &gptoss::add_rms_norm);
+  m.impl("moe_combine_add_rms_norm", &gptoss::moe_combine_add_rms_norm);
   m.impl("rope_", &gptoss::rope_);
   m.impl("moe_router", &gptoss::moe_router);
   m.impl("moe_mlp1", &gptoss::moe_mlp1);

@@ -132,7 +132,7 @@ class MLP(nn.Module):
         c = self.config
         return ops.moe(t, self.gate.weight, self.gate.bias, self.mlp1_weight.packed, self.mlp1_bias,
                        self.mlp2_weight.packed, self.mlp2_bias, experts_per_token=c.experts_per_token,
-                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
+                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False)
 
 
 class Block(nn.Module):

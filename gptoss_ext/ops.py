@@ -118,9 +118,19 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-5) -> torch.T
 
 def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, scale: torch.Tensor,
                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """r = residual + x; returns (rms_norm(r) * scale, r). x None: no add (r = residual)."""
+    """r = residual + x; returns (rms_norm(r) * scale, r). x None: no add (r = residual).
+    x may also be the MoE's uncombined fp32 outputs [T, k, H] (`moe(..., combine=False)`): then
+    r = residual + x.sum(1), rounded once, and the combine costs no launch of its own."""
     if x is None:
         return rms_norm(residual, scale, eps), residual
+    if x.dim() == 3:
+        if x.is_cuda and _use_kernel("add_rms_norm", residual):
+            out = torch.empty_like(residual)
+            residual_out = torch.empty_like(residual)
+            torch.ops.gptoss_ext.moe_combine_add_rms_norm(x, residual, scale, eps, out, residual_out)
+            return out, residual_out
+        r = (residual.float() + x.float().sum(1)).to(residual.dtype)
+        return ref.rms_norm(r, scale, eps), r
     if _use_kernel("add_rms_norm", residual):
         out = torch.empty_like(residual)
         residual_out = torch.empty_like(residual)
@@ -357,10 +367,12 @@ def route(logits: torch.Tensor, k: int):
 
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight, mlp1_bias,
         mlp2_weight, mlp2_bias, *, experts_per_token: int = 4, swiglu_alpha: float = 1.702,
-        swiglu_limit: float = 7.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+        swiglu_limit: float = 7.0, residual: torch.Tensor | None = None, combine: bool = True) -> torch.Tensor:
     """The MoE block on normed activations x [T, H]: router linear (cuBLAS), top-k, the MXFP4
     experts and the weighted sum (plus `residual` when given). CUDA bf16 with the experts in the
-    kernel layout runs the kernels; anything else the reference."""
+    kernel layout runs the kernels; anything else the reference. combine=False (no residual) on the
+    kernel path returns the experts' weighted outputs uncombined, fp32 [T, k, H], for
+    `add_rms_norm` to sum in its own launch; elsewhere it returns the combined [T, H] as usual."""
     from .mxfp4 import KernelMXFP4
 
     kernel_weights = isinstance(mlp1_weight, KernelMXFP4) and isinstance(mlp2_weight, KernelMXFP4)
@@ -380,6 +392,8 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
         torch.ops.gptoss_ext.moe_mlp2(h, mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
                                       weights.view(-1), y, mlp2_weight.max_scale)
+        if not combine and residual is None:
+            return y.view(T, k, H)
         out = torch.empty(T, H, dtype=torch.bfloat16, device=x.device)
         torch.ops.gptoss_ext.moe_combine(y, residual, k, out)
         return out
@@ -401,6 +415,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::add_rms_norm")
     def _(x, residual, scale, eps, out, residual_out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::moe_combine_add_rms_norm")
+    def _(y, residual, scale, eps, out, residual_out):
         return None
 
     @torch.library.register_fake("gptoss_ext::rope_kv_")

@@ -71,6 +71,27 @@ def test_rms_norm_matches_reference(T, H):
         assert bf16_ulps(ops.rms_norm(x, scale), want) <= 1.0
 
 
+@pytest.mark.parametrize("T,k", [(1, 4), (7, 4), (300, 2)])
+def test_moe_combine_fused_into_add_rms_norm(T, k):
+    """residual + sum_j y[:, j] (fp32) rounded once, then the norm: equal to the fp32 reference
+    rounded the same way, and within bf16 rounding of the unfused combine + add_rms_norm."""
+    H = 2880
+    g = torch.Generator(device=DEV).manual_seed(T)
+    y = torch.randn(T, k, H, device=DEV, generator=g)
+    res = torch.randn(T, H, device=DEV, generator=g).bfloat16()
+    scale = (1 + 0.1 * torch.randn(H, device=DEV, generator=g)).bfloat16()
+    out, r = ops.add_rms_norm(y, res, scale, 1e-5)
+    exact = res.double() + y.double().sum(1)                             # one rounding of the fp32 sum
+    assert ((r.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    rf = r.double()
+    want = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + 1e-5) * scale.double()
+    assert bf16_ulps(out, want) <= 1.0
+    out2, r2 = ops.add_rms_norm(y.sum(1).bfloat16(), res, scale, 1e-5)        # the unfused path
+    assert (r.float() - r2.float()).abs().max().item() <= 2 ** -6 * r2.float().abs().max().item()
+    with pytest.raises(RuntimeError, match="moe_combine_add_rms_norm.*'y'"):
+        torch.ops.gptoss_ext.moe_combine_add_rms_norm(y[:, :, :64], res, scale, 1e-5, out, r)
+
+
 def test_rms_norm_errors_name_the_argument():
     x = torch.randn(4, 64, device=DEV).bfloat16()
     s = torch.ones(64, device=DEV).bfloat16()

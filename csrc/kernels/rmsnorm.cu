@@ -19,7 +19,9 @@ __global__ void __launch_bounds__(256) add_rms_norm_kernel(
     const bf16* __restrict__ scale,     // [H]
     bf16* __restrict__ out,             // [T, H]
     bf16* __restrict__ residual_out,    // [T, H] or null
-    int H, float eps) {
+    int H, float eps,
+    const float* __restrict__ ysum,     // [T, k, H] fp32 summed into x's place (the MoE combine), or null
+    int k) {
   pdl_wait();     // see kernels/pdl.h
   pdl_trigger();
   __shared__ float red[32];
@@ -38,11 +40,37 @@ __global__ void __launch_bounds__(256) add_rms_norm_kernel(
       if (x_row) xv[i] = load_bf16x8(x_row + idx * 8);
     }
   }
+  if (ysum) {  // r = residual + sum over the token's k rows of y (fp32), rounded once to bf16
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int idx = threadIdx.x + i * blockDim.x;
+      if (idx < nvec) {
+        float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int j = 0; j < k; ++j) {
+          const float4* yp = reinterpret_cast<const float4*>(ysum + (row * k + j) * H + idx * 8);
+          const float4 y0 = yp[0], y1 = yp[1];
+          a[0] += y0.x; a[1] += y0.y; a[2] += y0.z; a[3] += y0.w;
+          a[4] += y1.x; a[5] += y1.y; a[6] += y1.z; a[7] += y1.w;
+        }
+        unpack(rv[i], v[i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[i][j] += a[j];
+      }
+    }
+  }
   float ss = 0.f;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const int idx = threadIdx.x + i * blockDim.x;
     if (idx < nvec) {
+      if (ysum) {
+        const bf16x8 sum = pack(v[i]);
+        unpack(sum, v[i]);
+        if (residual_out) store_bf16x8(residual_out + row * H + idx * 8, sum);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss += v[i][j] * v[i][j];
+        continue;
+      }
       unpack(rv[i], v[i]);
       if (x_row) {
         float a[8];
@@ -75,25 +103,27 @@ __global__ void __launch_bounds__(256) add_rms_norm_kernel(
 
 template <int VPT>
 cudaError_t launch(const bf16* x, const bf16* residual, const bf16* scale, bf16* out, bf16* residual_out,
-                   int64_t T, int64_t H, float eps, cudaStream_t stream) {
+                   int64_t T, int64_t H, float eps, cudaStream_t stream, const float* ysum, int k) {
   const int nvec = static_cast<int>(H / 8);
   const int threads = ((ceil_div(nvec, VPT) + 31) / 32) * 32;
   return launch_kernel(add_rms_norm_kernel<VPT>, dim3(static_cast<unsigned>(T)), dim3(threads), 0, stream, x, residual,
-                       scale, out, residual_out, static_cast<int>(H), eps);
+                       scale, out, residual_out, static_cast<int>(H), eps, ysum, k);
 }
 
 }  // namespace
 
 cudaError_t launch_add_rms_norm(const bf16* x, const bf16* residual, const bf16* scale, bf16* out,
-                                bf16* residual_out, int64_t T, int64_t H, float eps, cudaStream_t stream) {
+                                bf16* residual_out, int64_t T, int64_t H, float eps, cudaStream_t stream,
+                                const float* ysum, int k) {
   if (T == 0) return cudaSuccess;
-  if (H % 8 != 0 || H <= 0 || H > kRmsNormMaxHidden || T > INT32_MAX) return cudaErrorInvalidValue;
+  if (H % 8 != 0 || H <= 0 || H > kRmsNormMaxHidden || T > INT32_MAX || (ysum && (x || k < 1)))
+    return cudaErrorInvalidValue;
   const int64_t nvec = H / 8;
-  if (nvec <= 256) return launch<1>(x, residual, scale, out, residual_out, T, H, eps, stream);
-  if (nvec <= 512) return launch<2>(x, residual, scale, out, residual_out, T, H, eps, stream);
-  if (nvec <= 1024) return launch<4>(x, residual, scale, out, residual_out, T, H, eps, stream);
-  if (nvec <= 2048) return launch<8>(x, residual, scale, out, residual_out, T, H, eps, stream);
-  return launch<16>(x, residual, scale, out, residual_out, T, H, eps, stream);
+  if (nvec <= 256) return launch<1>(x, residual, scale, out, residual_out, T, H, eps, stream, ysum, k);
+  if (nvec <= 512) return launch<2>(x, residual, scale, out, residual_out, T, H, eps, stream, ysum, k);
+  if (nvec <= 1024) return launch<4>(x, residual, scale, out, residual_out, T, H, eps, stream, ysum, k);
+  if (nvec <= 2048) return launch<8>(x, residual, scale, out, residual_out, T, H, eps, stream, ysum, k);
+  return launch<16>(x, residual, scale, out, residual_out, T, H, eps, stream, ysum, k);
 }
 
 }  // namespace gptoss

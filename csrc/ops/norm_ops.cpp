@@ -64,4 +64,32 @@ void add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Ten
   GPTOSS_CHECK_LAUNCH(op, err);
 }
 
+void moe_combine_add_rms_norm(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& scale, double eps,
+                              at::Tensor& out, at::Tensor& residual_out) {
+  const char* op = "moe_combine_add_rms_norm";
+  check_bf16_tensor(op, "residual", residual, 2, residual);
+  check_cuda(op, "y", y);
+  check_same_device(op, "y", y, residual);
+  check_dtype(op, "y", y, at::kFloat);
+  check_dim(op, "y", y, 3);
+  check_contiguous(op, "y", y);
+  check_aligned16(op, "y", y);
+  TORCH_CHECK(y.size(0) == residual.size(0) && y.size(2) == residual.size(1) && y.size(1) >= 1 && y.size(1) <= 64,
+              "gptoss_ext.", op, ": 'y' must be [T, k, H] with [T, H] = ", shape_str(residual), " and 1 <= k <= 64, got ",
+              shape_str(y));
+  check_bf16_tensor(op, "out", out, 2, residual);
+  check_bf16_tensor(op, "residual_out", residual_out, 2, residual);
+  check_same_shape(op, "out", out, residual, "residual");
+  check_same_shape(op, "residual_out", residual_out, residual, "residual");
+  check_common(op, residual, scale, eps);
+  const c10::cuda::OptionalCUDAGuard guard(residual.device());
+  auto err = launch_add_rms_norm(nullptr, reinterpret_cast<const __nv_bfloat16*>(residual.data_ptr()),
+                                 reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
+                                 reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                                 reinterpret_cast<__nv_bfloat16*>(residual_out.data_ptr()), residual.size(0),
+                                 residual.size(1), static_cast<float>(eps), c10::cuda::getCurrentCUDAStream(),
+                                 y.data_ptr<float>(), static_cast<int>(y.size(1)));
+  GPTOSS_CHECK_LAUNCH(op, err);
+}
+
 }  // namespace gptoss

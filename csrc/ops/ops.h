@@ -10,6 +10,9 @@ namespace gptoss {
 void rms_norm(const at::Tensor& x, const at::Tensor& scale, double eps, at::Tensor& out);
 void add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& scale, double eps,
                   at::Tensor& out, at::Tensor& residual_out);
+// out, residual_out = rms_norm(residual + sum_j y[:, j]) * scale, residual + sum_j y[:, j] (y fp32 [T, k, H])
+void moe_combine_add_rms_norm(const at::Tensor& y, const at::Tensor& residual, const at::Tensor& scale, double eps,
+                              at::Tensor& out, at::Tensor& residual_out);
 void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& inv_freq,
            double concentration);
 
