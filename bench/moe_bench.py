@@ -52,6 +52,13 @@ def run(l2: int) -> list[Row]:
             ms, p10, p90, mode = time_cuda(lambda i: ops.route(logits, 4))
             rows.append(Row("moe_router", f"{name} E={E} T={T}", "gptoss_ext", ms, p10, p90, timing=mode,
                             target="<=10 us, 1 launch" if T == 1 else "1 launch"))
+        # gate linear + router: one fused launch (decode) against the two launches
+        for T in (1, 8):
+            xg = torch.randn(T, H, device="cuda").bfloat16()
+            for impl, fn in (("gptoss_ext fused gate+router", lambda i: ops.gate_route(xg, w["gw"], w["gb"], 4)),
+                             ("gptoss_ext linear + router", lambda i: ops.route(ops.linear(xg, w["gw"], w["gb"]), 4))):
+                ms, p10, p90, mode = time_cuda(fn)
+                rows.append(Row("moe gate+router", f"{name} E={E} T={T}", impl, ms, p10, p90, timing=mode))
         W1, W2 = bf16_weights(E)
         for T in (1, 8):
             n = 8   # different routings rotate the expert weights far beyond L2

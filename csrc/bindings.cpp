@@ -22,6 +22,10 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // scratch: int32, zero before first use, left ready for reuse
   m.def("moe_router(Tensor logits, int k, Tensor(a!) ids, Tensor(b!) weights, Tensor(c!) counts, "
         "Tensor(d!) offsets, Tensor(e!) perm, Tensor(f!) scratch) -> ()");
+  // decode (1..32 tokens): the router's gate linear (bf16 logits, as a bf16 linear rounds them) and
+  // moe_router in one launch; weight must be constant (read before the programmatic-launch wait)
+  m.def("moe_gate_router(Tensor x, Tensor weight, Tensor? bias, int k, Tensor(a!) ids, Tensor(b!) weights, "
+        "Tensor(c!) counts, Tensor(d!) offsets, Tensor(e!) perm, Tensor(f!) scratch) -> ()");
   // out[p] = SwiGLU(x[p / top_k] W1[e]^T + b1[e]) for pairs p grouped by expert (MXFP4, kernel layout);
   // max_scale: the weights' largest E8M0 scale byte (<= 128 enables the scale-folding prefill kernel)
   m.def("moe_mlp1(Tensor x, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, int top_k, "
@@ -61,6 +65,7 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("moe_combine_add_rms_norm", &gptoss::moe_combine_add_rms_norm);
   m.impl("rope_", &gptoss::rope_);
   m.impl("moe_router", &gptoss::moe_router);
+  m.impl("moe_gate_router", &gptoss::moe_gate_router);
   m.impl("moe_mlp1", &gptoss::moe_mlp1);
   m.impl("moe_mlp2", &gptoss::moe_mlp2);
   m.impl("moe_combine", &gptoss::moe_combine);

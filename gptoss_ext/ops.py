@@ -365,6 +365,28 @@ def route(logits: torch.Tensor, k: int):
     return weights, ids.int(), counts, offsets, perm
 
 
+def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None, k: int):
+    """`route(linear(x, gate_weight, gate_bias), k)` for 1..32 tokens in one kernel launch (decode);
+    the gate weight must not be written by the kernel launched just before (model weights). Other
+    cases run the two ops."""
+    T, H = x.shape
+    E = gate_weight.shape[0]
+    if (1 <= T <= 32 and H % 8 == 0 and H <= 3072 and E <= 256 and x.dtype == torch.bfloat16
+            and gate_weight.dtype == torch.bfloat16 and gate_weight.is_contiguous() and x.stride(-1) == 1
+            and x.stride(0) % 8 == 0 and (gate_bias is None or gate_bias.dtype == torch.bfloat16)
+            and _use_kernel("moe_router", x)):
+        dev = x.device
+        ids = torch.empty(T, k, dtype=torch.int32, device=dev)
+        weights = torch.empty(T, k, dtype=torch.float32, device=dev)
+        counts = torch.empty(E, dtype=torch.int32, device=dev)
+        offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+        perm = torch.empty(T * k, dtype=torch.int32, device=dev)
+        torch.ops.gptoss_ext.moe_gate_router(x, gate_weight, gate_bias, k, ids, weights, counts, offsets, perm,
+                                             _router_scratch(dev, 1 + T * E))
+        return weights, ids, counts, offsets, perm
+    return route(linear(x, gate_weight, gate_bias), k)
+
+
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight, mlp1_bias,
         mlp2_weight, mlp2_bias, *, experts_per_token: int = 4, swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0, residual: torch.Tensor | None = None, combine: bool = True) -> torch.Tensor:
@@ -382,8 +404,7 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
     elif kernel_weights and _use_kernel("moe", x):
         T = x.shape[0]
         k = experts_per_token
-        logits = linear(x, gate_weight, gate_bias)                                # [T, E] bf16
-        weights, ids, counts, offsets, perm = route(logits, k)
+        weights, ids, counts, offsets, perm = gate_route(x.contiguous(), gate_weight, gate_bias, k)
         R1, _ = mlp1_weight.shape
         H, I = mlp2_weight.shape
         h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
@@ -431,6 +452,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::moe_router")
     def _(logits, k, ids, weights, counts, offsets, perm, scratch):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::moe_gate_router")
+    def _(x, weight, bias, k, ids, weights, counts, offsets, perm, scratch):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_mlp1")

@@ -58,6 +58,41 @@ def rel(a, b):
 
 # ---- router ---------------------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("E", [32, 128])
+@pytest.mark.parametrize("T", [1, 3, 8, 32])
+def test_fused_gate_router_equals_linear_then_route(T, E):
+    """One launch (gate linear + router) == ops.linear then ops.route. Small-integer inputs make every
+    logit an exact fp32 sum, so both paths see the same bf16 logits (ties included)."""
+    g = torch.Generator(device=DEV).manual_seed(T * E)
+    H = 2880
+    x = torch.randint(-3, 4, (T, H), device=DEV, generator=g).bfloat16()
+    w = (torch.randint(-3, 4, (E, H), device=DEV, generator=g) / 8).bfloat16()
+    b = (torch.randint(-8, 9, (E,), device=DEV, generator=g) / 4).bfloat16()
+    fused = ops.gate_route(x, w, b, 4)
+    plain = ops.route(ops.linear(x, w, b), 4)
+    for a, c in zip(fused, plain):
+        assert torch.equal(a, c)
+    again = ops.gate_route(x, w, b, 4)                       # the ticket was left clean
+    assert all(torch.equal(a, c) for a, c in zip(again, fused))
+
+
+def test_fused_gate_router_rejects_bad_input():
+    x = torch.zeros(2, 2880, device=DEV, dtype=torch.bfloat16)
+    w = torch.zeros(32, 2880, device=DEV, dtype=torch.bfloat16)
+    ids = torch.empty(2, 4, dtype=torch.int32, device=DEV)
+    wts = torch.empty(2, 4, device=DEV)
+    counts, offs = torch.empty(32, dtype=torch.int32, device=DEV), torch.empty(33, dtype=torch.int32, device=DEV)
+    perm, scratch = torch.empty(8, dtype=torch.int32, device=DEV), torch.zeros(1000, dtype=torch.int32, device=DEV)
+    with pytest.raises(RuntimeError, match="moe_gate_router.*'weight'"):
+        torch.ops.gptoss_ext.moe_gate_router(x, w[:, :64], None, 4, ids, wts, counts, offs, perm, scratch)
+    with pytest.raises(RuntimeError, match="moe_gate_router.*'scratch' needs"):
+        torch.ops.gptoss_ext.moe_gate_router(x, w, None, 4, ids, wts, counts, offs, perm, scratch[:10])
+    with pytest.raises(RuntimeError, match="moe_gate_router: takes 1 to 32 tokens"):
+        torch.ops.gptoss_ext.moe_gate_router(torch.zeros(33, 2880, device=DEV, dtype=torch.bfloat16), w, None, 4,
+                                             ids, wts, counts, offs, perm, scratch)
+
+
 @pytest.mark.parametrize("E", [32, 128])
 @pytest.mark.parametrize("T", [1, 3, 8, 64, 257, 4096])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -23,6 +23,18 @@ cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, i
                               float* weights, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* scratch,
                               cudaStream_t stream);
 
+// Gate linear + router in one launch, for decode: logits = bf16(x W^T + bias) (x [T, K] bf16, row
+// stride x_stride; W [E, K] bf16 contiguous; bias [E] or null), then exactly what
+// launch_moe_router does with them. 1 <= T <= kGateRouterMaxTokens, K % 8 == 0, K <= 3072.
+// scratch: moe_gate_router_scratch_size(T, E) int32, [0] zero before the first use (left zero).
+// W is read before the programmatic-launch wait: no kernel of this library may write it.
+constexpr int kGateRouterMaxTokens = 32;
+int64_t moe_gate_router_scratch_size(int64_t T, int E);
+cudaError_t launch_moe_gate_router(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* w,
+                                   const __nv_bfloat16* bias, int64_t T, int K, int E, int k, int32_t* ids,
+                                   float* weights, int32_t* counts, int32_t* offsets, int32_t* perm,
+                                   int32_t* scratch, cudaStream_t stream);
+
 // MXFP4 weights in the kernel layout (see gptoss_ext/mxfp4.py, which writes it once at load):
 //   codes  [E, R/16, K/64, 32 lanes, 16 bytes]: the FP4 codes of a 16-row x 64-column tile in the
 //          order of the mma.m16n8k16 A fragments (one 16-byte load per lane per tile);

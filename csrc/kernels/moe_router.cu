@@ -24,20 +24,20 @@ __device__ __forceinline__ bool better(float av, int ai, float bv, int bi) {
   return av > bv || (av == bv && ai < bi);
 }
 
+// The router proper, run by CTA `cta` of `ncta` (ncta == 1: every token in this CTA, no scratch).
+// Logits are read through L2 (__ldcg): in the fused gate + router kernel other CTAs wrote them.
 template <bool BF16>
-__global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ logits_raw, int T, int E, int k,
-                                                      int32_t* __restrict__ ids, float* __restrict__ weights,
-                                                      int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
-                                                      int32_t* __restrict__ perm, int32_t* __restrict__ scratch) {
-  pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
+__device__ __forceinline__ void router_body(const void* __restrict__ logits_raw, int T, int E, int k,
+                                            int32_t* __restrict__ ids, float* __restrict__ weights,
+                                            int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                                            int32_t* __restrict__ perm, int32_t* __restrict__ scratch, int cta,
+                                            int ncta) {
   __shared__ int32_t cursor[32][kRouterMaxExperts];  // histogram, then per-warp write cursors
   __shared__ int32_t offs[kRouterMaxExperts + 1];
   __shared__ bool is_last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int per_lane = (E + 31) / 32;
-  const int ncta = gridDim.x;
-  const int t0 = blockIdx.x * kTokensPerCta, t1 = min(T, t0 + kTokensPerCta);
+  const int t0 = cta * kTokensPerCta, t1 = min(T, t0 + kTokensPerCta);
   int32_t* rows = scratch + 1;  // scratch[0]: the ticket; then one histogram row per CTA
 
   // ---- top-k and softmax, a warp per token
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
       float x = -INFINITY;
       if (j < per_lane && e < E) {
         x = BF16 ? __bfloat162float(static_cast<const bf16*>(logits_raw)[static_cast<int64_t>(t) * E + e])
-                 : static_cast<const float*>(logits_raw)[static_cast<int64_t>(t) * E + e];
+                 : __ldcg(static_cast<const float*>(logits_raw) + static_cast<int64_t>(t) * E + e);
         if (x != x) x = -INFINITY;  // NaN
       }
       v[j] = x;
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
   if (ncta == 1) {  // decode: everything is in this CTA, no scratch round trip
     for (int e = threadIdx.x; e < E; e += blockDim.x) offs[e] = cursor[0][e];
   } else {
-    for (int e = threadIdx.x; e < E; e += blockDim.x) rows[static_cast<int64_t>(blockIdx.x) * E + e] = cursor[0][e];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) rows[static_cast<int64_t>(cta) * E + e] = cursor[0][e];
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) is_last = atomicAdd(&scratch[0], 1) == ncta - 1;
@@ -176,6 +176,77 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
   if (threadIdx.x == 0 && ncta > 1) scratch[0] = 0;  // the ticket, ready for the next launch
 }
 
+template <bool BF16>
+__global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ logits_raw, int T, int E, int k,
+                                                      int32_t* __restrict__ ids, float* __restrict__ weights,
+                                                      int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                                                      int32_t* __restrict__ perm, int32_t* __restrict__ scratch) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
+  router_body<BF16>(logits_raw, T, E, k, ids, weights, counts, offsets, perm, scratch, blockIdx.x, gridDim.x);
+}
+
+// Gate linear + router in one launch (decode, T <= 32): CTA c's 8 warps take experts 8c .. 8c + 7,
+// a warp streams its expert's gate row once (every 16-byte vector of it in flight: constant data,
+// loaded before the launch wait) and forms that row's logit for each token, fp32 plus bias,
+// rounded to bf16 as the unfused bf16 linear would; the logits go to scratch, and the last CTA
+// (ticket in scratch[0]) runs the router on them. Replaces a skinny-linear launch (2 CTAs for 32
+// experts) and the router launch.
+constexpr int kGateWarps = 8;
+constexpr int kGateVecs = 12;   // 16-byte vectors of a gate row a lane holds: K <= 12 * 32 * 8 = 3072
+
+__global__ void __launch_bounds__(kGateWarps * 32) gate_router_kernel(
+    const bf16* __restrict__ x, int64_t x_stride, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T,
+    int K, int E, int k, int32_t* __restrict__ ids, float* __restrict__ weights, int32_t* __restrict__ counts,
+    int32_t* __restrict__ offsets, int32_t* __restrict__ perm, int32_t* __restrict__ scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int e = blockIdx.x * kGateWarps + warp;
+  const int vecs = K / 8;
+  uint4 wv[kGateVecs];
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(min(e, E - 1)) * K);
+#pragma unroll
+  for (int i = 0; i < kGateVecs; ++i) {
+    const int v = lane + 32 * i;
+    wv[i] = (e < E && v < vecs) ? __ldg(wrow + v) : make_uint4(0, 0, 0, 0);
+  }
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
+  float* logits = reinterpret_cast<float*>(scratch + 1);
+  __shared__ bool is_last;
+  if (e < E) {
+    const float b = bias ? __bfloat162float(bias[e]) : 0.f;
+    for (int t = 0; t < T; ++t) {
+      const uint4* xrow = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * x_stride);
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < kGateVecs; ++i) {
+        const int v = lane + 32 * i;
+        if (v < vecs) {
+          const uint4 xv = __ldg(xrow + v);
+          const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
+          const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv[i]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 a = __bfloat1622float2(xh[j]), c = __bfloat1622float2(wh[j]);
+            acc = fmaf(a.x, c.x, acc);
+            acc = fmaf(a.y, c.y, acc);
+          }
+        }
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) logits[static_cast<int64_t>(t) * E + e] = __bfloat162float(__float2bfloat16(acc + b));
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&scratch[0], 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  router_body<false>(logits, T, E, k, ids, weights, counts, offsets, perm, nullptr, 0, 1);
+  if (threadIdx.x == 0) scratch[0] = 0;  // the ticket, ready for the next launch
+}
+
 }  // namespace
 
 int64_t moe_router_scratch_size(int64_t T, int E) { return ((T + kTokensPerCta - 1) / kTokensPerCta) * E + 1; }
@@ -190,6 +261,19 @@ cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, i
   return launch_kernel(logits_bf16 ? router_kernel<true> : router_kernel<false>, dim3(static_cast<unsigned>(ncta)),
                        dim3(threads), 0, stream, logits, static_cast<int>(T), E, k, ids, weights, counts, offsets, perm,
                        scratch);
+}
+
+int64_t moe_gate_router_scratch_size(int64_t T, int E) { return 1 + T * E; }
+
+cudaError_t launch_moe_gate_router(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, int64_t T, int K,
+                                   int E, int k, int32_t* ids, float* weights, int32_t* counts, int32_t* offsets,
+                                   int32_t* perm, int32_t* scratch, cudaStream_t stream) {
+  if (E < 1 || E > kRouterMaxExperts || k < 1 || k > kRouterMaxTopK || k > E || T < 1 || T > kGateRouterMaxTokens ||
+      K % 8 != 0 || K > kGateVecs * 32 * 8)
+    return cudaErrorInvalidValue;
+  return launch_kernel(gate_router_kernel, dim3(static_cast<unsigned>((E + kGateWarps - 1) / kGateWarps)),
+                       dim3(kGateWarps * 32), 0, stream, x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids,
+                       weights, counts, offsets, perm, scratch);
 }
 
 }  // namespace gptoss

@@ -86,6 +86,56 @@ void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor
   GPTOSS_CHECK_LAUNCH(op, err);
 }
 
+void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t k,
+                     at::Tensor& ids, at::Tensor& weights, at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm,
+                     at::Tensor& scratch) {
+  const char* op = "moe_gate_router";
+  check_bf16_tensor(op, "x", x, 2, x);
+  TORCH_CHECK(x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) % 8 == 0), "gptoss_ext.", op,
+              ": 'x' rows must be contiguous with a stride that is a multiple of 8, got strides ", x.strides());
+  check_aligned16(op, "x", x);
+  check_bf16_tensor(op, "weight", weight, 2, x);
+  check_aligned16(op, "weight", weight);
+  const int64_t T = x.size(0), K = x.size(1), E = weight.size(0);
+  check_size(op, "weight", weight, 1, K, "columns of x");
+  TORCH_CHECK(T >= 1 && T <= kGateRouterMaxTokens, "gptoss_ext.", op, ": takes 1 to ", kGateRouterMaxTokens,
+              " tokens, got ", T);
+  TORCH_CHECK(K % 8 == 0 && K <= 3072, "gptoss_ext.", op, ": hidden size must be a multiple of 8 and <= 3072, got ", K);
+  TORCH_CHECK(E >= 1 && E <= kRouterMaxExperts, "gptoss_ext.", op, ": number of experts must be in [1, ",
+              kRouterMaxExperts, "], got ", E);
+  TORCH_CHECK(k >= 1 && k <= kRouterMaxTopK && k <= E, "gptoss_ext.", op, ": k must be in [1, min(",
+              kRouterMaxTopK, ", E)], got ", k);
+  const __nv_bfloat16* b = nullptr;
+  if (bias.has_value()) {
+    check_bf16_tensor(op, "bias", *bias, 1, x);
+    check_size(op, "bias", *bias, 0, E, "experts");
+    b = reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr());
+  }
+  check_int_tensor(op, "ids", ids, T * k, x);
+  check_cuda(op, "weights", weights);
+  check_dtype(op, "weights", weights, at::kFloat);
+  check_contiguous(op, "weights", weights);
+  TORCH_CHECK(weights.numel() == T * k, "gptoss_ext.", op, ": 'weights' must have ", T * k, " elements");
+  check_int_tensor(op, "counts", counts, E, x);
+  check_int_tensor(op, "offsets", offsets, E + 1, x);
+  check_int_tensor(op, "perm", perm, T * k, x);
+  check_cuda(op, "scratch", scratch);
+  check_same_device(op, "scratch", scratch, x);
+  check_dtype(op, "scratch", scratch, at::kInt);
+  check_contiguous(op, "scratch", scratch);
+  const int64_t need = moe_gate_router_scratch_size(T, static_cast<int>(E));
+  TORCH_CHECK(scratch.numel() >= need, "gptoss_ext.", op, ": 'scratch' needs ", need, " int32 elements for ", T,
+              " tokens and ", E, " experts, got ", scratch.numel());
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  auto err = launch_moe_gate_router(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), x.stride(0),
+                                    reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr()), b, T,
+                                    static_cast<int>(K), static_cast<int>(E), static_cast<int>(k),
+                                    ids.data_ptr<int32_t>(), weights.data_ptr<float>(), counts.data_ptr<int32_t>(),
+                                    offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>(), scratch.data_ptr<int32_t>(),
+                                    c10::cuda::getCurrentCUDAStream());
+  GPTOSS_CHECK_LAUNCH(op, err);
+}
+
 void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
               at::Tensor& out, int64_t max_scale) {

@@ -18,6 +18,9 @@ void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::
 
 void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor& weights, at::Tensor& counts,
                 at::Tensor& offsets, at::Tensor& perm, at::Tensor& scratch);
+void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t k,
+                     at::Tensor& ids, at::Tensor& weights, at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm,
+                     at::Tensor& scratch);
 void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
               at::Tensor& out, int64_t max_scale);
