@@ -261,7 +261,6 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
 
 __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a) {
   pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sK = smem_u32(smem), sV = sK + kDecStages * kDecTileBytes;
   const int lane = threadIdx.x;
@@ -350,6 +349,7 @@ __global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a)
     pv_tile<1, kDecNB>(o, s, sV + st * kDecTileBytes, lane);
     __syncwarp();
   }
+  pdl_trigger();  // after the main loop (as the other streaming kernels): the combine launches then
 
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
