@@ -55,7 +55,13 @@ def run(l2: int) -> list[Row]:
         # gate linear + router: one fused launch (decode) against the two launches
         for T in (1, 8):
             xg = torch.randn(T, H, device="cuda").bfloat16()
-            for impl, fn in (("gptoss_ext fused gate+router", lambda i: ops.gate_route(xg, w["gw"], w["gb"], 4)),
+            bufs = (torch.empty(T, 4, dtype=torch.int32, device="cuda"), torch.empty(T, 4, device="cuda"),
+                    torch.empty(E, dtype=torch.int32, device="cuda"), torch.empty(E + 1, dtype=torch.int32, device="cuda"),
+                    torch.empty(T * 4, dtype=torch.int32, device="cuda"),
+                    torch.zeros(1 + T * E, dtype=torch.int32, device="cuda"))
+            # the fused op itself (ops.gate_route dispatches to it for 1-2 tokens only)
+            for impl, fn in (("gptoss_ext fused gate+router",
+                              lambda i: torch.ops.gptoss_ext.moe_gate_router(xg, w["gw"], w["gb"], 4, *bufs)),
                              ("gptoss_ext linear + router", lambda i: ops.route(ops.linear(xg, w["gw"], w["gb"]), 4))):
                 ms, p10, p90, mode = time_cuda(fn)
                 rows.append(Row("moe gate+router", f"{name} E={E} T={T}", impl, ms, p10, p90, timing=mode))
