@@ -17,7 +17,9 @@
 // Versions (H200, 20b shapes, T = 1, mlp1 + mlp2): v1 (K split over 2 warps, 1 chunk prefetched)
 // 68 us; v2 (K over 4 warps, 4 chunks in flight) 41 us; v3 (all 12 chunks of a warp issued before
 // the activations are staged, 124 registers: 4 CTAs an SM, 3.4 waves of latency-bound prologues)
-// 50 us; v4 (4 row tiles a CTA, pipelined 8-chunk batches) see bench/results. Prefill is far from the tensor-core peak: a wgmma
+// 50 us; v4 (4 row tiles a CTA, pipelined 8-chunk batches) 36 us; v6 (11-op bit layout, warp-parallel
+// work lookup, LDS.128 B fragments) 35 us (120b: 61 -> 35 us); v7 (8 warps, K split, 80 registers)
+// 28.5 us. See bench/NOTES.md. Prefill is far from the tensor-core peak: a wgmma
 // (sm_90a) version with TMA-fed activations is the next step.
 #include <algorithm>
 #include <cstdlib>
