@@ -346,20 +346,22 @@ def _router_scratch(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def _route_outputs(T: int, E: int, k: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """(weights [T, k] fp32, ids [T, k], counts [E], offsets [E + 1], perm [T * k]) int32, uninitialised."""
+    return (torch.empty(T, k, dtype=torch.float32, device=dev), torch.empty(T, k, dtype=torch.int32, device=dev),
+            torch.empty(E, dtype=torch.int32, device=dev), torch.empty(E + 1, dtype=torch.int32, device=dev),
+            torch.empty(T * k, dtype=torch.int32, device=dev))
+
+
 def route(logits: torch.Tensor, k: int):
     """Top-k routing of logits [T, E]: (weights [T, k] fp32, ids [T, k] int32, counts [E],
     offsets [E + 1], perm [T * k]) int32 — see `reference.route` / `reference.group_by_expert`."""
     if _use_kernel("moe_router", logits, (torch.bfloat16, torch.float32)):
         T, E = logits.shape
-        dev = logits.device
-        ids = torch.empty(T, k, dtype=torch.int32, device=dev)
-        weights = torch.empty(T, k, dtype=torch.float32, device=dev)
-        counts = torch.empty(E, dtype=torch.int32, device=dev)
-        offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-        perm = torch.empty(T * k, dtype=torch.int32, device=dev)
+        weights, ids, counts, offsets, perm = out = _route_outputs(T, E, k, logits.device)
         torch.ops.gptoss_ext.moe_router(logits.contiguous(), k, ids, weights, counts, offsets, perm,
-                                        _router_scratch(dev, ((T + 31) // 32) * E + 1))
-        return weights, ids, counts, offsets, perm
+                                        _router_scratch(logits.device, ((T + 31) // 32) * E + 1))
+        return out
     weights, ids = ref.route(logits, k)
     counts, offsets, perm = ref.group_by_expert(ids, logits.shape[-1])
     return weights, ids.int(), counts, offsets, perm
@@ -376,15 +378,10 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tens
             and gate_weight.dtype == torch.bfloat16 and gate_weight.is_contiguous() and x.stride(-1) == 1
             and x.stride(0) % 8 == 0 and (gate_bias is None or gate_bias.dtype == torch.bfloat16)
             and _use_kernel("moe_router", x)):
-        dev = x.device
-        ids = torch.empty(T, k, dtype=torch.int32, device=dev)
-        weights = torch.empty(T, k, dtype=torch.float32, device=dev)
-        counts = torch.empty(E, dtype=torch.int32, device=dev)
-        offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-        perm = torch.empty(T * k, dtype=torch.int32, device=dev)
+        weights, ids, counts, offsets, perm = out = _route_outputs(T, E, k, x.device)
         torch.ops.gptoss_ext.moe_gate_router(x, gate_weight, gate_bias, k, ids, weights, counts, offsets, perm,
-                                             _router_scratch(dev, 1 + T * E))
-        return weights, ids, counts, offsets, perm
+                                             _router_scratch(x.device, 1 + T * E))
+        return out
     return route(linear(x, gate_weight, gate_bias), k)
 
 

@@ -48,6 +48,31 @@ void check_routing(const char* op, const at::Tensor& perm, const at::Tensor& off
   check_int_tensor(op, "offsets", offsets, E + 1, ref);
 }
 
+// The router's k, E and output tensors (ids/weights [T, k], counts [E], offsets [E + 1], perm
+// [T * k], an int32 scratch of at least `need` elements), on ref's device.
+void check_route_args(const char* op, const at::Tensor& ref, int64_t T, int64_t E, int64_t k, const at::Tensor& ids,
+                      const at::Tensor& weights, const at::Tensor& counts, const at::Tensor& offsets,
+                      const at::Tensor& perm, const at::Tensor& scratch, int64_t need) {
+  TORCH_CHECK(E >= 1 && E <= kRouterMaxExperts, "gptoss_ext.", op, ": number of experts must be in [1, ",
+              kRouterMaxExperts, "], got ", E);
+  TORCH_CHECK(k >= 1 && k <= kRouterMaxTopK && k <= E, "gptoss_ext.", op, ": k must be in [1, min(",
+              kRouterMaxTopK, ", E)], got ", k);
+  check_int_tensor(op, "ids", ids, T * k, ref);
+  check_cuda(op, "weights", weights);
+  check_dtype(op, "weights", weights, at::kFloat);
+  check_contiguous(op, "weights", weights);
+  TORCH_CHECK(weights.numel() == T * k, "gptoss_ext.", op, ": 'weights' must have ", T * k, " elements");
+  check_int_tensor(op, "counts", counts, E, ref);
+  check_int_tensor(op, "offsets", offsets, E + 1, ref);
+  check_int_tensor(op, "perm", perm, T * k, ref);
+  check_cuda(op, "scratch", scratch);
+  check_same_device(op, "scratch", scratch, ref);
+  check_dtype(op, "scratch", scratch, at::kInt);
+  check_contiguous(op, "scratch", scratch);
+  TORCH_CHECK(scratch.numel() >= need, "gptoss_ext.", op, ": 'scratch' needs ", need, " int32 elements for ", T,
+              " tokens and ", E, " experts, got ", scratch.numel());
+}
+
 }  // namespace
 
 void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor& weights, at::Tensor& counts,
@@ -59,25 +84,8 @@ void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor
   check_dim(op, "logits", logits, 2);
   check_contiguous(op, "logits", logits);
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(E >= 1 && E <= kRouterMaxExperts, "gptoss_ext.", op, ": number of experts must be in [1, ",
-              kRouterMaxExperts, "], got ", E);
-  TORCH_CHECK(k >= 1 && k <= kRouterMaxTopK && k <= E, "gptoss_ext.", op, ": k must be in [1, min(",
-              kRouterMaxTopK, ", E)], got ", k);
-  check_int_tensor(op, "ids", ids, T * k, logits);
-  check_cuda(op, "weights", weights);
-  check_dtype(op, "weights", weights, at::kFloat);
-  check_contiguous(op, "weights", weights);
-  TORCH_CHECK(weights.numel() == T * k, "gptoss_ext.", op, ": 'weights' must have ", T * k, " elements");
-  check_int_tensor(op, "counts", counts, E, logits);
-  check_int_tensor(op, "offsets", offsets, E + 1, logits);
-  check_int_tensor(op, "perm", perm, T * k, logits);
-  check_cuda(op, "scratch", scratch);
-  check_same_device(op, "scratch", scratch, logits);
-  check_dtype(op, "scratch", scratch, at::kInt);
-  check_contiguous(op, "scratch", scratch);
-  const int64_t need = moe_router_scratch_size(T, static_cast<int>(E));
-  TORCH_CHECK(scratch.numel() >= need, "gptoss_ext.", op, ": 'scratch' needs ", need, " int32 elements for ", T,
-              " tokens and ", E, " experts, got ", scratch.numel());
+  check_route_args(op, logits, T, E, k, ids, weights, counts, offsets, perm, scratch,
+                   moe_router_scratch_size(T, static_cast<int>(E)));
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   auto err = launch_moe_router(logits.data_ptr(), logits.scalar_type() == at::kBFloat16, T, static_cast<int>(E),
                                static_cast<int>(k), ids.data_ptr<int32_t>(), weights.data_ptr<float>(),
@@ -101,31 +109,14 @@ void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::o
   TORCH_CHECK(T >= 1 && T <= kGateRouterMaxTokens, "gptoss_ext.", op, ": takes 1 to ", kGateRouterMaxTokens,
               " tokens, got ", T);
   TORCH_CHECK(K % 8 == 0 && K <= 3072, "gptoss_ext.", op, ": hidden size must be a multiple of 8 and <= 3072, got ", K);
-  TORCH_CHECK(E >= 1 && E <= kRouterMaxExperts, "gptoss_ext.", op, ": number of experts must be in [1, ",
-              kRouterMaxExperts, "], got ", E);
-  TORCH_CHECK(k >= 1 && k <= kRouterMaxTopK && k <= E, "gptoss_ext.", op, ": k must be in [1, min(",
-              kRouterMaxTopK, ", E)], got ", k);
   const __nv_bfloat16* b = nullptr;
   if (bias.has_value()) {
     check_bf16_tensor(op, "bias", *bias, 1, x);
     check_size(op, "bias", *bias, 0, E, "experts");
     b = reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr());
   }
-  check_int_tensor(op, "ids", ids, T * k, x);
-  check_cuda(op, "weights", weights);
-  check_dtype(op, "weights", weights, at::kFloat);
-  check_contiguous(op, "weights", weights);
-  TORCH_CHECK(weights.numel() == T * k, "gptoss_ext.", op, ": 'weights' must have ", T * k, " elements");
-  check_int_tensor(op, "counts", counts, E, x);
-  check_int_tensor(op, "offsets", offsets, E + 1, x);
-  check_int_tensor(op, "perm", perm, T * k, x);
-  check_cuda(op, "scratch", scratch);
-  check_same_device(op, "scratch", scratch, x);
-  check_dtype(op, "scratch", scratch, at::kInt);
-  check_contiguous(op, "scratch", scratch);
-  const int64_t need = moe_gate_router_scratch_size(T, static_cast<int>(E));
-  TORCH_CHECK(scratch.numel() >= need, "gptoss_ext.", op, ": 'scratch' needs ", need, " int32 elements for ", T,
-              " tokens and ", E, " experts, got ", scratch.numel());
+  check_route_args(op, x, T, E, k, ids, weights, counts, offsets, perm, scratch,
+                   moe_gate_router_scratch_size(T, static_cast<int>(E)));
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto err = launch_moe_gate_router(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), x.stride(0),
                                     reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr()), b, T,
