@@ -552,7 +552,7 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);
   // prefill: the scale-folding tensor-core kernel when every scale fits fp16 (s <= 128, see above)
   if (a.max_scale <= 128 && !force_generic_prefill()) return launch_prefill<SWIGLU>(a, stream);
-  return launch_gemm<4, 8, 2, SWIGLU>(a, stream);
+  return launch_gemm<4, 8, 2, SWIGLU, kWarps, 3>(a, stream);   // <= 170 registers: 3 CTAs an SM
 }
 
 __global__ void combine_kernel(const float* __restrict__ y, const bf16* __restrict__ residual, bf16* __restrict__ out,
