@@ -73,6 +73,20 @@ inline void check_packed_heads(const char* op, const char* name, const at::Tenso
   check_aligned16(op, name, t);
 }
 
+// A skinny GEMV's operands: x [M, K] bf16 with contiguous rows and a row stride that is a multiple
+// of 8 (a view of a wider buffer is fine), weight [N, K] bf16 contiguous, both 16-byte aligned.
+inline void check_gemv_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  check_cuda(op, "x", x);
+  check_dtype(op, "x", x, at::kBFloat16);
+  check_dim(op, "x", x, 2);
+  TORCH_CHECK(x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) % 8 == 0), "gptoss_ext.", op,
+              ": 'x' rows must be contiguous with a stride that is a multiple of 8, got strides ", x.strides());
+  check_aligned16(op, "x", x);
+  check_bf16_tensor(op, "weight", weight, 2, x);
+  check_aligned16(op, "weight", weight);
+  check_size(op, "weight", weight, 1, x.size(1), "columns of x");
+}
+
 // rope_ / rope_kv_: q [T, Hq, D], k [T, Hkv, D] packed heads, positions [T] int64, inv_freq [D/2] fp64.
 void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                      const at::Tensor& inv_freq);

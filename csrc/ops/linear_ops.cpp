@@ -12,16 +12,8 @@ namespace gptoss {
 void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                    at::Tensor& out, bool weight_constant) {
   const char* op = "linear_skinny";
-  check_cuda(op, "x", x);
-  check_dtype(op, "x", x, at::kBFloat16);
-  check_dim(op, "x", x, 2);
-  TORCH_CHECK(x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) % 8 == 0), "gptoss_ext.", op,
-              ": 'x' rows must be contiguous with a stride that is a multiple of 8, got strides ", x.strides());
-  check_aligned16(op, "x", x);
-  check_bf16_tensor(op, "weight", weight, 2, x);
-  check_aligned16(op, "weight", weight);
+  check_gemv_args(op, x, weight);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  check_size(op, "weight", weight, 1, K, "columns of x");
   TORCH_CHECK(M >= 1 && M <= kSkinnyMaxM, "gptoss_ext.", op, ": takes 1 to ", kSkinnyMaxM, " rows, got ", M);
   TORCH_CHECK(K % 8 == 0 && M * K * 2 <= 96 * 1024, "gptoss_ext.", op,
               ": K must be a multiple of 8 and rows x K x 2 bytes <= 96 KB, got K = ", K);

@@ -98,14 +98,8 @@ void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::o
                      at::Tensor& ids, at::Tensor& weights, at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm,
                      at::Tensor& scratch) {
   const char* op = "moe_gate_router";
-  check_bf16_tensor(op, "x", x, 2, x);
-  TORCH_CHECK(x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) % 8 == 0), "gptoss_ext.", op,
-              ": 'x' rows must be contiguous with a stride that is a multiple of 8, got strides ", x.strides());
-  check_aligned16(op, "x", x);
-  check_bf16_tensor(op, "weight", weight, 2, x);
-  check_aligned16(op, "weight", weight);
+  check_gemv_args(op, x, weight);
   const int64_t T = x.size(0), K = x.size(1), E = weight.size(0);
-  check_size(op, "weight", weight, 1, K, "columns of x");
   TORCH_CHECK(T >= 1 && T <= kGateRouterMaxTokens, "gptoss_ext.", op, ": takes 1 to ", kGateRouterMaxTokens,
               " tokens, got ", T);
   TORCH_CHECK(K % 8 == 0 && K <= 3072, "gptoss_ext.", op, ": hidden size must be a multiple of 8 and <= 3072, got ", K);
