@@ -1,8 +1,14 @@
-"""Where a decode step and a prefill of the 20b shapes spend GPU time: kernel times from the torch
-profiler (3 eager decode steps at 2k context, batch 1; one 2048-token prefill). Random weights
-drawn on the GPU. Usage: python bench/profile_decode.py [preset]"""
+"""Where a decode step of a preset's shapes spends GPU time: the kernels of CUDA-graph decode
+steps (batch 1, 2k context) from the torch profiler's trace — per kernel name the calls and
+microseconds a step, the step's span, the time no kernel runs, and how much kernels overlap
+(programmatic dependent launch). With --eager, eager steps and a 2048-token prefill as well.
+Random weights drawn on the GPU. Usage: python bench/profile_decode.py [preset] [--eager] [--json F]"""
 
-import sys
+import argparse
+import collections
+import json
+import os
+import tempfile
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -10,20 +16,65 @@ from torch.profiler import ProfilerActivity, profile
 import gptoss_ext as g
 from gptoss_ext.generate import decode_runner
 
-preset = sys.argv[1] if len(sys.argv) > 1 else "gpt-oss-20b"
-m = g.random_model(preset, device="cuda", init_device="cuda")
-prompt = torch.randint(0, 200000, (2048,))
-r = decode_runner(m, 1, 3000, use_graph=False)
-m.prefill([prompt], r.cache)
-r.begin(r.cache.lengths[:1])
-tok = torch.zeros(1, dtype=torch.long, device="cuda")
-for _ in range(3):
-    r.step(tok)
-torch.cuda.synchronize()
-for name, fn in (("decode step x3", lambda: [r.step(tok) for _ in range(3)]),
-                 ("prefill 2048", lambda: (r.cache.reset(), m.prefill([prompt], r.cache)))):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+
+def kernel_events(prof):
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        ev = json.load(f)["traceEvents"]
+    return sorted(((e["ts"], e["dur"], e["name"]) for e in ev if e.get("cat") == "kernel"), key=lambda e: e[0])
+
+
+def summarize(events, steps):
+    span = events[-1][0] + events[-1][1] - events[0][0]
+    busy, end = 0.0, -1e30
+    for ts, dur, _ in events:                      # union of the kernels' intervals
+        busy += max(0.0, ts + dur - max(ts, end))
+        end = max(end, ts + dur)
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for _, dur, name in events:
+        per[name][0] += 1
+        per[name][1] += dur
+    rows = sorted(((v[1] / steps, v[0] / steps, n) for n, v in per.items()), reverse=True)
+    return {"span_us": span / steps, "busy_us": busy / steps, "kernel_sum_us": sum(r[0] for r in rows),
+            "kernels_per_step": len(events) / steps,
+            "kernels": [{"name": n[:90], "us_per_step": round(t, 2), "calls_per_step": c} for t, c, n in rows]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("preset", nargs="?", default="gpt-oss-20b")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    m = g.random_model(args.preset, device="cuda", init_device="cuda")
+    prompt = torch.randint(0, 200000, (2048,))
+    out = {"preset": args.preset, "device": torch.cuda.get_device_name()}
+    for mode in (("graph", "eager") if args.eager else ("graph",)):
+        r = decode_runner(m, 1, 3000, use_graph=mode == "graph")
+        m.prefill([prompt], r.cache)
+        r.begin(r.cache.lengths[:1])
+        tok = torch.zeros(1, dtype=torch.long, device="cuda")
+        for _ in range(5):
+            r.step(tok)
         torch.cuda.synchronize()
-    print(f"== {name}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                r.step(tok)
+            torch.cuda.synchronize()
+        s = summarize(kernel_events(prof), args.steps)
+        out[mode] = s
+        print(f"== {args.preset} decode B=1 2k, {mode}: span {s['span_us']:.0f} us a step, kernels busy "
+              f"{s['busy_us']:.0f} us (idle {s['span_us'] - s['busy_us']:.0f}), sum of kernel times "
+              f"{s['kernel_sum_us']:.0f} us, {s['kernels_per_step']:.0f} kernels")
+        for k in s["kernels"][:24]:
+            print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:6.1f}x  {k['name']}")
+        m.release_decode_state()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
