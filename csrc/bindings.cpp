@@ -26,6 +26,11 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // moe_router in one launch; weight must be constant (read before the programmatic-launch wait)
   m.def("moe_gate_router(Tensor x, Tensor weight, Tensor? bias, int k, Tensor(a!) ids, Tensor(b!) weights, "
         "Tensor(c!) counts, Tensor(d!) offsets, Tensor(e!) perm, Tensor(f!) scratch) -> ()");
+  // decode (1..2 tokens): add_rms_norm(x, residual, norm_scale) -> (out, residual_out), then
+  // moe_gate_router on out, in one launch (bit-identical to the two ops)
+  m.def("moe_add_norm_gate_router(Tensor x, Tensor residual, Tensor norm_scale, float eps, Tensor(a!) out, "
+        "Tensor(b!) residual_out, Tensor weight, Tensor? bias, int k, Tensor(c!) ids, Tensor(d!) weights, "
+        "Tensor(e!) counts, Tensor(f!) offsets, Tensor(g!) perm, Tensor(h!) scratch) -> ()");
   // out[p] = SwiGLU(x[p / top_k] W1[e]^T + b1[e]) for pairs p grouped by expert (MXFP4, kernel layout);
   // max_scale: the weights' largest E8M0 scale byte (<= 128 enables the scale-folding prefill kernel)
   m.def("moe_mlp1(Tensor x, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, int top_k, "
@@ -66,6 +71,7 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("rope_", &gptoss::rope_);
   m.impl("moe_router", &gptoss::moe_router);
   m.impl("moe_gate_router", &gptoss::moe_gate_router);
+  m.impl("moe_add_norm_gate_router", &gptoss::moe_add_norm_gate_router);
   m.impl("moe_mlp1", &gptoss::moe_mlp1);
   m.impl("moe_mlp2", &gptoss::moe_mlp2);
   m.impl("moe_combine", &gptoss::moe_combine);

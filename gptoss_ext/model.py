@@ -128,11 +128,23 @@ class MLP(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.empty(E, 2 * I, device=device, dtype=dtype), requires_grad=False)
         self.mlp2_bias = nn.Parameter(torch.empty(E, H, device=device, dtype=dtype), requires_grad=False)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, routing=None) -> torch.Tensor:
         c = self.config
         return ops.moe(t, self.gate.weight, self.gate.bias, self.mlp1_weight.packed, self.mlp1_bias,
                        self.mlp2_weight.packed, self.mlp2_bias, experts_per_token=c.experts_per_token,
-                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False)
+                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False, routing=routing)
+
+    def norm_route(self, delta: torch.Tensor, x: torch.Tensor):
+        """The residual add + this block's RMSNorm, and the routing when the MoE kernels will run
+        (one launch for decode): (normed, new residual, routing or None)."""
+        from .mxfp4 import KernelMXFP4
+
+        c = self.config
+        if isinstance(self.mlp1_weight.packed, KernelMXFP4) and ops._use_kernel("moe", x):
+            return ops.add_rms_norm_route(delta, x, self.norm.scale, c.rms_norm_eps, self.gate.weight,
+                                          self.gate.bias, c.experts_per_token)
+        t, x = ops.add_rms_norm(delta, x, self.norm.scale, c.rms_norm_eps)
+        return t, x, None
 
 
 class Block(nn.Module):
@@ -225,8 +237,8 @@ class GptOss(nn.Module):
         for blk in self.block:
             t, x = ops.add_rms_norm(delta, x, blk.attn.norm.scale, c.rms_norm_eps)
             delta = blk.attn(t, step)
-            t, x = ops.add_rms_norm(delta, x, blk.mlp.norm.scale, c.rms_norm_eps)
-            delta = blk.mlp(t)
+            t, x, routing = blk.mlp.norm_route(delta, x)
+            delta = blk.mlp(t, routing)
         t, x = ops.add_rms_norm(delta, x, self.norm.scale, c.rms_norm_eps)
         if select is not None:
             t = t[select]

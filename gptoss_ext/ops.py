@@ -385,14 +385,41 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tens
     return route(linear(x, gate_weight, gate_bias), k)
 
 
+def add_rms_norm_route(x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, eps: float,
+                       gate_weight: torch.Tensor, gate_bias: torch.Tensor | None, k: int):
+    """`t, r = add_rms_norm(x, residual, scale, eps)` and `gate_route(t, gate_weight, gate_bias, k)`:
+    returns (t, r, routing). For 1 or 2 tokens on the kernel path all of it is one launch (the
+    residual add, the norm, the gate linear and the router; bit-identical to the separate ops);
+    otherwise the separate ops run."""
+    T, H = residual.shape
+    E = gate_weight.shape[0]
+    if (1 <= T <= 2 and H % 8 == 0 and H <= 3072 and E <= 256 and x.dim() == 2 and x.shape == residual.shape
+            and x.dtype == torch.bfloat16 and x.is_contiguous() and residual.is_contiguous()
+            and scale.dtype == torch.bfloat16 and gate_weight.dtype == torch.bfloat16 and gate_weight.is_contiguous()
+            and (gate_bias is None or gate_bias.dtype == torch.bfloat16)
+            and _use_kernel("moe_router", x) and _use_kernel("add_rms_norm", residual)):
+        out = torch.empty_like(residual)
+        residual_out = torch.empty_like(residual)
+        routing = weights, ids, counts, offsets, perm = _route_outputs(T, E, k, x.device)
+        torch.ops.gptoss_ext.moe_add_norm_gate_router(x, residual, scale, eps, out, residual_out, gate_weight,
+                                                      gate_bias, k, ids, weights, counts, offsets, perm,
+                                                      _router_scratch(x.device, 1 + T * E))
+        return out, residual_out, routing
+    t, r = add_rms_norm(x, residual, scale, eps)
+    return t, r, gate_route(t, gate_weight, gate_bias, k)
+
+
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight, mlp1_bias,
         mlp2_weight, mlp2_bias, *, experts_per_token: int = 4, swiglu_alpha: float = 1.702,
-        swiglu_limit: float = 7.0, residual: torch.Tensor | None = None, combine: bool = True) -> torch.Tensor:
+        swiglu_limit: float = 7.0, residual: torch.Tensor | None = None, combine: bool = True,
+        routing=None) -> torch.Tensor:
     """The MoE block on normed activations x [T, H]: router linear (cuBLAS), top-k, the MXFP4
     experts and the weighted sum (plus `residual` when given). CUDA bf16 with the experts in the
     kernel layout runs the kernels; anything else the reference. combine=False (no residual) on the
     kernel path returns the experts' weighted outputs uncombined, fp32 [T, k, H], for
-    `add_rms_norm` to sum in its own launch; elsewhere it returns the combined [T, H] as usual."""
+    `add_rms_norm` to sum in its own launch; elsewhere it returns the combined [T, H] as usual.
+    routing: `gate_route(x, gate_weight, gate_bias, k)`'s result when already computed (as
+    `add_rms_norm_route` does); used on the kernel path only."""
     from .mxfp4 import KernelMXFP4
 
     kernel_weights = isinstance(mlp1_weight, KernelMXFP4) and isinstance(mlp2_weight, KernelMXFP4)
@@ -402,7 +429,9 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
     elif kernel_weights and _use_kernel("moe", x):
         T = x.shape[0]
         k = experts_per_token
-        weights, ids, counts, offsets, perm = gate_route(x.contiguous(), gate_weight, gate_bias, k)
+        if routing is None:
+            routing = gate_route(x.contiguous(), gate_weight, gate_bias, k)
+        weights, ids, counts, offsets, perm = routing
         R1, _ = mlp1_weight.shape
         H, I = mlp2_weight.shape
         h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
@@ -454,6 +483,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::moe_gate_router")
     def _(x, weight, bias, k, ids, weights, counts, offsets, perm, scratch):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::moe_add_norm_gate_router")
+    def _(x, residual, norm_scale, eps, out, residual_out, weight, bias, k, ids, weights, counts, offsets, perm,
+          scratch):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_mlp1")

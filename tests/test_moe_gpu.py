@@ -105,6 +105,55 @@ def test_fused_gate_router_rejects_bad_input():
                                              ids, wts, counts, offs, perm, scratch)
 
 
+@pytest.mark.parametrize("H", [2880, 512])
+@pytest.mark.parametrize("E", [32, 128])
+@pytest.mark.parametrize("T", [1, 2])
+def test_add_norm_gate_router_equals_add_rms_norm_then_gate_route(T, E, H):
+    """One launch (residual add + RMSNorm + gate linear + router) == ops.add_rms_norm then
+    ops.gate_route, bit for bit (H = 2880: two vectors a thread in the norm, 512: one)."""
+    g = torch.Generator(device=DEV).manual_seed(T * E + H)
+    x = torch.randn(T, H, device=DEV, generator=g).bfloat16()
+    r = (4 * torch.randn(T, H, device=DEV, generator=g)).bfloat16()
+    scale = (1 + 0.2 * torch.randn(H, device=DEV, generator=g)).bfloat16()
+    w = (0.05 * torch.randn(E, H, device=DEV, generator=g)).bfloat16()
+    b = (0.1 * torch.randn(E, device=DEV, generator=g)).bfloat16()
+    t, r2, routing = ops.add_rms_norm_route(x, r, scale, 1e-5, w, b, 4)
+    t_ref, r_ref = ops.add_rms_norm(x, r, scale, 1e-5)
+    assert torch.equal(t, t_ref) and torch.equal(r2, r_ref)
+    for a, c in zip(routing, ops.gate_route(t_ref, w, b, 4)):
+        assert torch.equal(a, c)
+    assert all(torch.equal(a, c) for a, c in zip(ops.add_rms_norm_route(x, r, scale, 1e-5, w, b, 4)[2], routing))
+
+
+def test_add_norm_gate_router_rejects_bad_input():
+    T, H, E = 2, 2880, 32
+    x = torch.zeros(T, H, device=DEV, dtype=torch.bfloat16)
+    w = torch.zeros(E, H, device=DEV, dtype=torch.bfloat16)
+    scale = torch.ones(H, device=DEV, dtype=torch.bfloat16)
+    ids, wts = torch.empty(T, 4, dtype=torch.int32, device=DEV), torch.empty(T, 4, device=DEV)
+    counts, offs = torch.empty(E, dtype=torch.int32, device=DEV), torch.empty(E + 1, dtype=torch.int32, device=DEV)
+    perm, scratch = torch.empty(T * 4, dtype=torch.int32, device=DEV), torch.zeros(1000, dtype=torch.int32, device=DEV)
+    op = torch.ops.gptoss_ext.moe_add_norm_gate_router
+
+    def call(x=x, residual=x, scale=scale, out=None, residual_out=None, w=w):
+        out = torch.empty_like(x) if out is None else out
+        residual_out = torch.empty_like(x) if residual_out is None else residual_out
+        op(x, residual, scale, 1e-5, out, residual_out, w, None, 4, ids, wts, counts, offs, perm, scratch)
+
+    call()
+    with pytest.raises(RuntimeError, match="moe_add_norm_gate_router: 'residual' has shape"):
+        call(residual=x[:1])
+    with pytest.raises(RuntimeError, match="moe_add_norm_gate_router: 'norm_scale' dim 0"):
+        call(scale=scale[:64])
+    with pytest.raises(RuntimeError, match="moe_add_norm_gate_router: 'out'"):
+        call(out=torch.empty(T, H, device=DEV))
+    with pytest.raises(RuntimeError, match="moe_add_norm_gate_router: takes 1 to 2 tokens, got 3"):
+        big = torch.zeros(3, H, device=DEV, dtype=torch.bfloat16)
+        call(x=big, residual=big)
+    with pytest.raises(RuntimeError, match="moe_add_norm_gate_router.*'weight'"):
+        call(w=w[:, :64])
+
+
 @pytest.mark.parametrize("E", [32, 128])
 @pytest.mark.parametrize("T", [1, 3, 8, 64, 257, 4096])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -28,12 +28,24 @@ cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, i
 // launch_moe_router does with them. 1 <= T <= kGateRouterMaxTokens, K % 8 == 0, K <= 3072.
 // scratch: moe_gate_router_scratch_size(T, E) int32, [0] zero before the first use (left zero).
 // W is read before the programmatic-launch wait: no kernel of this library may write it.
+// With `norm` (T <= kGateNormMaxTokens, x contiguous): the residual add + RMSNorm before the gate in
+// the same launch, as launch_add_rms_norm(x, norm->residual, norm->scale, norm->out,
+// norm->residual_out, T, K, norm->eps) computes it (bit-identical), and the gate reads norm->out's rows.
 constexpr int kGateRouterMaxTokens = 32;
+constexpr int kGateNormMaxTokens = 2;
+struct GateNormArgs {
+  const __nv_bfloat16* residual;  // [T, K]
+  const __nv_bfloat16* scale;     // [K] RMSNorm weight
+  __nv_bfloat16* out;             // [T, K] normed rows (the experts' input)
+  __nv_bfloat16* residual_out;    // [T, K] residual + x
+  float eps;
+  int threads;                    // set by the launcher
+};
 int64_t moe_gate_router_scratch_size(int64_t T, int E);
 cudaError_t launch_moe_gate_router(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* w,
                                    const __nv_bfloat16* bias, int64_t T, int K, int E, int k, int32_t* ids,
                                    float* weights, int32_t* counts, int32_t* offsets, int32_t* perm,
-                                   int32_t* scratch, cudaStream_t stream);
+                                   int32_t* scratch, cudaStream_t stream, const GateNormArgs* norm = nullptr);
 
 // MXFP4 weights in the kernel layout (see gptoss_ext/mxfp4.py, which writes it once at load):
 //   codes  [E, R/16, K/64, 32 lanes, 16 bytes]: the FP4 codes of a 16-row x 64-column tile in the

@@ -13,6 +13,7 @@
 
 #include "kernels/common.cuh"
 #include "kernels/moe.h"
+#include "kernels/rmsnorm.cuh"
 
 namespace gptoss {
 namespace {
@@ -34,6 +35,7 @@ __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw,
                                             int ncta) {
   __shared__ int32_t cursor[32][kRouterMaxExperts];  // histogram, then per-warp write cursors
   __shared__ int32_t offs[kRouterMaxExperts + 1];
+  __shared__ int32_t sids[kTokensPerCta * kRouterMaxTopK];  // this CTA's expert ids (no global read-back)
   __shared__ bool is_last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int per_lane = (E + 31) / 32;
@@ -89,13 +91,14 @@ __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw,
     const float z = warp_sum(ex);
     if (lane < k) {
       ids[static_cast<int64_t>(t) * k + lane] = my_i;
+      sids[(t - t0) * k + lane] = my_i;
       weights[static_cast<int64_t>(t) * k + lane] = ex / z;
     }
   }
   for (int e = threadIdx.x; e < E; e += blockDim.x) cursor[0][e] = 0;
   __syncthreads();
   // ---- this CTA's histogram -> scratch row
-  for (int p = t0 * k + threadIdx.x; p < t1 * k; p += blockDim.x) atomicAdd(&cursor[0][ids[p]], 1);
+  for (int p = threadIdx.x; p < (t1 - t0) * k; p += blockDim.x) atomicAdd(&cursor[0][sids[p]], 1);
   __syncthreads();
   if (ncta == 1) {  // decode: everything is in this CTA, no scratch round trip
     for (int e = threadIdx.x; e < E; e += blockDim.x) offs[e] = cursor[0][e];
@@ -151,8 +154,7 @@ __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw,
       offsets[E] = run;
     }
   }
-  __syncthreads();
-  __threadfence();
+  __syncthreads();  // (no fence: nothing below reads what other CTAs wrote after their tickets)
 
   // ---- last CTA: stable scatter, a warp per source CTA's pairs
   const unsigned lt_mask = (1u << lane) - 1u;
@@ -164,7 +166,7 @@ __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw,
     for (int base = p0; base < p1; base += 32) {
       const int p = base + lane;
       const bool active = p < p1;
-      const int e = active ? __ldcg(&ids[p]) : -1;
+      const int e = active ? (ncta == 1 ? sids[p] : __ldcg(&ids[p])) : -1;
       const unsigned peers = __match_any_sync(0xffffffffu, e);
       const int rank = __popc(peers & lt_mask);
       if (active) perm[cursor[warp][e] + rank] = p;
@@ -195,10 +197,14 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
 constexpr int kGateWarps = 8;
 constexpr int kGateVecs = 12;   // 16-byte vectors of a gate row a lane holds: K <= 12 * 32 * 8 = 3072
 
+// NORM: x is the block's output to add to `residual` first; each CTA forms the normed rows
+// (add_rms_norm_row: the same arithmetic as the add_rms_norm kernel) in shared memory, CTA 0 also
+// writes them and the new residual out, and the gate reads them from shared memory.
+template <bool NORM, int VPT>
 __global__ void __launch_bounds__(kGateWarps * 32) gate_router_kernel(
     const bf16* __restrict__ x, int64_t x_stride, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T,
     int K, int E, int k, int32_t* __restrict__ ids, float* __restrict__ weights, int32_t* __restrict__ counts,
-    int32_t* __restrict__ offsets, int32_t* __restrict__ perm, int32_t* __restrict__ scratch) {
+    int32_t* __restrict__ offsets, int32_t* __restrict__ perm, int32_t* __restrict__ scratch, GateNormArgs nrm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int e = blockIdx.x * kGateWarps + warp;
   const int vecs = K / 8;
@@ -213,16 +219,30 @@ __global__ void __launch_bounds__(kGateWarps * 32) gate_router_kernel(
   pdl_trigger();
   float* logits = reinterpret_cast<float*>(scratch + 1);
   __shared__ bool is_last;
+  [[maybe_unused]] __shared__ __align__(16) bf16 xs[NORM ? kGateNormMaxTokens * kGateVecs * 32 * 8 : 8];
+  if constexpr (NORM) {
+    __shared__ float red[32];
+    const bool writer = blockIdx.x == 0;
+    for (int t = 0; t < T; ++t) {
+      bf16* out_row = nrm.out + static_cast<int64_t>(t) * K;
+      add_rms_norm_row<VPT>(x, nrm.residual, nrm.scale, writer ? nrm.residual_out : nullptr, t, K, nrm.eps, nullptr,
+                            0, nrm.threads, red, [&](int idx, const bf16x8& o) {
+                              *reinterpret_cast<bf16x8*>(xs + t * K + idx * 8) = o;
+                              if (writer) store_bf16x8(out_row + idx * 8, o);
+                            });
+    }
+  }
   if (e < E) {
     const float b = bias ? __bfloat162float(bias[e]) : 0.f;
     for (int t = 0; t < T; ++t) {
-      const uint4* xrow = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * x_stride);
+      const uint4* xrow = NORM ? reinterpret_cast<const uint4*>(xs + t * K)
+                               : reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * x_stride);
       float acc = 0.f;
 #pragma unroll
       for (int i = 0; i < kGateVecs; ++i) {
         const int v = lane + 32 * i;
         if (v < vecs) {
-          const uint4 xv = __ldg(xrow + v);
+          const uint4 xv = NORM ? xrow[v] : __ldg(xrow + v);
           const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
           const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv[i]);
 #pragma unroll
@@ -267,13 +287,22 @@ int64_t moe_gate_router_scratch_size(int64_t T, int E) { return 1 + T * E; }
 
 cudaError_t launch_moe_gate_router(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, int64_t T, int K,
                                    int E, int k, int32_t* ids, float* weights, int32_t* counts, int32_t* offsets,
-                                   int32_t* perm, int32_t* scratch, cudaStream_t stream) {
+                                   int32_t* perm, int32_t* scratch, cudaStream_t stream, const GateNormArgs* norm) {
   if (E < 1 || E > kRouterMaxExperts || k < 1 || k > kRouterMaxTopK || k > E || T < 1 || T > kGateRouterMaxTokens ||
       K % 8 != 0 || K > kGateVecs * 32 * 8)
     return cudaErrorInvalidValue;
-  return launch_kernel(gate_router_kernel, dim3(static_cast<unsigned>((E + kGateWarps - 1) / kGateWarps)),
-                       dim3(kGateWarps * 32), 0, stream, x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids,
-                       weights, counts, offsets, perm, scratch);
+  const dim3 grid(static_cast<unsigned>((E + kGateWarps - 1) / kGateWarps)), block(kGateWarps * 32);
+  if (norm == nullptr)
+    return launch_kernel(gate_router_kernel<false, 1>, grid, block, 0, stream, x, x_stride, w, bias,
+                         static_cast<int>(T), K, E, k, ids, weights, counts, offsets, perm, scratch, GateNormArgs{});
+  if (T > kGateNormMaxTokens || x_stride != K || !norm->residual || !norm->scale || !norm->out || !norm->residual_out)
+    return cudaErrorInvalidValue;
+  GateNormArgs nrm = *norm;
+  const int vpt = K / 8 <= 256 ? 1 : 2;  // as launch_add_rms_norm picks it, so the results are bit-identical
+  nrm.threads = rms_norm_threads(K, vpt);
+  return launch_kernel(vpt == 1 ? gate_router_kernel<true, 1> : gate_router_kernel<true, 2>, grid, block, 0, stream,
+                       x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids, weights, counts, offsets, perm, scratch,
+                       nrm);
 }
 
 }  // namespace gptoss

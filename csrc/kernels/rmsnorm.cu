@@ -6,8 +6,8 @@
 // takes <= 256 threads (H = 2880: 360 vectors -> VPT 2, 192 threads); T = 1 is one launch of one CTA.
 // The residual sum is rounded to bf16 before the statistics, so the result equals an unfused
 // "residual = residual + x; out = rms_norm(residual)" up to fp32 summation order.
-#include "kernels/common.cuh"
 #include "kernels/rmsnorm.h"
+#include "kernels/rmsnorm.cuh"
 
 namespace gptoss {
 namespace {
@@ -26,86 +26,15 @@ __global__ void __launch_bounds__(256) add_rms_norm_kernel(
   pdl_trigger();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
-  const int nvec = H / 8;
-  const bf16* r_row = residual + row * H;
-  const bf16* x_row = x ? x + row * H : nullptr;
-
-  float v[VPT][8];
-  bf16x8 rv[VPT], xv[VPT];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {  // issue every load before any use
-    const int idx = threadIdx.x + i * blockDim.x;
-    if (idx < nvec) {
-      rv[i] = load_bf16x8(r_row + idx * 8);
-      if (x_row) xv[i] = load_bf16x8(x_row + idx * 8);
-    }
-  }
-  if (ysum) {  // r = residual + sum over the token's k rows of y (fp32), rounded once to bf16
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int idx = threadIdx.x + i * blockDim.x;
-      if (idx < nvec) {
-        float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int j = 0; j < k; ++j) {
-          const float4* yp = reinterpret_cast<const float4*>(ysum + (row * k + j) * H + idx * 8);
-          const float4 y0 = yp[0], y1 = yp[1];
-          a[0] += y0.x; a[1] += y0.y; a[2] += y0.z; a[3] += y0.w;
-          a[4] += y1.x; a[5] += y1.y; a[6] += y1.z; a[7] += y1.w;
-        }
-        unpack(rv[i], v[i]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[i][j] += a[j];
-      }
-    }
-  }
-  float ss = 0.f;
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int idx = threadIdx.x + i * blockDim.x;
-    if (idx < nvec) {
-      if (ysum) {
-        const bf16x8 sum = pack(v[i]);
-        unpack(sum, v[i]);
-        if (residual_out) store_bf16x8(residual_out + row * H + idx * 8, sum);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) ss += v[i][j] * v[i][j];
-        continue;
-      }
-      unpack(rv[i], v[i]);
-      if (x_row) {
-        float a[8];
-        unpack(xv[i], a);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[i][j] += a[j];
-        const bf16x8 sum = pack(v[i]);  // round the residual to bf16 ...
-        unpack(sum, v[i]);              // ... and normalise the rounded value
-        if (residual_out) store_bf16x8(residual_out + row * H + idx * 8, sum);
-      } else if (residual_out) {
-        store_bf16x8(residual_out + row * H + idx * 8, rv[i]);
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) ss += v[i][j] * v[i][j];
-    }
-  }
-  const float inv = rsqrtf(block_sum(ss, red) / static_cast<float>(H) + eps);
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int idx = threadIdx.x + i * blockDim.x;
-    if (idx < nvec) {
-      float s[8], o[8];
-      unpack(load_bf16x8(scale + idx * 8), s);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) o[j] = (v[i][j] * inv) * s[j];
-      store_bf16x8(out + row * H + idx * 8, pack(o));
-    }
-  }
+  bf16* out_row = out + row * H;
+  add_rms_norm_row<VPT>(x, residual, scale, residual_out, row, H, eps, ysum, k, blockDim.x, red,
+                        [&](int idx, const bf16x8& o) { store_bf16x8(out_row + idx * 8, o); });
 }
 
 template <int VPT>
 cudaError_t launch(const bf16* x, const bf16* residual, const bf16* scale, bf16* out, bf16* residual_out,
                    int64_t T, int64_t H, float eps, cudaStream_t stream, const float* ysum, int k) {
-  const int nvec = static_cast<int>(H / 8);
-  const int threads = ((ceil_div(nvec, VPT) + 31) / 32) * 32;
+  const int threads = rms_norm_threads(H, VPT);
   return launch_kernel(add_rms_norm_kernel<VPT>, dim3(static_cast<unsigned>(T)), dim3(threads), 0, stream, x, residual,
                        scale, out, residual_out, static_cast<int>(H), eps, ysum, k);
 }

@@ -94,14 +94,16 @@ void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor
   GPTOSS_CHECK_LAUNCH(op, err);
 }
 
-void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t k,
-                     at::Tensor& ids, at::Tensor& weights, at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm,
-                     at::Tensor& scratch) {
-  const char* op = "moe_gate_router";
+namespace {
+
+void gate_router_impl(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, int64_t k, at::Tensor& ids, at::Tensor& weights,
+                      at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm, at::Tensor& scratch,
+                      GateNormArgs* norm) {
   check_gemv_args(op, x, weight);
   const int64_t T = x.size(0), K = x.size(1), E = weight.size(0);
-  TORCH_CHECK(T >= 1 && T <= kGateRouterMaxTokens, "gptoss_ext.", op, ": takes 1 to ", kGateRouterMaxTokens,
-              " tokens, got ", T);
+  const int64_t max_t = norm ? kGateNormMaxTokens : kGateRouterMaxTokens;
+  TORCH_CHECK(T >= 1 && T <= max_t, "gptoss_ext.", op, ": takes 1 to ", max_t, " tokens, got ", T);
   TORCH_CHECK(K % 8 == 0 && K <= 3072, "gptoss_ext.", op, ": hidden size must be a multiple of 8 and <= 3072, got ", K);
   const __nv_bfloat16* b = nullptr;
   if (bias.has_value()) {
@@ -117,8 +119,42 @@ void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::o
                                     static_cast<int>(K), static_cast<int>(E), static_cast<int>(k),
                                     ids.data_ptr<int32_t>(), weights.data_ptr<float>(), counts.data_ptr<int32_t>(),
                                     offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>(), scratch.data_ptr<int32_t>(),
-                                    c10::cuda::getCurrentCUDAStream());
+                                    c10::cuda::getCurrentCUDAStream(), norm);
   GPTOSS_CHECK_LAUNCH(op, err);
+}
+
+}  // namespace
+
+void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t k,
+                     at::Tensor& ids, at::Tensor& weights, at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm,
+                     at::Tensor& scratch) {
+  gate_router_impl("moe_gate_router", x, weight, bias, k, ids, weights, counts, offsets, perm, scratch, nullptr);
+}
+
+void moe_add_norm_gate_router(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_scale,
+                              double eps, at::Tensor& out, at::Tensor& residual_out, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, int64_t k, at::Tensor& ids, at::Tensor& weights,
+                              at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm, at::Tensor& scratch) {
+  const char* op = "moe_add_norm_gate_router";
+  check_bf16_tensor(op, "x", x, 2, x);  // contiguous rows
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"residual", &residual}, {"out", &out},
+                         {"residual_out", &residual_out}}) {
+    check_bf16_tensor(op, name, *t, 2, x);
+    check_aligned16(op, name, *t);
+    TORCH_CHECK(t->sizes() == x.sizes(), "gptoss_ext.", op, ": '", name, "' has shape ", shape_str(*t),
+                ", 'x' has shape ", shape_str(x), "; they must match");
+  }
+  check_bf16_tensor(op, "norm_scale", norm_scale, 1, x);
+  check_aligned16(op, "norm_scale", norm_scale);
+  check_size(op, "norm_scale", norm_scale, 0, x.size(1), "hidden size");
+  TORCH_CHECK(eps >= 0, "gptoss_ext.", op, ": eps must be >= 0, got ", eps);
+  GateNormArgs norm{};
+  norm.residual = reinterpret_cast<const __nv_bfloat16*>(residual.data_ptr());
+  norm.scale = reinterpret_cast<const __nv_bfloat16*>(norm_scale.data_ptr());
+  norm.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  norm.residual_out = reinterpret_cast<__nv_bfloat16*>(residual_out.data_ptr());
+  norm.eps = static_cast<float>(eps);
+  gate_router_impl(op, x, weight, bias, k, ids, weights, counts, offsets, perm, scratch, &norm);
 }
 
 void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,

@@ -21,6 +21,12 @@ void moe_router(const at::Tensor& logits, int64_t k, at::Tensor& ids, at::Tensor
 void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t k,
                      at::Tensor& ids, at::Tensor& weights, at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm,
                      at::Tensor& scratch);
+// moe_gate_router on out = rms_norm(residual + x) * norm_scale (1 or 2 tokens), which it also
+// writes with residual_out = residual + x: the add_rms_norm before the MoE in the same launch
+void moe_add_norm_gate_router(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_scale,
+                              double eps, at::Tensor& out, at::Tensor& residual_out, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, int64_t k, at::Tensor& ids, at::Tensor& weights,
+                              at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm, at::Tensor& scratch);
 void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
               at::Tensor& out, int64_t max_scale);
