@@ -32,13 +32,12 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "Tensor(b!) residual_out, Tensor weight, Tensor? bias, int k, Tensor(c!) ids, Tensor(d!) weights, "
         "Tensor(e!) counts, Tensor(f!) offsets, Tensor(g!) perm, Tensor(h!) scratch) -> ()");
   // out[p] = SwiGLU(x[p / top_k] W1[e]^T + b1[e]) for pairs p grouped by expert (MXFP4, kernel layout);
-  // max_scale: the weights' largest E8M0 scale byte (<= 128 enables the scale-folding prefill kernel);
-  // prefetch: a tensor (the next kernels' weights) the decode kernel prefetches into L2 while it runs
+  // max_scale: the weights' largest E8M0 scale byte (<= 128 enables the scale-folding prefill kernel)
   m.def("moe_mlp1(Tensor x, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, int top_k, "
-        "float alpha, float limit, Tensor(a!) out, int max_scale=255, Tensor? prefetch=None) -> ()");
+        "float alpha, float limit, Tensor(a!) out, int max_scale=255) -> ()");
   // out[p] = route_weight[p] * (h[p] W2[e]^T + b2[e]), float32
   m.def("moe_mlp2(Tensor h, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, "
-        "Tensor route_weights, Tensor(a!) out, int max_scale=255, Tensor? prefetch=None) -> ()");
+        "Tensor route_weights, Tensor(a!) out, int max_scale=255) -> ()");
   // out[t] = residual[t] + sum over the token's top_k rows of y
   m.def("moe_combine(Tensor y, Tensor? residual, int top_k, Tensor(a!) out) -> ()");
   // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer).

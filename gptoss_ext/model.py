@@ -13,8 +13,6 @@ built and the plain-PyTorch reference otherwise.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -130,12 +128,11 @@ class MLP(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.empty(E, 2 * I, device=device, dtype=dtype), requires_grad=False)
         self.mlp2_bias = nn.Parameter(torch.empty(E, H, device=device, dtype=dtype), requires_grad=False)
 
-    def forward(self, t: torch.Tensor, routing=None, prefetch=(None, None)) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, routing=None) -> torch.Tensor:
         c = self.config
         return ops.moe(t, self.gate.weight, self.gate.bias, self.mlp1_weight.packed, self.mlp1_bias,
                        self.mlp2_weight.packed, self.mlp2_bias, experts_per_token=c.experts_per_token,
-                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False, routing=routing,
-                       prefetch=prefetch)
+                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False, routing=routing)
 
     def norm_route(self, delta: torch.Tensor, x: torch.Tensor):
         """The residual add + this block's RMSNorm, and the routing when the MoE kernels will run
@@ -237,26 +234,15 @@ class GptOss(nn.Module):
         c = self.config
         x = self.embedding(tokens)                                           # [T, H] residual stream
         delta = None
-        for i, blk in enumerate(self.block):
+        for blk in self.block:
             t, x = ops.add_rms_norm(delta, x, blk.attn.norm.scale, c.rms_norm_eps)
             delta = blk.attn(t, step)
             t, x, routing = blk.mlp.norm_route(delta, x)
-            delta = blk.mlp(t, routing, self._prefetch(i))
+            delta = blk.mlp(t, routing)
         t, x = ops.add_rms_norm(delta, x, self.norm.scale, c.rms_norm_eps)
         if select is not None:
             t = t[select]
         return self.unembedding(t).float()
-
-    def _prefetch(self, i: int):
-        """What layer i's MoE decode kernels prefetch into L2 while they stream the experts (which
-        they read evict-first): the next layer's qkv (mlp1) and out (mlp2) projection weights, so
-        those skinny linears read L2 instead of DRAM. GPTOSS_L2_PREFETCH=0 turns it off, 1 keeps
-        the qkv prefetch only."""
-        mode = os.environ.get("GPTOSS_L2_PREFETCH", "2")
-        if mode == "0" or i + 1 >= len(self.block):
-            return None, None
-        nxt = self.block[i + 1].attn
-        return nxt.qkv.weight, (nxt.out.weight if mode != "1" else None)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):

@@ -412,16 +412,14 @@ def add_rms_norm_route(x: torch.Tensor, residual: torch.Tensor, scale: torch.Ten
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight, mlp1_bias,
         mlp2_weight, mlp2_bias, *, experts_per_token: int = 4, swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0, residual: torch.Tensor | None = None, combine: bool = True,
-        routing=None, prefetch=(None, None)) -> torch.Tensor:
+        routing=None) -> torch.Tensor:
     """The MoE block on normed activations x [T, H]: router linear (cuBLAS), top-k, the MXFP4
     experts and the weighted sum (plus `residual` when given). CUDA bf16 with the experts in the
     kernel layout runs the kernels; anything else the reference. combine=False (no residual) on the
     kernel path returns the experts' weighted outputs uncombined, fp32 [T, k, H], for
     `add_rms_norm` to sum in its own launch; elsewhere it returns the combined [T, H] as usual.
     routing: `gate_route(x, gate_weight, gate_bias, k)`'s result when already computed (as
-    `add_rms_norm_route` does); used on the kernel path only. prefetch: up to two tensors (the next
-    kernels' weights) that the decode kernels of mlp1 and mlp2 prefetch into L2 while they stream
-    the experts (a hint; see `Model._run`)."""
+    `add_rms_norm_route` does); used on the kernel path only."""
     from .mxfp4 import KernelMXFP4
 
     kernel_weights = isinstance(mlp1_weight, KernelMXFP4) and isinstance(mlp2_weight, KernelMXFP4)
@@ -438,10 +436,10 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         H, I = mlp2_weight.shape
         h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
         torch.ops.gptoss_ext.moe_mlp1(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias, perm, offsets,
-                                      k, swiglu_alpha, swiglu_limit, h, mlp1_weight.max_scale, prefetch[0])
+                                      k, swiglu_alpha, swiglu_limit, h, mlp1_weight.max_scale)
         y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
         torch.ops.gptoss_ext.moe_mlp2(h, mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
-                                      weights.view(-1), y, mlp2_weight.max_scale, prefetch[1])
+                                      weights.view(-1), y, mlp2_weight.max_scale)
         if not combine and residual is None:
             return y.view(T, k, H)
         out = torch.empty(T, H, dtype=torch.bfloat16, device=x.device)
@@ -493,11 +491,11 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_mlp1")
-    def _(x, codes, scales, bias, perm, offsets, top_k, alpha, limit, out, max_scale=255, prefetch=None):
+    def _(x, codes, scales, bias, perm, offsets, top_k, alpha, limit, out, max_scale=255):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_mlp2")
-    def _(h, codes, scales, bias, perm, offsets, route_weights, out, max_scale=255, prefetch=None):
+    def _(h, codes, scales, bias, perm, offsets, route_weights, out, max_scale=255):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_combine")

@@ -105,31 +105,6 @@ def test_fused_gate_router_rejects_bad_input():
                                              ids, wts, counts, offs, perm, scratch)
 
 
-@pytest.mark.parametrize("T", [1, 8, 40])
-def test_l2_prefetch_hint_leaves_results_unchanged(T):
-    """The decode kernels' L2 prefetch of other tensors (the next layer's weights in the model) is
-    only a hint: the outputs are bit-identical with and without it."""
-    w = get_experts(32)
-    x = (torch.randn(T, H, device=DEV) * 0.5).bfloat16()
-    nxt = (torch.randn(5120, H, device=DEV), torch.randn(2880, 4096, device=DEV).bfloat16())
-    args = (x, w["gw"], w["gb"], w["k1"], w["bias1"], w["k2"], w["bias2"])
-    plain = ops.moe(*args)
-    assert torch.equal(ops.moe(*args, prefetch=nxt), plain)
-    assert torch.equal(ops.moe(*args, prefetch=(None, nxt[1])), plain)
-
-
-def test_l2_prefetch_rejects_bad_tensors():
-    w = get_experts(32)
-    x = torch.zeros(1, H, device=DEV, dtype=torch.bfloat16)
-    args = (x, w["gw"], w["gb"], w["k1"], w["bias1"], w["k2"], w["bias2"])
-    with pytest.raises(RuntimeError, match="moe_mlp1.*'prefetch'"):
-        ops.moe(*args, prefetch=(torch.zeros(64), None))
-    with pytest.raises(RuntimeError, match="moe_mlp2: 'prefetch' must be a multiple of 16 bytes, got 6"):
-        ops.moe(*args, prefetch=(None, torch.zeros(3, device=DEV, dtype=torch.bfloat16)))
-    with pytest.raises(RuntimeError, match="moe_mlp1.*'prefetch'.*contiguous"):
-        ops.moe(*args, prefetch=(torch.zeros(64, 64, device=DEV).t(), None))
-
-
 @pytest.mark.parametrize("H", [2880, 512])
 @pytest.mark.parametrize("E", [32, 128])
 @pytest.mark.parametrize("T", [1, 2])

@@ -29,54 +29,6 @@ __device__ __forceinline__ void store_bf16x8(bf16* p, const bf16x8& v) {
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
 }
 
-// Loads of streamed data (read once: MoE expert weights) marked evict-first in L2 (policy from
-// evict_first_policy()), so they do not push out data prefetched into L2 for the next kernels
-// (l2_prefetch_part). Plain loads before sm_80.
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t pol = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-#endif
-  return pol;
-}
-
-__device__ __forceinline__ uint4 ldg_stream(const uint4* p, uint64_t pol) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "l"(pol));
-  return v;
-#else
-  return __ldg(p);
-#endif
-}
-
-__device__ __forceinline__ uint32_t ldg_stream(const uint32_t* p, uint64_t pol) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint32_t v;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.u32 %0, [%1], %2;" : "=r"(v) : "l"(p), "l"(pol));
-  return v;
-#else
-  return __ldg(p);
-#endif
-}
-
-// Part `part` of `parts` equal 16-byte-aligned slices of buf[0, bytes) into L2 (a hint: the bulk
-// prefetch of sm_90, which costs the issuing thread nothing; no-op on older GPUs). One thread a
-// part. buf 16-byte aligned, bytes a multiple of 16.
-__device__ __forceinline__ void l2_prefetch_part(const void* buf, int64_t bytes, int64_t part, int64_t parts) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int64_t per = ((bytes + parts - 1) / parts + 15) / 16 * 16;
-  const int64_t begin = part * per, end = begin + per < bytes ? begin + per : bytes;
-  for (int64_t off = begin; off < end; off += 32768) {
-    const uint32_t n = static_cast<uint32_t>(end - off < 32768 ? end - off : 32768);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(buf) + off), "r"(n)
-                 : "memory");
-  }
-#endif
-}
-
 __device__ __forceinline__ void unpack(const bf16x8& v, float (&f)[8]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

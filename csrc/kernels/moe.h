@@ -68,8 +68,6 @@ struct MoeGemmArgs {
   int top_k;
   int E, R, K;
   float swiglu_alpha, swiglu_limit;
-  const void* prefetch;         // optional L2 prefetch while the decode kernel streams its experts (the
-  int64_t prefetch_bytes;       // next kernels' weights; a hint): 16-byte aligned, bytes % 16 == 0
   int max_scale;                // largest E8M0 scale byte of the weights (255 if unknown): <= 128
                                 // lets prefill fold the scales into fp16 weights
 };

@@ -166,9 +166,6 @@ __device__ __forceinline__ void store_tile(const MoeGemmArgs& a, const bf16* bia
 
 template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
 __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab) {
-  // The next kernels' (constant) weights into L2 while this grid streams its experts evict-first.
-  if (a.prefetch && threadIdx.x == 0)
-    l2_prefetch_part(a.prefetch, a.prefetch_bytes, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
   pdl_wait();     // see kernels/pdl.h
   constexpr int WK = NW / WM;
   constexpr int BN = 8 * NT;
@@ -197,7 +194,6 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
   // register sets (ping-pong, no copies): batch b + 1 is in flight while batch b is computed. Loads
   // use one base pointer a batch and constant offsets. The first batch goes out before the routing
   // lookups and the activation staging, so weight traffic starts at once.
-  const uint64_t pol = evict_first_policy();
   uint4 code_a[DEPTH], code_b[DEPTH];
   uint32_t sc_a[DEPTH], sc_b[DEPTH];
   const auto load_batch = [&](int c0, int c_end, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
@@ -207,8 +203,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       if (d * WK < left) {
-        cd[d] = ldg_stream(cp + d * WK * 32, pol);
-        sv[d] = ldg_stream(sp + d * WK * 8, pol);
+        cd[d] = __ldg(cp + d * WK * 32);
+        sv[d] = __ldg(sp + d * WK * 8);
       }
     }
   };

@@ -157,28 +157,9 @@ void moe_add_norm_gate_router(const at::Tensor& x, const at::Tensor& residual, c
   gate_router_impl(op, x, weight, bias, k, ids, weights, counts, offsets, perm, scratch, &norm);
 }
 
-namespace {
-
-// The optional L2-prefetch hint of the decode kernels: any CUDA tensor of the same device, contiguous,
-// 16-byte aligned, a multiple of 16 bytes (its storage is read, never written).
-void set_prefetch(const char* op, MoeGemmArgs& a, const std::optional<at::Tensor>& prefetch, const at::Tensor& ref) {
-  if (!prefetch.has_value()) return;
-  const at::Tensor& t = *prefetch;
-  check_cuda(op, "prefetch", t);
-  check_same_device(op, "prefetch", t, ref);
-  check_contiguous(op, "prefetch", t);
-  check_aligned16(op, "prefetch", t);
-  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  TORCH_CHECK(bytes % 16 == 0, "gptoss_ext.", op, ": 'prefetch' must be a multiple of 16 bytes, got ", bytes);
-  a.prefetch = t.data_ptr();
-  a.prefetch_bytes = bytes;
-}
-
-}  // namespace
-
 void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
-              at::Tensor& out, int64_t max_scale, const std::optional<at::Tensor>& prefetch) {
+              at::Tensor& out, int64_t max_scale) {
   const char* op = "moe_mlp1";
   check_bf16_tensor(op, "x", x, 2, x);
   auto [E, R, K] = check_weights(op, codes, scales, x);
@@ -209,13 +190,12 @@ void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
   a.swiglu_alpha = static_cast<float>(alpha);
   a.swiglu_limit = static_cast<float>(limit);
   a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
-  set_prefetch(op, a, prefetch, x);
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp1(a, c10::cuda::getCurrentCUDAStream()));
 }
 
 void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
-              int64_t max_scale, const std::optional<at::Tensor>& prefetch) {
+              int64_t max_scale) {
   const char* op = "moe_mlp2";
   check_bf16_tensor(op, "h", h, 2, h);
   auto [E, R, K] = check_weights(op, codes, scales, h);
@@ -251,7 +231,6 @@ void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& sc
   a.R = static_cast<int>(R);
   a.K = static_cast<int>(K);
   a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
-  set_prefetch(op, a, prefetch, h);
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp2(a, c10::cuda::getCurrentCUDAStream()));
 }
 

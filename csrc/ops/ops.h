@@ -29,10 +29,10 @@ void moe_add_norm_gate_router(const at::Tensor& x, const at::Tensor& residual, c
                               at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm, at::Tensor& scratch);
 void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
-              at::Tensor& out, int64_t max_scale, const std::optional<at::Tensor>& prefetch);
+              at::Tensor& out, int64_t max_scale);
 void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
-              int64_t max_scale, const std::optional<at::Tensor>& prefetch);
+              int64_t max_scale);
 void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out);
 
 void attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
