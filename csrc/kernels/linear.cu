@@ -95,13 +95,10 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
 // contiguous bulk copy of 4 x K x 2 bytes). Up to ~200 KB of groups are in flight at once, and for
 // constant weights they are issued before the programmatic-launch wait, so most of a projection
 // streams in while the kernel before it (the norm, the attention) still runs; after the wait only
-// the rest of the stream, the dot products and one barrier a group remain. 32 warps: 4 rows x 8 K
-// parts a group, x in registers (the same columns every group). (A first version with 8 warps,
-// 4 rows x 2 halves, was issue-latency bound: 2 warps a scheduler, 0.21 instructions a cycle,
-// qkv 20 us under ncu vs 12.8 us for the register kernel.)
+// the rest of the stream, the dot products and one barrier a group remain. 8 warps: 4 rows x 2 K
+// halves a group, x in registers (the same columns every group).
 constexpr int kStreamRows = 4;                // rows a group
-constexpr int kStreamParts = 8;               // K parts a row (warps = rows x parts = 32)
-constexpr int kStreamMaxVpl = 2;              // 16-byte vectors a lane a part: K <= 8 * 32 * 2 * 8 = 4096
+constexpr int kStreamMaxVpl = 8;              // 16-byte vectors a lane a half row: K <= 2 * 32 * 8 * 8 = 4096
 constexpr int kStreamMaxStages = 12;
 constexpr int kStreamSmem = 200 * 1024;       // bytes of groups in flight a CTA
 
@@ -112,15 +109,15 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 #endif
 
 template <int M>
-__global__ void __launch_bounds__(1024, 1) linear_stream_kernel(const bf16* __restrict__ x, int64_t x_stride,
-                                                                const bf16* __restrict__ w,
-                                                                const bf16* __restrict__ bias, bf16* __restrict__ out,
-                                                                int64_t out_stride, int N, int K, int rows_per_cta,
-                                                                int stages, bool weight_constant) {
+__global__ void __launch_bounds__(256, 1) linear_stream_kernel(const bf16* __restrict__ x, int64_t x_stride,
+                                                               const bf16* __restrict__ w,
+                                                               const bf16* __restrict__ bias, bf16* __restrict__ out,
+                                                               int64_t out_stride, int N, int K, int rows_per_cta,
+                                                               int stages, bool weight_constant) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char wsm[];   // stages x [kStreamRows][K] bf16
   __shared__ __align__(8) uint64_t bars[kStreamMaxStages];
-  __shared__ float red[2][32][M];
+  __shared__ float red[2][8][M];
   const int r0 = blockIdx.x * rows_per_cta, r1 = min(N, r0 + rows_per_cta);
   const int groups = r1 > r0 ? (r1 - r0 + kStreamRows - 1) / kStreamRows : 0;
   const uint32_t gbytes = static_cast<uint32_t>(kStreamRows) * K * 2;
@@ -144,9 +141,9 @@ __global__ void __launch_bounds__(1024, 1) linear_stream_kernel(const bf16* __re
   if (threadIdx.x == 0 && !weight_constant)
     for (int g = 0; g < min(stages, groups); ++g) issue(g);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row_in_group = warp % kStreamRows, part = warp / kStreamRows;
-  const int vecs = K / 8, pv = (vecs + kStreamParts - 1) / kStreamParts;
-  const int v_begin = part * pv, v_end = min(vecs, v_begin + pv);
+  const int row_in_group = warp & 3, half = warp >> 2;
+  const int vecs = K / 8, hv = (vecs + 1) / 2;
+  const int v_begin = half * hv, v_end = min(vecs, v_begin + hv);
   uint4 xr[M][kStreamMaxVpl];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -165,39 +162,32 @@ __global__ void __launch_bounds__(1024, 1) linear_stream_kernel(const bf16* __re
     const uint4* wrow = reinterpret_cast<const uint4*>(wsm + static_cast<size_t>(s) * gbytes +
                                                        static_cast<size_t>(row_in_group) * K * 2);
     const bool ok = r0 + g * kStreamRows + row_in_group < r1;
-    float acc[M][kStreamMaxVpl];
+    float acc[M];
 #pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int i = 0; i < kStreamMaxVpl; ++i) acc[m][i] = 0.f;
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
     if (ok) {
-      uint4 wv[kStreamMaxVpl];
 #pragma unroll
       for (int i = 0; i < kStreamMaxVpl; ++i) {
         const int v = v_begin + lane + 32 * i;
-        wv[i] = v < v_end ? wrow[v] : make_uint4(0, 0, 0, 0);
-      }
+        if (v < v_end) {
+          const uint4 wv = wrow[v];
+          const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv);
 #pragma unroll
-      for (int i = 0; i < kStreamMaxVpl; ++i) {
-        const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv[i]);
+          for (int m = 0; m < M; ++m) {
+            const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xr[m][i]);
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xr[m][i]);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
-            acc[m][i] = fmaf(a.x, b.x, acc[m][i]);
-            acc[m][i] = fmaf(a.y, b.y, acc[m][i]);
+            for (int j = 0; j < 4; ++j) {
+              const float2 a = __bfloat1622float2(xh[j]), b = __bfloat1622float2(wh[j]);
+              acc[m] = fmaf(a.x, b.x, acc[m]);
+              acc[m] = fmaf(a.y, b.y, acc[m]);
+            }
           }
         }
       }
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      float t = acc[m][0];
-#pragma unroll
-      for (int i = 1; i < kStreamMaxVpl; ++i) t += acc[m][i];
-      t = warp_sum(t);
+      const float t = warp_sum(acc[m]);
       if (lane == 0) red[g & 1][warp][m] = t;
     }
     __syncthreads();  // stage s is read by every warp; the partial sums are in red[g & 1]
@@ -209,9 +199,7 @@ __global__ void __launch_bounds__(1024, 1) linear_stream_kernel(const bf16* __re
       const int r = threadIdx.x % kStreamRows, m = threadIdx.x / kStreamRows;
       const int n = r0 + g * kStreamRows + r;
       if (n < r1) {
-        float v = 0.f;
-#pragma unroll
-        for (int p = 0; p < kStreamParts; ++p) v += red[g & 1][p * kStreamRows + r][m];
+        const float v = red[g & 1][r][m] + red[g & 1][r + 4][m];
         out[m * out_stride + n] = __float2bfloat16(v + (bias ? __bfloat162float(bias[n]) : 0.f));
       }
     }
@@ -263,7 +251,7 @@ cudaError_t launch_stream(const bf16* x, int64_t xs, const bf16* w, const bf16* 
   auto kernel = linear_stream_kernel<M>;
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  return launch_kernel(kernel, dim3(ctas), dim3(1024), smem, stream, x, xs, w, b, o, os, N, K, rows_per_cta, stages, wc);
+  return launch_kernel(kernel, dim3(ctas), dim3(256), smem, stream, x, xs, w, b, o, os, N, K, rows_per_cta, stages, wc);
 }
 
 template <int M>
@@ -287,7 +275,7 @@ cudaError_t launch_linear_skinny(const bf16* x, int64_t x_stride, const bf16* w,
   if (M > kSkinnyMaxM || K % 8 != 0 || static_cast<size_t>(M) * K * 2 > 96 * 1024) return cudaErrorInvalidValue;
   // sm_90 and K <= 4096 (x in registers, one group a stage at least): the bulk-copy streaming kernel
   // for 1-2 rows.
-  if (M <= 2 && K <= kStreamParts * 32 * 8 * kStreamMaxVpl && is_sm90() && sm_count() > 0 && !stream_disabled() &&
+  if (M <= 2 && K <= 2 * 32 * 8 * kStreamMaxVpl && is_sm90() && sm_count() > 0 && !stream_disabled() &&
       reinterpret_cast<uintptr_t>(w) % 16 == 0)
     return M == 1 ? launch_stream<1>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream)
                   : launch_stream<2>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
