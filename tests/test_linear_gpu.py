@@ -11,8 +11,7 @@ DEV = "cuda"
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("N,K", [(5120, 2880), (2880, 4096), (32, 2880), (33, 64), (1, 8), (20000, 2880),
-                                 (64, 8192)])
+@pytest.mark.parametrize("N,K", [(5120, 2880), (2880, 4096), (32, 2880), (33, 64), (1, 8)])
 def test_linear_skinny_matches_fp32(M, N, K):
     g = torch.Generator(device=DEV).manual_seed(M * N + K)
     x = torch.randn(M, K, device=DEV, generator=g).bfloat16()
@@ -25,28 +24,6 @@ def test_linear_skinny_matches_fp32(M, N, K):
     err_cublas = (torch.nn.functional.linear(x, w, b).double() - want).abs().max().item()
     assert err <= 2 * err_cublas + 1e-6
     assert torch.equal(ops.linear(x, w, b), out)                      # ops.linear takes the kernel
-
-
-@pytest.mark.parametrize("stream", ["1", "0"])
-@pytest.mark.parametrize("M", [1, 2])
-@pytest.mark.parametrize("N,K", [(5120, 2880), (2880, 4096), (20000, 2880), (7, 2888)])
-def test_linear_one_or_two_rows_both_kernels(M, N, K, stream, monkeypatch):
-    """1-2 rows on sm_90 take the bulk-copy streaming kernel (GPTOSS_LINEAR_STREAM=0: the register
-    one); both, with the weight loaded before or after the launch wait, against fp32."""
-    monkeypatch.setenv("GPTOSS_LINEAR_STREAM", stream)
-    g = torch.Generator(device=DEV).manual_seed(M * N + K)
-    x = torch.randn(M, K, device=DEV, generator=g).bfloat16()
-    w = (torch.randn(N, K, device=DEV, generator=g) * K ** -0.5).bfloat16()
-    b = torch.randn(N, device=DEV, generator=g).bfloat16()
-    want = torch.nn.functional.linear(x.double(), w.double(), b.double())
-    err_cublas = (torch.nn.functional.linear(x, w, b).double() - want).abs().max().item()
-    outs = []
-    for constant in (False, True):
-        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
-        torch.ops.gptoss_ext.linear_skinny(x, w, b, out, constant)
-        assert (out.double() - want).abs().max().item() <= 2 * err_cublas + 1e-6
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
 
 
 def test_linear_skinny_strided_rows_no_bias_and_graph():
