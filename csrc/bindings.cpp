@@ -60,6 +60,10 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // out = x weight^T + bias for 1..8 rows of x (decode projections), bf16. weight_constant: no
   // kernel of this library writes `weight` (model weights): its loads may overlap the previous kernel
   m.def("linear_skinny(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool weight_constant=False) -> ()");
+  // decode qkv projection + RoPE on its q / k heads + KV-cache write of k / v, one launch (1..8 rows);
+  // positions and slots must not be written by the kernel launched just before (read before its wait)
+  m.def("linear_rope_kv(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, Tensor positions, Tensor inv_freq, "
+        "float concentration, Tensor slots, Tensor(b!) k_cache, Tensor(c!) v_cache, bool weight_constant=False) -> ()");
   // programmatic dependent launch of this library's kernels on Hopper (default on; GPTOSS_PDL=0 off)
   m.def("set_pdl(bool enabled) -> bool", &gptoss::set_pdl_enabled);
 }
@@ -80,5 +84,6 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("kv_write", &gptoss::kv_write);
   m.impl("rope_kv_", &gptoss::rope_kv_);
   m.impl("linear_skinny", &gptoss::linear_skinny);
+  m.impl("linear_rope_kv", &gptoss::linear_rope_kv);
 }
 

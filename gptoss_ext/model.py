@@ -91,23 +91,28 @@ class Attention(nn.Module):
     def forward(self, t: torch.Tensor, step: "Step") -> torch.Tensor:
         """t: normed activations [T, H] of the step's tokens. Returns the block's output [T, H]."""
         T = t.shape[0]
+        sinks = self.sinks32 if self.sinks32 is not None else self.sinks
+        if step.cache is not None and step.seq_lens is not None:           # decode: one token a sequence
+            kc, vc = step.cache.k[self.layer], step.cache.v[self.layer]      # [B, max_len, Hkv, D]
+            # projection + RoPE + KV-cache write (one launch on the kernel path)
+            qkv = ops.linear_rope_kv(t, self.qkv.weight, self.qkv.bias, step.positions, kc, vc, step.slots,
+                                     self.n_heads, self.n_kv, weight_constant=True, **self.rope_kwargs)
+            q = qkv[:, :self.n_heads * self.head_dim].view(T, self.n_heads, self.head_dim)
+            o = ops.attention_decode(q, kc, vc, sinks, step.seq_lens, sliding_window=self.window)
+            return self.out(o.reshape(T, -1))
         qkv = self.qkv(t)                                                   # [T, 5120]
         q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv) * self.head_dim
         q = qkv[:, :q_end].view(T, self.n_heads, self.head_dim)             # [T, Hq, D]
         k = qkv[:, q_end:k_end].view(T, self.n_kv, self.head_dim)           # [T, Hkv, D]
         v = qkv[:, k_end:].view(T, self.n_kv, self.head_dim)                # [T, Hkv, D]
-        sinks = self.sinks32 if self.sinks32 is not None else self.sinks
         if step.cache is None:                                              # one sequence from position 0
             q, k = ops.rope(q, k, step.positions, **self.rope_kwargs)
             o = ops.attention(q, k, v, sinks, sliding_window=self.window)
         else:
             kc, vc = step.cache.k[self.layer], step.cache.v[self.layer]      # [B, max_len, Hkv, D]
             q, k = ops.rope_kv_write(q, k, v, step.positions, kc, vc, step.slots, **self.rope_kwargs)
-            if step.seq_lens is not None:                                   # decode: one token a sequence
-                o = ops.attention_decode(q, kc, vc, sinks, step.seq_lens, sliding_window=self.window)
-            else:                                                           # varlen prefill
-                o = ops.attention_prefill(q, kc, vc, sinks, step.cu_seqlens, step.starts,
-                                          sliding_window=self.window, max_q_len=step.max_q_len)
+            o = ops.attention_prefill(q, kc, vc, sinks, step.cu_seqlens, step.starts,              # varlen prefill
+                                      sliding_window=self.window, max_q_len=step.max_q_len)
         return self.out(o.reshape(T, -1))
 
 

@@ -180,6 +180,40 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     return q, k
 
 
+def linear_rope_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int, n_kv_heads: int,
+                   weight_constant: bool = False, **rope_kwargs) -> torch.Tensor:
+    """The fused qkv projection of decode: `qkv = linear(x, weight, bias)` [T, (n_heads + 2 n_kv_heads) *
+    D], then `rope_kv_write` on its q / k / v head slices (q and k rotated in place, k and v into the
+    cache rows `slots`). For 1..8 tokens on the kernel path it is one launch (the rotation and the
+    cache write in the projection's epilogue, bit-identical to the separate ops; positions and slots
+    must not be written by the kernel launched just before it); otherwise the separate ops run."""
+    T, K = x.shape
+    N = weight.shape[0]
+    D = k_cache.shape[-1]
+    if (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 1 <= T <= 8 and K % 8 == 0
+            and T * K * 2 <= 96 * 1024 and weight.is_contiguous() and weight.numel() <= _SKINNY_MAX_WEIGHT
+            and x.stride(-1) == 1 and x.stride(0) % 8 == 0 and D == 64 and N == (n_heads + 2 * n_kv_heads) * D
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
+            and _use_kernel("rope", x) and _use_kernel("kv_write", x)):
+        r = {**_ROPE_DEFAULTS, **rope_kwargs}
+        inv, conc = _inv_freq(x.device, D, r["theta"], r["factor"], r["original_context"], r["ntk_alpha"],
+                              r["ntk_beta"])
+        out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+        torch.ops.gptoss_ext.linear_rope_kv(x, weight, bias, out, positions, inv, conc,
+                                            slots.to(x.device, torch.int64), k_cache, v_cache, weight_constant)
+        return out
+    qkv = linear(x, weight, bias, weight_constant=weight_constant)
+    q = qkv[:, :n_heads * D].view(T, n_heads, D)
+    k = qkv[:, n_heads * D:(n_heads + n_kv_heads) * D].view(T, n_kv_heads, D)
+    v = qkv[:, (n_heads + n_kv_heads) * D:].view(T, n_kv_heads, D)
+    q2, k2 = rope_kv_write(q, k, v, positions, k_cache, v_cache, slots, **rope_kwargs)
+    for view, rotated in ((q, q2), (k, k2)):          # the reference path rotates out of place
+        if rotated.data_ptr() != view.data_ptr():
+            view.copy_(rotated)
+    return qkv
+
+
 # ---- attention ---------------------------------------------------------------------------------
 # KV cache of one layer: k_cache, v_cache [B, max_len, Hkv, 64] (bf16, contiguous); sequence b
 # owns batch row b, position p is row p. Slots (kv_write) are flat rows b * max_len + p.
@@ -467,6 +501,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::moe_combine_add_rms_norm")
     def _(y, residual, scale, eps, out, residual_out):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::linear_rope_kv")
+    def _(x, weight, bias, out, positions, inv_freq, concentration, slots, k_cache, v_cache, weight_constant=False):
         return None
 
     @torch.library.register_fake("gptoss_ext::rope_kv_")

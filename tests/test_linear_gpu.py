@@ -56,3 +56,51 @@ def test_linear_skinny_errors():
                                            torch.empty(2, 16, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(RuntimeError, match="'weight' must have dtype BFloat16"):
         torch.ops.gptoss_ext.linear_skinny(x[:2], w.float(), None, torch.empty(2, 16, dtype=torch.bfloat16, device=DEV))
+
+
+@pytest.mark.parametrize("M", [1, 2, 5])
+def test_linear_rope_kv_equals_linear_then_rope_kv_write(M):
+    """The decode qkv projection with RoPE and the KV-cache write in its epilogue == ops.linear, then
+    ops.rope_kv_write, bit for bit (q, k rotated in the output; k, v in the cache; a slot of -1 skipped)."""
+    g = torch.Generator(device=DEV).manual_seed(M)
+    Hq, Hkv, D, K, B, L = 64, 8, 64, 2880, 8, 300
+    x = torch.randn(M, K, device=DEV, generator=g).bfloat16()
+    w = (torch.randn((Hq + 2 * Hkv) * D, K, device=DEV, generator=g) * K ** -0.5).bfloat16()
+    b = torch.randn(w.shape[0], device=DEV, generator=g).bfloat16()
+    positions = torch.randint(0, 130000, (M,), device=DEV, generator=g)
+    slots = torch.randperm(B * L, device=DEV, generator=g)[:M]
+    if M > 1:
+        slots[1] = -1                                                   # skipped, as rope_kv_ skips it
+    rope = dict(theta=150000.0, factor=32.0, original_context=4096, ntk_alpha=1.0, ntk_beta=32.0)
+    caches = [torch.randn(B, L, Hkv, D, device=DEV, generator=g).bfloat16() for _ in range(2)]
+    kc1, vc1 = (c.clone() for c in caches)
+    kc2, vc2 = (c.clone() for c in caches)
+    fused = ops.linear_rope_kv(x, w, b, positions, kc1, vc1, slots, Hq, Hkv, weight_constant=True, **rope)
+    qkv = ops.linear(x, w, b)
+    q, k, v = qkv[:, :Hq * D].view(M, Hq, D), qkv[:, Hq * D:(Hq + Hkv) * D].view(M, Hkv, D), qkv[:, (Hq + Hkv) * D:]
+    ops.rope_kv_write(q, k, v.view(M, Hkv, D), positions, kc2, vc2, slots, **rope)
+    assert torch.equal(fused, qkv)
+    assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+    assert not torch.equal(kc1, caches[0])                               # it did write
+
+
+def test_linear_rope_kv_rejects_bad_input():
+    x = torch.randn(1, 2880, device=DEV).bfloat16()
+    w = torch.randn(80 * 64, 2880, device=DEV).bfloat16()
+    out = torch.empty(1, 80 * 64, device=DEV, dtype=torch.bfloat16)
+    kc = torch.zeros(1, 16, 8, 64, device=DEV, dtype=torch.bfloat16)
+    pos, slots = torch.zeros(1, dtype=torch.long, device=DEV), torch.zeros(1, dtype=torch.long, device=DEV)
+    inv = torch.ones(32, dtype=torch.float64, device=DEV)
+    op = torch.ops.gptoss_ext.linear_rope_kv
+    op(x, w, None, out, pos, inv, 1.0, slots, kc, kc.clone())
+    with pytest.raises(RuntimeError, match="linear_rope_kv: weight rows \\(5120\\) must be \\(Hq \\+ 2 x 40\\)"):
+        big = torch.zeros(1, 16, 40, 64, device=DEV, dtype=torch.bfloat16)
+        op(x, w, None, out, pos, inv, 1.0, slots, big, big.clone())
+    with pytest.raises(RuntimeError, match="linear_rope_kv: 'positions'"):
+        op(x, w, None, out, pos.int(), inv, 1.0, slots, kc, kc.clone())
+    with pytest.raises(RuntimeError, match="linear_rope_kv: 'inv_freq'"):
+        op(x, w, None, out, pos, inv[:16], 1.0, slots, kc, kc.clone())
+    with pytest.raises(RuntimeError, match="linear_rope_kv: 'slots'"):
+        op(x, w, None, out, pos, inv, 1.0, slots[:0], kc, kc.clone())
+    with pytest.raises(RuntimeError, match="linear_rope_kv: 'out'"):
+        op(x, w, None, out[:, :64], pos, inv, 1.0, slots, kc, kc.clone())

@@ -29,6 +29,15 @@ __device__ __forceinline__ void store_bf16x8(bf16* p, const bf16x8& v) {
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
 }
 
+// The RoPE rotation (x1 c - x2 s, x2 c + x1 s) with every product and sum rounded on its own (no FMA
+// contraction), so the rope kernel and the fused linear epilogue give the same bits.
+__device__ __forceinline__ float rope_rot1(float x1, float x2, float c, float s) {
+  return __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+}
+__device__ __forceinline__ float rope_rot2(float x1, float x2, float c, float s) {
+  return __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+}
+
 __device__ __forceinline__ void unpack(const bf16x8& v, float (&f)[8]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

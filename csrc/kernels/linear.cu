@@ -17,14 +17,34 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
                                                                      const bf16* __restrict__ w,
                                                                      const bf16* __restrict__ bias,
                                                                      bf16* __restrict__ out, int64_t out_stride, int N,
-                                                                     int K, bool weight_constant) {
+                                                                     int K, bool weight_constant, LinearRope rope) {
   extern __shared__ uint4 xs[];  // [M][K / 8]
   const int vecs = K / 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n0 = (blockIdx.x * kWarps + warp) * kRows;
+  // This warp's two rows: consecutive, or with the RoPE epilogue the pair (d, d + D/2) of one head.
+  const int pair = blockIdx.x * kWarps + warp;
+  const bool roped = rope.positions != nullptr;
+  const int half = roped ? rope.D / 2 : 1;
+  const int head = roped ? pair / half : 0, d = roped ? pair % half : 0;
+  int rown[kRows];
+  rown[0] = roped ? head * rope.D + d : pair * kRows;
+  rown[1] = roped ? rown[0] + half : rown[0] + 1;
+  const int n0 = rown[0];
   const uint4* wr[kRows];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) wr[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(min(n0 + r, N - 1)) * K);
+  for (int r = 0; r < kRows; ++r) wr[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(min(rown[r], N - 1)) * K);
+  // The rotation of (d, d + D/2) for token `lane` (< M), as launch_rope forms it, and its cache row.
+  float rc = 0.f, rs = 0.f;
+  int64_t slot = -1;
+  if (roped && lane < M && n0 < N) {
+    slot = rope.slots[lane];
+    if (head < rope.Hq + rope.Hkv) {
+      double sn, cs;
+      sincos(static_cast<double>(rope.positions[lane]) * rope.inv_freq[d], &sn, &cs);
+      rc = static_cast<float>(cs * rope.concentration);
+      rs = static_cast<float>(sn * rope.concentration);
+    }
+  }
   uint4 wv[kRows][kUnroll];
   const auto load_w = [&](int v0) {
 #pragma unroll
@@ -75,20 +95,49 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
     }
   }
   pdl_trigger();  // after the main loop: an early launch of the next grid slowed this one (placement)
+  if (!roped) {
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int n = n0 + r;
+    for (int r = 0; r < kRows; ++r) {
+      const int n = n0 + r;
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float s = warp_sum(acc[r][m]);
-      if (lane == m && n < N) out[m * out_stride + n] = __float2bfloat16(s + (bias ? __bfloat162float(bias[n]) : 0.f));
+      for (int m = 0; m < M; ++m) {
+        const float s = warp_sum(acc[r][m]);
+        if (lane == m && n < N) out[m * out_stride + n] = __float2bfloat16(s + (bias ? __bfloat162float(bias[n]) : 0.f));
+      }
     }
+    return;
+  }
+  // RoPE epilogue: lane m has token m's two outputs (bf16-rounded as the plain linear stores them).
+  bf16 y[kRows];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float s = warp_sum(acc[r][m]);
+      if (lane == m) y[r] = __float2bfloat16(s + (bias ? __bfloat162float(bias[rown[r]]) : 0.f));
+    }
+  }
+  if (lane >= M || n0 >= N) return;
+  const bool to_cache = slot >= 0 && slot < rope.rows;
+  if (head < rope.Hq + rope.Hkv) {
+    const float x1 = __bfloat162float(y[0]), x2 = __bfloat162float(y[1]);
+    y[0] = __float2bfloat16(rope_rot1(x1, x2, rc, rs));
+    y[1] = __float2bfloat16(rope_rot2(x1, x2, rc, rs));
+  }
+  out[lane * out_stride + rown[0]] = y[0];
+  out[lane * out_stride + rown[1]] = y[1];
+  if (to_cache && head >= rope.Hq) {
+    const bool is_k = head < rope.Hq + rope.Hkv;
+    bf16* dst = (is_k ? rope.k_cache : rope.v_cache) +
+                (slot * rope.Hkv + (head - rope.Hq - (is_k ? 0 : rope.Hkv))) * rope.D + d;
+    dst[0] = y[0];
+    dst[half] = y[1];
   }
 }
 
 template <int M>
 cudaError_t launch_m(const bf16* x, int64_t xs, const bf16* w, const bf16* b, bf16* o, int64_t os, int N, int K,
-                     bool wc, cudaStream_t stream) {
+                     bool wc, cudaStream_t stream, const LinearRope& rope) {
   const size_t smem = static_cast<size_t>(M) * K * 2;
   auto kernel = linear_skinny_kernel<M>;
   if (smem > 48 * 1024) {
@@ -96,24 +145,30 @@ cudaError_t launch_m(const bf16* x, int64_t xs, const bf16* w, const bf16* b, bf
     if (e != cudaSuccess) return e;
   }
   const int ctas = (N + kWarps * kRows - 1) / (kWarps * kRows);
-  return launch_kernel(kernel, dim3(ctas), dim3(kWarps * 32), smem, stream, x, xs, w, b, o, os, N, K, wc);
+  return launch_kernel(kernel, dim3(ctas), dim3(kWarps * 32), smem, stream, x, xs, w, b, o, os, N, K, wc, rope);
 }
 
 }  // namespace
 
 cudaError_t launch_linear_skinny(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, bf16* out,
-                                 int64_t out_stride, int M, int N, int K, bool weight_constant, cudaStream_t stream) {
+                                 int64_t out_stride, int M, int N, int K, bool weight_constant, cudaStream_t stream,
+                                 const LinearRope* rope) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (M > kSkinnyMaxM || K % 8 != 0 || static_cast<size_t>(M) * K * 2 > 96 * 1024) return cudaErrorInvalidValue;
+  const LinearRope rp = rope ? *rope : LinearRope();
+  if (rope && (!rope->positions || !rope->inv_freq || !rope->slots || !rope->k_cache || !rope->v_cache ||
+               rope->D < 2 || rope->D % 2 != 0 || rope->Hq < 1 || rope->Hkv < 1 ||
+               static_cast<int64_t>(rope->Hq + 2 * rope->Hkv) * rope->D != N))
+    return cudaErrorInvalidValue;
   switch (M) {
-    case 1: return launch_m<1>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
-    case 2: return launch_m<2>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
-    case 3: return launch_m<3>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
-    case 4: return launch_m<4>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
-    case 5: return launch_m<5>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
-    case 6: return launch_m<6>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
-    case 7: return launch_m<7>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
-    default: return launch_m<8>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream);
+    case 1: return launch_m<1>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 2: return launch_m<2>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 3: return launch_m<3>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 4: return launch_m<4>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 5: return launch_m<5>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 6: return launch_m<6>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 7: return launch_m<7>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    default: return launch_m<8>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
   }
 }
 

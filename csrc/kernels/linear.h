@@ -13,8 +13,25 @@ constexpr int kSkinnyMaxM = 8;
 // aligned rows. Each warp streams two weight rows with 16-byte loads, x is staged in shared memory.
 // weight_constant: w is never written by the kernel launched just before (model weights), so its
 // first vectors may be loaded before the programmatic-launch wait (kernels/pdl.h).
+// Optional epilogue for a fused qkv projection (N = (Hq + 2 Hkv) * D, rows: q heads, k heads, v heads):
+// YaRN RoPE on the q and k heads exactly as launch_rope computes it, and the rotated k and v rows
+// written to KV-cache rows slots[m] (what launch_rope's cache write does; slots outside [0, rows)
+// are skipped). Each warp then takes the row pair (d, d + D/2) of one head. positions and slots are
+// read before the programmatic-launch wait: the kernel launched just before must not write them.
+struct LinearRope {
+  const int64_t* positions = nullptr;  // [M]
+  const double* inv_freq = nullptr;    // [D/2]
+  double concentration = 1.0;
+  int Hq = 0, Hkv = 0, D = 0;
+  const int64_t* slots = nullptr;      // [M]
+  __nv_bfloat16* k_cache = nullptr;    // [rows, Hkv, D]
+  __nv_bfloat16* v_cache = nullptr;
+  int64_t rows = 0;
+};
+
 cudaError_t launch_linear_skinny(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* w,
                                  const __nv_bfloat16* bias, __nv_bfloat16* out, int64_t out_stride, int M, int N,
-                                 int K, bool weight_constant, cudaStream_t stream);
+                                 int K, bool weight_constant, cudaStream_t stream,
+                                 const LinearRope* rope = nullptr);
 
 }  // namespace gptoss

@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const float c = cs[col[i] + j], s = sn[col[i] + j];
-        y1[j] = x1[j] * c - x2[j] * s;
-        y2[j] = x2[j] * c + x1[j] * s;
+        y1[j] = rope_rot1(x1[j], x2[j], c, s);
+        y2[j] = rope_rot2(x1[j], x2[j], c, s);
       }
       const bf16x8 r1 = pack(y1), r2 = pack(y2);
       store_bf16x8(ptr[i] + col[i], r1);
