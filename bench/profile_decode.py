@@ -31,14 +31,20 @@ def summarize(events, steps):
     for ts, dur, _ in events:                      # union of the kernels' intervals
         busy += max(0.0, ts + dur - max(ts, end))
         end = max(end, ts + dur)
-    per = collections.defaultdict(lambda: [0, 0.0])
-    for _, dur, name in events:
+    # A kernel's share of the critical path: its end minus the previous kernel's end (with
+    # programmatic launch a kernel starts early and waits, so its own duration overstates it).
+    per = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    prev_end = None
+    for ts, dur, name in events:
         per[name][0] += 1
         per[name][1] += dur
-    rows = sorted(((v[1] / steps, v[0] / steps, n) for n, v in per.items()), reverse=True)
-    return {"span_us": span / steps, "busy_us": busy / steps, "kernel_sum_us": sum(r[0] for r in rows),
+        per[name][2] += (ts + dur - prev_end) if prev_end is not None else dur
+        prev_end = ts + dur if prev_end is None else max(prev_end, ts + dur)
+    rows = sorted(((v[2] / steps, v[1] / steps, v[0] / steps, n) for n, v in per.items()), reverse=True)
+    return {"span_us": span / steps, "busy_us": busy / steps, "kernel_sum_us": sum(r[1] for r in rows),
             "kernels_per_step": len(events) / steps,
-            "kernels": [{"name": n[:90], "us_per_step": round(t, 2), "calls_per_step": c} for t, c, n in rows]}
+            "kernels": [{"name": n[:90], "critical_us_per_step": round(cp, 2), "us_per_step": round(t, 2),
+                         "calls_per_step": c} for cp, t, c, n in rows]}
 
 
 def main():
@@ -68,8 +74,10 @@ def main():
         print(f"== {args.preset} decode B=1 2k, {mode}: span {s['span_us']:.0f} us a step, kernels busy "
               f"{s['busy_us']:.0f} us (idle {s['span_us'] - s['busy_us']:.0f}), sum of kernel times "
               f"{s['kernel_sum_us']:.0f} us, {s['kernels_per_step']:.0f} kernels")
+        print("  critical-path us a step (end - previous end) | kernel duration | calls | name")
         for k in s["kernels"][:24]:
-            print(f"  {k['us_per_step']:9.1f} us {k['calls_per_step']:6.1f}x  {k['name']}")
+            print(f"  {k['critical_us_per_step']:9.1f} | {k['us_per_step']:9.1f} | {k['calls_per_step']:5.1f}x | "
+                  f"{k['name'][:70]}")
         m.release_decode_state()
     if args.json:
         with open(args.json, "w") as f:
