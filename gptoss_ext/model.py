@@ -13,6 +13,8 @@ built and the plain-PyTorch reference otherwise.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
