@@ -59,8 +59,7 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "Tensor slots, Tensor(c!) k_cache, Tensor(d!) v_cache) -> ()");
   // out = x weight^T + bias for 1..8 rows of x (decode projections), bf16. weight_constant: no
   // kernel of this library writes `weight` (model weights): its loads may overlap the previous kernel
-  m.def("linear_skinny(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool weight_constant=False, "
-        "bool trigger_early=False) -> ()");
+  m.def("linear_skinny(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, bool weight_constant=False) -> ()");
   // decode qkv projection + RoPE on its q / k heads + KV-cache write of k / v, one launch (1..8 rows);
   // positions and slots must not be written by the kernel launched just before (read before its wait)
   m.def("linear_rope_kv(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out, Tensor positions, Tensor inv_freq, "

@@ -101,9 +101,7 @@ class Attention(nn.Module):
                                      self.n_heads, self.n_kv, weight_constant=True, **self.rope_kwargs)
             q = qkv[:, :self.n_heads * self.head_dim].view(T, self.n_heads, self.head_dim)
             o = ops.attention_decode(q, kc, vc, sinks, step.seq_lens, sliding_window=self.window)
-            # the MoE's gate + router (4-16 CTAs) launches at once and loads its weights meanwhile
-            return ops.linear(o.reshape(T, -1), self.out.weight, self.out.bias, weight_constant=True,
-                              trigger_early=os.environ.get("GPTOSS_EARLY_GATE", "1") != "0")
+            return self.out(o.reshape(T, -1))
         qkv = self.qkv(t)                                                   # [T, 5120]
         q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv) * self.head_dim
         q = qkv[:, :q_end].view(T, self.n_heads, self.head_dim)             # [T, Hq, D]

@@ -78,13 +78,11 @@ _SKINNY_MAX_WEIGHT = 64 << 20   # elements: beyond this (the unembedding) cuBLAS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           weight_constant: bool = False, trigger_early: bool = False) -> torch.Tensor:
+           weight_constant: bool = False) -> torch.Tensor:
     """x [T, in] @ weight [out, in]^T + bias [out]. On CUDA bf16 with 1..8 rows (decode) the skinny
     kernel (it streams the weight at ~copy speed where cuBLAS's split-K GEMV does not); else cuBLAS.
     weight_constant=True promises that no kernel of this library writes `weight` (model weights):
-    the skinny kernel then starts loading it while the previous kernel finishes. trigger_early=True
-    lets the next kernel launch as soon as this one starts (for a small next kernel that loads
-    constant weights before its wait: the gate + router after the out projection)."""
+    the skinny kernel then starts loading it while the previous kernel finishes."""
     if (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
             and 1 <= x.shape[0] <= 8 and x.shape[1] % 8 == 0 and x.shape[0] * x.shape[1] * 2 <= 96 * 1024
             and weight.is_contiguous() and weight.numel() <= _SKINNY_MAX_WEIGHT and x.stride(-1) == 1
@@ -92,7 +90,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not getattr(_local, "reference", False) and _extension.available()):
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         torch.ops.gptoss_ext.linear_skinny(x if x.stride(0) % 8 == 0 else x.contiguous(), weight, bias, out,
-                                           weight_constant, trigger_early)
+                                           weight_constant)
         return out
     return ref.linear(x, weight, bias)
 
@@ -551,7 +549,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("gptoss_ext::linear_skinny")
-    def _(x, weight, bias, out, weight_constant=False, trigger_early=False):
+    def _(x, weight, bias, out, weight_constant=False):
         return None
 
     @torch.library.register_fake("gptoss_ext::kv_write")

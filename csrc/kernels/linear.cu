@@ -17,8 +17,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
                                                                      const bf16* __restrict__ w,
                                                                      const bf16* __restrict__ bias,
                                                                      bf16* __restrict__ out, int64_t out_stride, int N,
-                                                                     int K, bool weight_constant, LinearRope rope,
-                                                                     bool trigger_early) {
+                                                                     int K, bool weight_constant, LinearRope rope) {
   extern __shared__ uint4 xs[];  // [M][K / 8]
   const int vecs = K / 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -59,7 +58,6 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
   // Constant weights: the first vectors are in flight before waiting on the previous kernel.
   if (weight_constant && n0 < N) load_w(lane);
   pdl_wait();     // see kernels/pdl.h
-  if (trigger_early) pdl_trigger();
   for (int i = threadIdx.x; i < M * vecs; i += kWarps * 32) {
     const int m = i / vecs, v = i % vecs;
     xs[i] = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);
@@ -96,10 +94,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
       }
     }
   }
-  // After the main loop: an early launch of a large next grid slowed this one (placement); a small
-  // next kernel with constant data to load first (the gate + router after the out projection) is
-  // launched at once instead (trigger_early).
-  if (!trigger_early) pdl_trigger();
+  pdl_trigger();  // after the main loop: an early launch of the next grid slowed this one (placement)
   if (!roped) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -142,7 +137,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
 
 template <int M>
 cudaError_t launch_m(const bf16* x, int64_t xs, const bf16* w, const bf16* b, bf16* o, int64_t os, int N, int K,
-                     bool wc, cudaStream_t stream, const LinearRope& rope, bool early) {
+                     bool wc, cudaStream_t stream, const LinearRope& rope) {
   const size_t smem = static_cast<size_t>(M) * K * 2;
   auto kernel = linear_skinny_kernel<M>;
   if (smem > 48 * 1024) {
@@ -150,14 +145,14 @@ cudaError_t launch_m(const bf16* x, int64_t xs, const bf16* w, const bf16* b, bf
     if (e != cudaSuccess) return e;
   }
   const int ctas = (N + kWarps * kRows - 1) / (kWarps * kRows);
-  return launch_kernel(kernel, dim3(ctas), dim3(kWarps * 32), smem, stream, x, xs, w, b, o, os, N, K, wc, rope, early);
+  return launch_kernel(kernel, dim3(ctas), dim3(kWarps * 32), smem, stream, x, xs, w, b, o, os, N, K, wc, rope);
 }
 
 }  // namespace
 
 cudaError_t launch_linear_skinny(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, bf16* out,
                                  int64_t out_stride, int M, int N, int K, bool weight_constant, cudaStream_t stream,
-                                 const LinearRope* rope, bool trigger_early) {
+                                 const LinearRope* rope) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (M > kSkinnyMaxM || K % 8 != 0 || static_cast<size_t>(M) * K * 2 > 96 * 1024) return cudaErrorInvalidValue;
   const LinearRope rp = rope ? *rope : LinearRope();
@@ -166,14 +161,14 @@ cudaError_t launch_linear_skinny(const bf16* x, int64_t x_stride, const bf16* w,
                static_cast<int64_t>(rope->Hq + 2 * rope->Hkv) * rope->D != N))
     return cudaErrorInvalidValue;
   switch (M) {
-    case 1: return launch_m<1>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp, trigger_early);
-    case 2: return launch_m<2>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp, trigger_early);
-    case 3: return launch_m<3>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp, trigger_early);
-    case 4: return launch_m<4>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp, trigger_early);
-    case 5: return launch_m<5>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp, trigger_early);
-    case 6: return launch_m<6>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp, trigger_early);
-    case 7: return launch_m<7>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp, trigger_early);
-    default: return launch_m<8>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp, trigger_early);
+    case 1: return launch_m<1>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 2: return launch_m<2>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 3: return launch_m<3>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 4: return launch_m<4>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 5: return launch_m<5>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 6: return launch_m<6>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    case 7: return launch_m<7>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
+    default: return launch_m<8>(x, x_stride, w, bias, out, out_stride, N, K, weight_constant, stream, rp);
   }
 }
 

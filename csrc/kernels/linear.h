@@ -12,9 +12,7 @@ constexpr int kSkinnyMaxM = 8;
 // out_stride), all bf16; fp32 accumulation. 1 <= M <= 8, K % 8 == 0, M * K * 2 <= 96 KB, 16-byte
 // aligned rows. Each warp streams two weight rows with 16-byte loads, x is staged in shared memory.
 // weight_constant: w is never written by the kernel launched just before (model weights), so its
-// first vectors may be loaded before the programmatic-launch wait (kernels/pdl.h). trigger_early:
-// let the next kernel launch right after the wait instead of after the main loop (for a small next
-// kernel that loads constant data before its own wait).
+// first vectors may be loaded before the programmatic-launch wait (kernels/pdl.h).
 // Optional epilogue for a fused qkv projection (N = (Hq + 2 Hkv) * D, rows: q heads, k heads, v heads):
 // YaRN RoPE on the q and k heads exactly as launch_rope computes it, and the rotated k and v rows
 // written to KV-cache rows slots[m] (what launch_rope's cache write does; slots outside [0, rows)
@@ -34,6 +32,6 @@ struct LinearRope {
 cudaError_t launch_linear_skinny(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* w,
                                  const __nv_bfloat16* bias, __nv_bfloat16* out, int64_t out_stride, int M, int N,
                                  int K, bool weight_constant, cudaStream_t stream,
-                                 const LinearRope* rope = nullptr, bool trigger_early = false);
+                                 const LinearRope* rope = nullptr);
 
 }  // namespace gptoss

@@ -10,7 +10,7 @@
 namespace gptoss {
 
 void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   at::Tensor& out, bool weight_constant, bool trigger_early) {
+                   at::Tensor& out, bool weight_constant) {
   const char* op = "linear_skinny";
   check_gemv_args(op, x, weight);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -35,8 +35,7 @@ void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::opt
                                                reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr()), b,
                                                reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), out.stride(0),
                                                static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                                               weight_constant, c10::cuda::getCurrentCUDAStream(), nullptr,
-                                               trigger_early));
+                                               weight_constant, c10::cuda::getCurrentCUDAStream()));
 }
 
 bool set_pdl_enabled(bool enabled) { return set_pdl(enabled); }

@@ -55,8 +55,7 @@ void rope_kv_(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tenso
               at::Tensor& v_cache);
 
 void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   at::Tensor& out, bool weight_constant,
-                   bool trigger_early);
+                   at::Tensor& out, bool weight_constant);
 // Programmatic dependent launch on/off for this process (kernels/pdl.h); returns the previous state.
 bool set_pdl_enabled(bool enabled);
 
