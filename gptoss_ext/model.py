@@ -13,8 +13,6 @@ built and the plain-PyTorch reference otherwise.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 

@@ -22,13 +22,14 @@ __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, con
   const bf16* x_row = x ? x + row * H : nullptr;
 
   float v[VPT][8];
-  bf16x8 rv[VPT], xv[VPT];
+  bf16x8 rv[VPT], xv[VPT], sv[VPT];
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {  // issue every load before any use
-    const int idx = threadIdx.x + i * nthr;
+  for (int i = 0; i < VPT; ++i) {  // issue every load before any use (the scale too: after the
+    const int idx = threadIdx.x + i * nthr;  // reduction it would be one more memory round trip)
     if (active && idx < nvec) {
       rv[i] = load_bf16x8(r_row + idx * 8);
       if (x_row) xv[i] = load_bf16x8(x_row + idx * 8);
+      sv[i] = load_bf16x8(scale + idx * 8);
     }
   }
   if (ysum) {  // r = residual + sum over the token's k rows of y (fp32), rounded once to bf16
@@ -84,7 +85,7 @@ __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, con
     const int idx = threadIdx.x + i * nthr;
     if (active && idx < nvec) {
       float s[8], o[8];
-      unpack(load_bf16x8(scale + idx * 8), s);
+      unpack(sv[i], s);
 #pragma unroll
       for (int j = 0; j < 8; ++j) o[j] = (v[i][j] * inv) * s[j];
       emit(idx, pack(o));
