@@ -59,8 +59,8 @@ def rel(a, b):
 # ---- router ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("E", [32, 128])
-@pytest.mark.parametrize("T", [1, 3, 8, 32])
+@pytest.mark.parametrize("E", [32, 128, 256])
+@pytest.mark.parametrize("T", [1, 2, 3, 8, 32])
 def test_fused_gate_router_equals_linear_then_route(T, E):
     """One launch (gate linear + router) == ops.linear then ops.route. Small-integer inputs make every
     logit an exact fp32 sum, so both paths see the same bf16 logits (ties included)."""
@@ -105,12 +105,16 @@ def test_fused_gate_router_rejects_bad_input():
                                              ids, wts, counts, offs, perm, scratch)
 
 
+@pytest.mark.parametrize("cluster", ["1", "0"])
 @pytest.mark.parametrize("H", [2880, 512])
 @pytest.mark.parametrize("E", [32, 128])
 @pytest.mark.parametrize("T", [1, 2])
-def test_add_norm_gate_router_equals_add_rms_norm_then_gate_route(T, E, H):
+def test_add_norm_gate_router_equals_add_rms_norm_then_gate_route(T, E, H, cluster, monkeypatch):
     """One launch (residual add + RMSNorm + gate linear + router) == ops.add_rms_norm then
-    ops.gate_route, bit for bit (H = 2880: two vectors a thread in the norm, 512: one)."""
+    ops.gate_route, bit for bit (H = 2880: two vectors a thread in the norm, 512: one), with the
+    logits handed to the router CTA through a thread-block cluster (sm_90) or the atomic ticket
+    (GPTOSS_GATE_CLUSTER=0)."""
+    monkeypatch.setenv("GPTOSS_GATE_CLUSTER", cluster)
     g = torch.Generator(device=DEV).manual_seed(T * E + H)
     x = torch.randn(T, H, device=DEV, generator=g).bfloat16()
     r = (4 * torch.randn(T, H, device=DEV, generator=g)).bfloat16()

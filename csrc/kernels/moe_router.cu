@@ -10,6 +10,7 @@
 // be reused (and replayed in a CUDA graph) without clearing.
 // Versions: v1 was one CTA for everything; at T = 4096 its serial per-warp token loop took 550 us.
 #include <cfloat>
+#include <cstdlib>
 
 #include "kernels/common.cuh"
 #include "kernels/moe.h"
@@ -27,13 +28,15 @@ __device__ __forceinline__ bool better(float av, int ai, float bv, int bi) {
 
 // The router proper, run by CTA `cta` of `ncta` (ncta == 1: every token in this CTA, no scratch).
 // Logits are read through L2 (__ldcg): in the fused gate + router kernel other CTAs wrote them.
-template <bool BF16>
+// CURSORS: rows of per-warp scatter cursors (32: one a warp for the multi-CTA scatter; a caller that
+// always runs with ncta == 1 uses one row, 31 KB of shared memory less).
+template <bool BF16, bool SMEM = false, int CURSORS = 32>
 __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw, int T, int E, int k,
                                             int32_t* __restrict__ ids, float* __restrict__ weights,
                                             int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
                                             int32_t* __restrict__ perm, int32_t* __restrict__ scratch, int cta,
                                             int ncta) {
-  __shared__ int32_t cursor[32][kRouterMaxExperts];  // histogram, then per-warp write cursors
+  __shared__ int32_t cursor[CURSORS][kRouterMaxExperts];  // histogram, then per-warp write cursors
   __shared__ int32_t offs[kRouterMaxExperts + 1];
   __shared__ int32_t sids[kTokensPerCta * kRouterMaxTopK];  // this CTA's expert ids (no global read-back)
   __shared__ bool is_last;
@@ -50,8 +53,9 @@ __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw,
       const int e = lane + 32 * j;
       float x = -INFINITY;
       if (j < per_lane && e < E) {
-        x = BF16 ? __bfloat162float(static_cast<const bf16*>(logits_raw)[static_cast<int64_t>(t) * E + e])
-                 : __ldcg(static_cast<const float*>(logits_raw) + static_cast<int64_t>(t) * E + e);
+        x = BF16   ? __bfloat162float(static_cast<const bf16*>(logits_raw)[static_cast<int64_t>(t) * E + e])
+            : SMEM ? static_cast<const float*>(logits_raw)[static_cast<int64_t>(t) * E + e]
+                   : __ldcg(static_cast<const float*>(logits_raw) + static_cast<int64_t>(t) * E + e);
         if (x != x) x = -INFINITY;  // NaN
       }
       v[j] = x;
@@ -158,7 +162,7 @@ __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw,
 
   // ---- last CTA: stable scatter, a warp per source CTA's pairs
   const unsigned lt_mask = (1u << lane) - 1u;
-  for (int c = warp; c < ncta; c += nwarps) {
+  for (int c = warp; c < ncta && c < CURSORS; c += nwarps) {
     for (int e = lane; e < E; e += 32)
       cursor[warp][e] = offs[e] + (ncta == 1 ? 0 : __ldcg(&rows[static_cast<int64_t>(c) * E + e]));
     __syncwarp();
@@ -188,25 +192,29 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
   router_body<BF16>(logits_raw, T, E, k, ids, weights, counts, offsets, perm, scratch, blockIdx.x, gridDim.x);
 }
 
-// Gate linear + router in one launch (decode, T <= 32): CTA c's 8 warps take experts 8c .. 8c + 7,
+// Gate linear + router in one launch (decode, T <= 32): CTA c's warps take experts c * warps ..,
 // a warp streams its expert's gate row once (every 16-byte vector of it in flight: constant data,
 // loaded before the launch wait) and forms that row's logit for each token, fp32 plus bias,
-// rounded to bf16 as the unfused bf16 linear would; the logits go to scratch, and the last CTA
-// (ticket in scratch[0]) runs the router on them. Replaces a skinny-linear launch (2 CTAs for 32
-// experts) and the router launch.
-constexpr int kGateWarps = 8;
-constexpr int kGateVecs = 12;   // 16-byte vectors of a gate row a lane holds: K <= 12 * 32 * 8 = 3072
-
+// rounded to bf16 as the unfused bf16 linear would. Then one CTA runs the router on them:
+// - CLUSTER (sm_90, T <= kGateNormMaxTokens, E <= 128): the grid is one thread-block cluster; the
+//   logits go straight into CTA 0's shared memory (distributed shared memory) and a cluster barrier
+//   hands them over;
+// - otherwise the logits go to scratch and the last CTA to finish (atomic ticket in scratch[0])
+//   runs the router (a fence, an atomic and a read-back through L2 more: ~2 us).
+// Replaces a skinny-linear launch and the router launch.
 // NORM: x is the block's output to add to `residual` first; each CTA forms the normed rows
 // (add_rms_norm_row: the same arithmetic as the add_rms_norm kernel) in shared memory, CTA 0 also
 // writes them and the new residual out, and the gate reads them from shared memory.
-template <bool NORM, int VPT>
-__global__ void __launch_bounds__(kGateWarps * 32) gate_router_kernel(
+constexpr int kGateVecs = 12;   // 16-byte vectors of a gate row a lane holds: K <= 12 * 32 * 8 = 3072
+constexpr int kGateMaxClusterCtas = 8;
+
+template <bool NORM, int VPT, bool CLUSTER, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) gate_router_kernel(
     const bf16* __restrict__ x, int64_t x_stride, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T,
     int K, int E, int k, int32_t* __restrict__ ids, float* __restrict__ weights, int32_t* __restrict__ counts,
     int32_t* __restrict__ offsets, int32_t* __restrict__ perm, int32_t* __restrict__ scratch, GateNormArgs nrm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int e = blockIdx.x * kGateWarps + warp;
+  const int e = blockIdx.x * WARPS + warp;
   const int vecs = K / 8;
   uint4 wv[kGateVecs];
   const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(min(e, E - 1)) * K);
@@ -215,6 +223,11 @@ __global__ void __launch_bounds__(kGateWarps * 32) gate_router_kernel(
     const int v = lane + 32 * i;
     wv[i] = (e < E && v < vecs) ? __ldg(wrow + v) : make_uint4(0, 0, 0, 0);
   }
+  [[maybe_unused]] __shared__ float slog[CLUSTER ? kGateNormMaxTokens * kRouterMaxExperts : 1];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Every CTA of the cluster has started before any writes into CTA 0's shared memory.
+  if constexpr (CLUSTER) asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+#endif
   pdl_wait();     // see kernels/pdl.h
   pdl_trigger();
   float* logits = reinterpret_cast<float*>(scratch + 1);
@@ -254,8 +267,28 @@ __global__ void __launch_bounds__(kGateWarps * 32) gate_router_kernel(
         }
       }
       acc = warp_sum(acc);
-      if (lane == 0) logits[static_cast<int64_t>(t) * E + e] = __bfloat162float(__float2bfloat16(acc + b));
+      const float logit = __bfloat162float(__float2bfloat16(acc + b));
+      if constexpr (CLUSTER) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (lane == 0) {
+          uint32_t dst;
+          asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(dst)
+                       : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(slog + t * E + e))));
+          asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(dst), "f"(logit) : "memory");
+        }
+#endif
+      } else if (lane == 0) {
+        logits[static_cast<int64_t>(t) * E + e] = logit;
+      }
     }
+  }
+  if constexpr (CLUSTER) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+    if (blockIdx.x != 0) return;
+    router_body<false, true, 1>(slog, T, E, k, ids, weights, counts, offsets, perm, nullptr, 0, 1);
+    return;
   }
   __threadfence();
   __syncthreads();
@@ -263,7 +296,7 @@ __global__ void __launch_bounds__(kGateWarps * 32) gate_router_kernel(
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  router_body<false>(logits, T, E, k, ids, weights, counts, offsets, perm, nullptr, 0, 1);
+  router_body<false, false, 1>(logits, T, E, k, ids, weights, counts, offsets, perm, nullptr, 0, 1);
   if (threadIdx.x == 0) scratch[0] = 0;  // the ticket, ready for the next launch
 }
 
@@ -285,24 +318,63 @@ cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, i
 
 int64_t moe_gate_router_scratch_size(int64_t T, int E) { return 1 + T * E; }
 
+namespace {
+
+bool device_is_sm90() {
+  static int major_of[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (major_of[dev] == 0) {
+    int major = -1;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) major = -1;
+    major_of[dev] = major;
+  }
+  return major_of[dev] == 9;
+}
+
+// GPTOSS_GATE_CLUSTER=0: the ticket form everywhere (A/B).
+bool gate_cluster_disabled() {
+  const char* e = std::getenv("GPTOSS_GATE_CLUSTER");
+  return e && e[0] == '0';
+}
+
+template <bool NORM, int VPT>
+cudaError_t launch_gate(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, int T, int K, int E, int k,
+                        int32_t* ids, float* weights, int32_t* counts, int32_t* offsets, int32_t* perm,
+                        int32_t* scratch, cudaStream_t stream, const GateNormArgs& nrm) {
+  // Cluster form: 16 warps a CTA, so E <= 128 is at most 8 CTAs (a portable cluster size).
+  constexpr int kClusterWarps = 16;
+  const int ctas16 = (E + kClusterWarps - 1) / kClusterWarps;
+  if (T <= kGateNormMaxTokens && ctas16 <= kGateMaxClusterCtas && device_is_sm90() && !gate_cluster_disabled())
+    return launch_kernel_cluster(ctas16, gate_router_kernel<NORM, VPT, true, kClusterWarps>, dim3(ctas16),
+                                 dim3(kClusterWarps * 32), 0, stream, x, x_stride, w, bias, T, K, E, k, ids, weights,
+                                 counts, offsets, perm, scratch, nrm);
+  constexpr int kWarps = 8;
+  return launch_kernel(gate_router_kernel<NORM, VPT, false, kWarps>, dim3((E + kWarps - 1) / kWarps),
+                       dim3(kWarps * 32), 0, stream, x, x_stride, w, bias, T, K, E, k, ids, weights, counts, offsets,
+                       perm, scratch, nrm);
+}
+
+}  // namespace
+
 cudaError_t launch_moe_gate_router(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, int64_t T, int K,
                                    int E, int k, int32_t* ids, float* weights, int32_t* counts, int32_t* offsets,
                                    int32_t* perm, int32_t* scratch, cudaStream_t stream, const GateNormArgs* norm) {
   if (E < 1 || E > kRouterMaxExperts || k < 1 || k > kRouterMaxTopK || k > E || T < 1 || T > kGateRouterMaxTokens ||
       K % 8 != 0 || K > kGateVecs * 32 * 8)
     return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((E + kGateWarps - 1) / kGateWarps)), block(kGateWarps * 32);
   if (norm == nullptr)
-    return launch_kernel(gate_router_kernel<false, 1>, grid, block, 0, stream, x, x_stride, w, bias,
-                         static_cast<int>(T), K, E, k, ids, weights, counts, offsets, perm, scratch, GateNormArgs{});
+    return launch_gate<false, 1>(x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids, weights, counts, offsets,
+                                 perm, scratch, stream, GateNormArgs{});
   if (T > kGateNormMaxTokens || x_stride != K || !norm->residual || !norm->scale || !norm->out || !norm->residual_out)
     return cudaErrorInvalidValue;
   GateNormArgs nrm = *norm;
   const int vpt = K / 8 <= 256 ? 1 : 2;  // as launch_add_rms_norm picks it, so the results are bit-identical
   nrm.threads = rms_norm_threads(K, vpt);
-  return launch_kernel(vpt == 1 ? gate_router_kernel<true, 1> : gate_router_kernel<true, 2>, grid, block, 0, stream,
-                       x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids, weights, counts, offsets, perm, scratch,
-                       nrm);
+  return vpt == 1 ? launch_gate<true, 1>(x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids, weights, counts,
+                                         offsets, perm, scratch, stream, nrm)
+                  : launch_gate<true, 2>(x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids, weights, counts,
+                                         offsets, perm, scratch, stream, nrm);
 }
 
 }  // namespace gptoss
