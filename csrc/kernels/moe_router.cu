@@ -162,9 +162,10 @@ __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw,
 
   // ---- last CTA: stable scatter, a warp per source CTA's pairs
   const unsigned lt_mask = (1u << lane) - 1u;
-  for (int c = warp; c < ncta && c < CURSORS; c += nwarps) {
+  int32_t* my_cursor = cursor[CURSORS == 1 ? 0 : warp];  // CURSORS == 1: ncta == 1, only warp 0 below
+  for (int c = warp; c < ncta; c += nwarps) {
     for (int e = lane; e < E; e += 32)
-      cursor[warp][e] = offs[e] + (ncta == 1 ? 0 : __ldcg(&rows[static_cast<int64_t>(c) * E + e]));
+      my_cursor[e] = offs[e] + (ncta == 1 ? 0 : __ldcg(&rows[static_cast<int64_t>(c) * E + e]));
     __syncwarp();
     const int p0 = c * kTokensPerCta * k, p1 = min(T, (c + 1) * kTokensPerCta) * k;
     for (int base = p0; base < p1; base += 32) {
@@ -173,9 +174,9 @@ __device__ __forceinline__ void router_body(const void* __restrict__ logits_raw,
       const int e = active ? (ncta == 1 ? sids[p] : __ldcg(&ids[p])) : -1;
       const unsigned peers = __match_any_sync(0xffffffffu, e);
       const int rank = __popc(peers & lt_mask);
-      if (active) perm[cursor[warp][e] + rank] = p;
+      if (active) perm[my_cursor[e] + rank] = p;
       __syncwarp();
-      if (active && rank == 0) cursor[warp][e] += __popc(peers);
+      if (active && rank == 0) my_cursor[e] += __popc(peers);
       __syncwarp();
     }
   }
