@@ -35,9 +35,11 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // max_scale: the weights' largest E8M0 scale byte (<= 128 enables the scale-folding prefill kernel)
   m.def("moe_mlp1(Tensor x, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, int top_k, "
         "float alpha, float limit, Tensor(a!) out, int max_scale=255) -> ()");
-  // out[p] = route_weight[p] * (h[p] W2[e]^T + b2[e]), float32
+  // out[p] = route_weight[p] * (h[p] W2[e]^T + b2[e]), float32. routing_ready: perm / offsets /
+  // route_weights were written before the kernel launched just before this one (mlp2 right after
+  // mlp1), so the decode kernel may read them before its programmatic-launch wait
   m.def("moe_mlp2(Tensor h, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, "
-        "Tensor route_weights, Tensor(a!) out, int max_scale=255) -> ()");
+        "Tensor route_weights, Tensor(a!) out, int max_scale=255, bool routing_ready=False) -> ()");
   // out[t] = residual[t] + sum over the token's top_k rows of y
   m.def("moe_combine(Tensor y, Tensor? residual, int top_k, Tensor(a!) out) -> ()");
   // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer).

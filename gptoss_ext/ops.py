@@ -473,7 +473,7 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
                                       k, swiglu_alpha, swiglu_limit, h, mlp1_weight.max_scale)
         y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
         torch.ops.gptoss_ext.moe_mlp2(h, mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
-                                      weights.view(-1), y, mlp2_weight.max_scale)
+                                      weights.view(-1), y, mlp2_weight.max_scale, True)   # routing_ready
         if not combine and residual is None:
             return y.view(T, k, H)
         out = torch.empty(T, H, dtype=torch.bfloat16, device=x.device)
@@ -533,7 +533,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_mlp2")
-    def _(h, codes, scales, bias, perm, offsets, route_weights, out, max_scale=255):
+    def _(h, codes, scales, bias, perm, offsets, route_weights, out, max_scale=255, routing_ready=False):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_combine")

@@ -68,6 +68,9 @@ struct MoeGemmArgs {
   int top_k;
   int E, R, K;
   float swiglu_alpha, swiglu_limit;
+  bool routing_ready;           // perm / offsets (and route_weights) were complete before the previous
+                                // kernel in the stream started (mlp2 right after its mlp1): the decode
+                                // kernel reads them before its programmatic-launch wait
   int max_scale;                // largest E8M0 scale byte of the weights (255 if unknown): <= 128
                                 // lets prefill fold the scales into fp16 weights
 };

@@ -166,7 +166,10 @@ __device__ __forceinline__ void store_tile(const MoeGemmArgs& a, const bf16* bia
 
 template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
 __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab) {
-  pdl_wait();     // see kernels/pdl.h
+  // routing_ready (mlp2 after mlp1): the routing was complete before the previous kernel started,
+  // so the work lookup, the routing reads and the first weight batch go before the launch wait
+  // (they overlap the previous kernel's tail); only the activations and the outputs wait.
+  if (!a.routing_ready) pdl_wait();     // see kernels/pdl.h
   constexpr int WK = NW / WM;
   constexpr int BN = 8 * NT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -214,6 +217,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
     const int p = threadIdx.x < count ? a.perm[base + threadIdx.x] : -1;
     pair_of[threadIdx.x] = (p >= 0 && p < a.P) ? p : -1;   // a pair index out of range is skipped
   }
+  if (a.routing_ready) pdl_wait();
   __syncthreads();
 
   // Staged row each n-tile reads for this lane; rows past the staged ones only feed unused columns.

@@ -195,7 +195,7 @@ void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
 
 void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
-              int64_t max_scale) {
+              int64_t max_scale, bool routing_ready) {
   const char* op = "moe_mlp2";
   check_bf16_tensor(op, "h", h, 2, h);
   auto [E, R, K] = check_weights(op, codes, scales, h);
@@ -231,6 +231,7 @@ void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& sc
   a.R = static_cast<int>(R);
   a.K = static_cast<int>(K);
   a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
+  a.routing_ready = routing_ready;
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp2(a, c10::cuda::getCurrentCUDAStream()));
 }
 
