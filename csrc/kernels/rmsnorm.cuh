@@ -33,20 +33,44 @@ __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, con
     }
   }
   if (ysum) {  // r = residual + sum over the token's k rows of y (fp32), rounded once to bf16
+    // Four rows of y at a time, every load of a group issued before the sums (a loop of one row at a
+    // time waited a memory round trip a row); the sum order stays j = 0, 1, ..
+    constexpr int kYGroup = VPT <= 2 ? 4 : (VPT <= 4 ? 2 : 1);   // registers: VPT x kYGroup x 8
+    float a[VPT][8];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+#pragma unroll
+      for (int c = 0; c < 8; ++c) a[i][c] = 0.f;
+    for (int j0 = 0; j0 < k; j0 += kYGroup) {
+      float4 y[VPT][kYGroup][2];
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        const int idx = threadIdx.x + i * nthr;
+#pragma unroll
+        for (int jj = 0; jj < kYGroup; ++jj)
+          if (active && idx < nvec && j0 + jj < k) {
+            const float4* yp = reinterpret_cast<const float4*>(ysum + (row * k + j0 + jj) * H + idx * 8);
+            y[i][jj][0] = yp[0];
+            y[i][jj][1] = yp[1];
+          }
+      }
+#pragma unroll
+      for (int i = 0; i < VPT; ++i)
+#pragma unroll
+        for (int jj = 0; jj < kYGroup; ++jj)
+          if (j0 + jj < k) {
+            const float4 y0 = y[i][jj][0], y1 = y[i][jj][1];
+            a[i][0] += y0.x; a[i][1] += y0.y; a[i][2] += y0.z; a[i][3] += y0.w;
+            a[i][4] += y1.x; a[i][5] += y1.y; a[i][6] += y1.z; a[i][7] += y1.w;
+          }
+    }
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int idx = threadIdx.x + i * nthr;
       if (active && idx < nvec) {
-        float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int j = 0; j < k; ++j) {
-          const float4* yp = reinterpret_cast<const float4*>(ysum + (row * k + j) * H + idx * 8);
-          const float4 y0 = yp[0], y1 = yp[1];
-          a[0] += y0.x; a[1] += y0.y; a[2] += y0.z; a[3] += y0.w;
-          a[4] += y1.x; a[5] += y1.y; a[6] += y1.z; a[7] += y1.w;
-        }
         unpack(rv[i], v[i]);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) v[i][j] += a[j];
+        for (int j = 0; j < 8; ++j) v[i][j] += a[i][j];
       }
     }
   }
