@@ -32,10 +32,27 @@ __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, con
       sv[i] = load_bf16x8(scale + idx * 8);
     }
   }
-  if (ysum) {  // r = residual + sum over the token's k rows of y (fp32), rounded once to bf16
+  if (VPT > 2 && ysum) {  // wide rows (not gpt-oss): one row of y at a time (registers)
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int idx = threadIdx.x + i * nthr;
+      if (active && idx < nvec) {
+        float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int j = 0; j < k; ++j) {
+          const float4* yp = reinterpret_cast<const float4*>(ysum + (row * k + j) * H + idx * 8);
+          const float4 y0 = yp[0], y1 = yp[1];
+          a[0] += y0.x; a[1] += y0.y; a[2] += y0.z; a[3] += y0.w;
+          a[4] += y1.x; a[5] += y1.y; a[6] += y1.z; a[7] += y1.w;
+        }
+        unpack(rv[i], v[i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[i][j] += a[j];
+      }
+    }
+  } else if (ysum) {  // r = residual + sum over the token's k rows of y (fp32), rounded once to bf16
     // Four rows of y at a time, every load of a group issued before the sums (a loop of one row at a
-    // time waited a memory round trip a row); the sum order stays j = 0, 1, ..
-    constexpr int kYGroup = VPT <= 2 ? 4 : (VPT <= 4 ? 2 : 1);   // registers: VPT x kYGroup x 8
+    // time waited a memory round trip a row: 4 for gpt-oss); the sum order stays j = 0, 1, ..
+    constexpr int kYGroup = 4;
     float a[VPT][8];
 #pragma unroll
     for (int i = 0; i < VPT; ++i)
