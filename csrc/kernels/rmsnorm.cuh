@@ -29,7 +29,7 @@ __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, con
     if (active && idx < nvec) {
       rv[i] = load_bf16x8(r_row + idx * 8);
       if (x_row) xv[i] = load_bf16x8(x_row + idx * 8);
-      sv[i] = load_bf16x8(scale + idx * 8);
+      if (VPT <= 4) sv[i] = load_bf16x8(scale + idx * 8);   // (wider rows: registers)
     }
   }
   if (VPT > 2 && ysum) {  // wide rows (not gpt-oss): one row of y at a time (registers)
@@ -126,7 +126,7 @@ __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, con
     const int idx = threadIdx.x + i * nthr;
     if (active && idx < nvec) {
       float s[8], o[8];
-      unpack(sv[i], s);
+      unpack(VPT <= 4 ? sv[i] : load_bf16x8(scale + idx * 8), s);
 #pragma unroll
       for (int j = 0; j < 8; ++j) o[j] = (v[i][j] * inv) * s[j];
       emit(idx, pack(o));
