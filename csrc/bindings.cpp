@@ -40,13 +40,6 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // mlp1), so the decode kernel may read them before its programmatic-launch wait
   m.def("moe_mlp2(Tensor h, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, "
         "Tensor route_weights, Tensor(a!) out, int max_scale=255, bool routing_ready=False) -> ()");
-  // moe_mlp2 for 1-2 tokens (P = tokens x top_k rows of h) whose last CTA also computes the next
-  // add_rms_norm: residual_out = residual + sum over the token's top_k rows of out, norm_out =
-  // rms_norm(residual_out) * norm_scale (bit-identical to moe_combine_add_rms_norm); ticket: one
-  // int32, zero before the first use, left zero
-  m.def("moe_mlp2_add_norm(Tensor h, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, "
-        "Tensor route_weights, Tensor(a!) out, int max_scale, bool routing_ready, int top_k, Tensor residual, "
-        "Tensor norm_scale, float eps, Tensor(b!) norm_out, Tensor(c!) residual_out, Tensor(d!) ticket) -> ()");
   // out[t] = residual[t] + sum over the token's top_k rows of y
   m.def("moe_combine(Tensor y, Tensor? residual, int top_k, Tensor(a!) out) -> ()");
   // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer).
@@ -88,7 +81,6 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("moe_mlp1", &gptoss::moe_mlp1);
   m.impl("moe_mlp2", &gptoss::moe_mlp2);
   m.impl("moe_combine", &gptoss::moe_combine);
-  m.impl("moe_mlp2_add_norm", &gptoss::moe_mlp2_add_norm);
   m.impl("attn_prefill", &gptoss::attn_prefill);
   m.impl("attn_decode", &gptoss::attn_decode);
   m.impl("kv_write", &gptoss::kv_write);

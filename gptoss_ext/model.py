@@ -133,14 +133,11 @@ class MLP(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.empty(E, 2 * I, device=device, dtype=dtype), requires_grad=False)
         self.mlp2_bias = nn.Parameter(torch.empty(E, H, device=device, dtype=dtype), requires_grad=False)
 
-    def forward(self, t: torch.Tensor, routing=None, add_norm=None):
-        """The experts' uncombined outputs (see ops.moe), or with add_norm=(residual, scale, eps) the
-        next block's (normed, residual) with this block's output added."""
+    def forward(self, t: torch.Tensor, routing=None) -> torch.Tensor:
         c = self.config
         return ops.moe(t, self.gate.weight, self.gate.bias, self.mlp1_weight.packed, self.mlp1_bias,
                        self.mlp2_weight.packed, self.mlp2_bias, experts_per_token=c.experts_per_token,
-                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False, routing=routing,
-                       add_norm=add_norm)
+                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False, routing=routing)
 
     def norm_route(self, delta: torch.Tensor, x: torch.Tensor):
         """The residual add + this block's RMSNorm, and the routing when the MoE kernels will run
@@ -241,13 +238,13 @@ class GptOss(nn.Module):
         """Embedding -> blocks -> norm -> unembedding of the rows `select` (None: all). float32 logits."""
         c = self.config
         x = self.embedding(tokens)                                           # [T, H] residual stream
-        t, x = ops.add_rms_norm(None, x, self.block[0].attn.norm.scale, c.rms_norm_eps)
-        for i, blk in enumerate(self.block):
+        delta = None
+        for blk in self.block:
+            t, x = ops.add_rms_norm(delta, x, blk.attn.norm.scale, c.rms_norm_eps)
             delta = blk.attn(t, step)
             t, x, routing = blk.mlp.norm_route(delta, x)
-            # the MoE, its residual add and the next block's (or the final) norm
-            nxt = self.block[i + 1].attn.norm.scale if i + 1 < len(self.block) else self.norm.scale
-            t, x = blk.mlp(t, routing, add_norm=(x, nxt, c.rms_norm_eps))
+            delta = blk.mlp(t, routing)
+        t, x = ops.add_rms_norm(delta, x, self.norm.scale, c.rms_norm_eps)
         if select is not None:
             t = t[select]
         return self.unembedding(t).float()

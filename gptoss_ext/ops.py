@@ -369,11 +369,10 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 _scratch: dict[tuple, torch.Tensor] = {}
 
 
-def _router_scratch(device: torch.device, n: int, kind: str = "router") -> torch.Tensor:
-    """The router's scratch (zeroed once; the kernel leaves it clean). One per device, stream and
-    kind (the MoE's norm-tail ticket is another), grown as needed, so launches on one stream never
-    share it concurrently."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream, kind)
+def _router_scratch(device: torch.device, n: int) -> torch.Tensor:
+    """The router's scratch (zeroed once; the kernel leaves it clean). One per device and stream,
+    grown as needed, so launches on one stream never share it concurrently."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
@@ -447,18 +446,14 @@ def add_rms_norm_route(x: torch.Tensor, residual: torch.Tensor, scale: torch.Ten
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight, mlp1_bias,
         mlp2_weight, mlp2_bias, *, experts_per_token: int = 4, swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0, residual: torch.Tensor | None = None, combine: bool = True,
-        routing=None, add_norm=None):
+        routing=None) -> torch.Tensor:
     """The MoE block on normed activations x [T, H]: router linear (cuBLAS), top-k, the MXFP4
     experts and the weighted sum (plus `residual` when given). CUDA bf16 with the experts in the
     kernel layout runs the kernels; anything else the reference. combine=False (no residual) on the
     kernel path returns the experts' weighted outputs uncombined, fp32 [T, k, H], for
     `add_rms_norm` to sum in its own launch; elsewhere it returns the combined [T, H] as usual.
     routing: `gate_route(x, gate_weight, gate_bias, k)`'s result when already computed (as
-    `add_rms_norm_route` does); used on the kernel path only.
-    add_norm=(residual, scale, eps) (with combine=False): returns `add_rms_norm(y, residual, scale,
-    eps)` — (normed, new residual): the block's combine with the residual stream and the next
-    RMSNorm. For 1-2 tokens on the kernel path they run in the last CTA of the mlp2 kernel (no
-    launch of their own, bit-identical)."""
+    `add_rms_norm_route` does); used on the kernel path only."""
     from .mxfp4 import KernelMXFP4
 
     kernel_weights = isinstance(mlp1_weight, KernelMXFP4) and isinstance(mlp2_weight, KernelMXFP4)
@@ -477,29 +472,15 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         torch.ops.gptoss_ext.moe_mlp1(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias, perm, offsets,
                                       k, swiglu_alpha, swiglu_limit, h, mlp1_weight.max_scale)
         y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
-        if add_norm is not None and not combine and residual is None:
-            res, scale, eps = add_norm
-            if (T <= 2 and H % 8 == 0 and H <= 4096 and res.dtype == torch.bfloat16 and res.is_contiguous()
-                    and res.shape == (T, H) and scale.dtype == torch.bfloat16 and scale.is_contiguous()):
-                normed, res_out = torch.empty_like(res), torch.empty_like(res)
-                torch.ops.gptoss_ext.moe_mlp2_add_norm(h, mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm,
-                                                       offsets, weights.view(-1), y, mlp2_weight.max_scale, True,
-                                                       k, res, scale, eps, normed, res_out,
-                                                       _router_scratch(x.device, 1, "ticket"))
-                return normed, res_out
         torch.ops.gptoss_ext.moe_mlp2(h, mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
                                       weights.view(-1), y, mlp2_weight.max_scale, True)   # routing_ready
         if not combine and residual is None:
-            if add_norm is not None:
-                return add_rms_norm(y.view(T, k, H), *add_norm)
             return y.view(T, k, H)
         out = torch.empty(T, H, dtype=torch.bfloat16, device=x.device)
         torch.ops.gptoss_ext.moe_combine(y, residual, k, out)
         return out
     out = ref.moe(x, gate_weight, gate_bias, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
                   experts_per_token=experts_per_token, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
-    if add_norm is not None and not combine and residual is None:
-        return add_rms_norm(out, *add_norm)
     return out if residual is None else (residual.float() + out.float()).to(residual.dtype)
 
 
@@ -553,11 +534,6 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::moe_mlp2")
     def _(h, codes, scales, bias, perm, offsets, route_weights, out, max_scale=255, routing_ready=False):
-        return None
-
-    @torch.library.register_fake("gptoss_ext::moe_mlp2_add_norm")
-    def _(h, codes, scales, bias, perm, offsets, route_weights, out, max_scale, routing_ready, top_k, residual,
-          norm_scale, eps, norm_out, residual_out, ticket):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_combine")

@@ -105,55 +105,6 @@ def test_fused_gate_router_rejects_bad_input():
                                              ids, wts, counts, offs, perm, scratch)
 
 
-@pytest.mark.parametrize("E", [32, 128])
-@pytest.mark.parametrize("T", [1, 2, 3])
-def test_moe_add_norm_tail_equals_moe_then_add_rms_norm(T, E):
-    """The MoE with its combine, residual add and the next RMSNorm in the last CTA of the mlp2 kernel
-    (1-2 tokens) == moe(combine=False) then add_rms_norm, bit for bit; 3 tokens take the two ops."""
-    w = get_experts(E)
-    g = torch.Generator(device=DEV).manual_seed(T + E)
-    x = (torch.randn(T, H, device=DEV, generator=g) * 0.5).bfloat16()
-    res = (torch.randn(T, H, device=DEV, generator=g) * 4).bfloat16()
-    scale = (1 + 0.2 * torch.randn(H, device=DEV, generator=g)).bfloat16()
-    args = (x, w["gw"], w["gb"], w["k1"], w["bias1"], w["k2"], w["bias2"])
-    y = ops.moe(*args, combine=False)
-    want = ops.add_rms_norm(y, res, scale, 1e-5)
-    for _ in range(2):                                     # the ticket is left ready for the next launch
-        got = ops.moe(*args, combine=False, add_norm=(res, scale, 1e-5))
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert ops._router_scratch(x.device, 1, "ticket")[0].item() == 0
-
-
-def test_moe_add_norm_tail_rejects_bad_input():
-    w = get_experts(32)
-    P = 8
-    h = torch.zeros(P, H, device=DEV, dtype=torch.bfloat16)
-    perm = torch.arange(P, dtype=torch.int32, device=DEV)
-    offsets = torch.zeros(33, dtype=torch.int32, device=DEV)
-    offsets[1:] = P
-    rw = torch.ones(P, device=DEV)
-    y = torch.empty(P, H, device=DEV)
-    res = torch.zeros(2, H, device=DEV, dtype=torch.bfloat16)
-    scale = torch.ones(H, device=DEV, dtype=torch.bfloat16)
-    ticket = torch.zeros(1, dtype=torch.int32, device=DEV)
-    op = torch.ops.gptoss_ext.moe_mlp2_add_norm
-
-    def call(top_k=4, res=res, scale=scale, out=None, ticket=ticket):
-        out = torch.empty_like(res) if out is None else out
-        op(h, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, rw, y, 255, False, top_k, res, scale, 1e-5,
-           out, torch.empty_like(res), ticket)
-
-    call()
-    with pytest.raises(RuntimeError, match="moe_mlp2_add_norm: takes 1 to 2 tokens .* got 8 rows of h for top_k 2"):
-        call(top_k=2)
-    with pytest.raises(RuntimeError, match="moe_mlp2_add_norm: 'residual' must be \\[2, 2880\\]"):
-        call(res=res[:1])
-    with pytest.raises(RuntimeError, match="moe_mlp2_add_norm: 'norm_scale' dim 0"):
-        call(scale=scale[:64])
-    with pytest.raises(RuntimeError, match="moe_mlp2_add_norm: 'ticket'"):
-        call(ticket=torch.zeros(1, device=DEV))
-
-
 @pytest.mark.parametrize("cluster", ["1", "0"])
 @pytest.mark.parametrize("H", [2880, 512])
 @pytest.mark.parametrize("E", [32, 128])

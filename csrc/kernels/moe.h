@@ -71,17 +71,6 @@ struct MoeGemmArgs {
   bool routing_ready;           // perm / offsets (and route_weights) were complete before the previous
                                 // kernel in the stream started (mlp2 right after its mlp1): the decode
                                 // kernel reads them before its programmatic-launch wait
-  // Optional tail of the mlp2 decode kernel (1-2 tokens): the last CTA to finish (atomic ticket, zero
-  // before the first use and left zero) sums the token's top_k rows of out_y into residual and
-  // applies the next RMSNorm, exactly as launch_add_rms_norm(ysum = out_y) does: norm_out [T, R],
-  // residual_out [T, R] (T = P / norm_top_k). norm_out null: no tail.
-  const __nv_bfloat16* residual;
-  const __nv_bfloat16* norm_scale;
-  __nv_bfloat16* norm_out;
-  __nv_bfloat16* residual_out;
-  int32_t* ticket;
-  float eps;
-  int norm_top_k;
   int max_scale;                // largest E8M0 scale byte of the weights (255 if unknown): <= 128
                                 // lets prefill fold the scales into fp16 weights
 };
@@ -91,7 +80,6 @@ struct MoeGemmArgs {
 // split-K across warps; prefill: 64 x 64 tiles).
 cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream);
 cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream);
-constexpr int kMoeNormTailMaxTokens = 2;
 
 // out[t] = (residual[t] if residual) + sum_s y[t*k + s], bf16 out; y fp32 [T*k, H].
 cudaError_t launch_moe_combine(const float* y, const __nv_bfloat16* residual, __nv_bfloat16* out, int64_t T,

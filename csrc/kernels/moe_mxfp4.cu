@@ -27,7 +27,6 @@
 #include "kernels/common.cuh"
 #include "kernels/mma.cuh"
 #include "kernels/moe.h"
-#include "kernels/rmsnorm.cuh"
 
 namespace gptoss {
 namespace {
@@ -165,8 +164,8 @@ __device__ __forceinline__ void store_tile(const MoeGemmArgs& a, const bf16* bia
   }
 }
 
-template <int WM, int NT, int DEPTH, bool SWIGLU, int NW>
-__device__ __forceinline__ void moe_gemm_body(const MoeGemmArgs& a, int slab) {
+template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
+__global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab) {
   // routing_ready (mlp2 after mlp1): the routing was complete before the previous kernel started,
   // so the work lookup, the routing reads and the first weight batch go before the launch wait
   // (they overlap the previous kernel's tail); only the activations and the outputs wait.
@@ -332,43 +331,6 @@ __device__ __forceinline__ void moe_gemm_body(const MoeGemmArgs& a, int slab) {
   const bf16* bias = a.bias + static_cast<int64_t>(expert) * a.R;
 #pragma unroll
   for (int n = 0; n < NT; ++n) store_tile<SWIGLU>(a, bias, pair_of, n, tile, g, q, acc[n]);
-}
-
-// The combine + residual add + next RMSNorm of the optional mlp2 tail (see MoeGemmArgs), run by the
-// last CTA; the same arithmetic as the add_rms_norm kernel. Not inlined, arguments by value: it runs
-// in one CTA after the main loop and must cost the loop no registers.
-template <int VPT>
-__device__ __noinline__ void moe_norm_tail(const float* y, const bf16* residual, const bf16* scale, bf16* out,
-                                           bf16* residual_out, int T, int H, int k, float eps, float* red) {
-  const int nthr = ((H / 8 + VPT - 1) / VPT + 31) / 32 * 32;
-  for (int t = 0; t < T; ++t) {
-    bf16* out_row = out + static_cast<int64_t>(t) * H;
-    add_rms_norm_row<VPT, true>(nullptr, residual, scale, residual_out, t, H, eps, y, k, nthr, red,
-                                [&](int idx, const bf16x8& o) { store_bf16x8(out_row + idx * 8, o); });
-  }
-}
-
-template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
-__global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab) {
-  moe_gemm_body<WM, NT, DEPTH, SWIGLU, NW>(a, slab);
-  if constexpr (!SWIGLU && NW * 32 >= 192) {
-    if (a.norm_out == nullptr) return;
-    // Every CTA (those without work too) takes a ticket after its stores are visible.
-    __shared__ bool last;
-    __shared__ float red[32];
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(a.ticket, 1) == static_cast<int>(gridDim.x * gridDim.y) - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const int T = static_cast<int>(a.P / a.norm_top_k);
-    if (a.R / 8 <= 256)
-      moe_norm_tail<1>(a.out_y, a.residual, a.norm_scale, a.norm_out, a.residual_out, T, a.R, a.norm_top_k, a.eps, red);
-    else
-      moe_norm_tail<2>(a.out_y, a.residual, a.norm_scale, a.norm_out, a.residual_out, T, a.R, a.norm_top_k, a.eps, red);
-    if (threadIdx.x == 0) *a.ticket = 0;  // ready for the next launch
-  }
 }
 
 // ---- prefill: 128 weight rows x 64 tokens a CTA, scales folded into the fp16 weights -------------
@@ -572,10 +534,6 @@ bool force_generic_prefill() {
 
 template <bool SWIGLU>
 cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
-  if (a.norm_out && (SWIGLU || !a.residual || !a.norm_scale || !a.residual_out || !a.ticket || a.norm_top_k < 1 ||
-                     a.P % a.norm_top_k != 0 || a.P / a.norm_top_k > kMoeNormTailMaxTokens || a.R % 8 != 0 ||
-                     a.R / 8 > 512))
-    return cudaErrorInvalidValue;
   if (a.P == 0) return cudaSuccess;
   if (a.R % 16 != 0 || a.K % 64 != 0 || a.E < 1 || a.E > kMaxExperts || a.top_k < 1 || a.P > INT32_MAX)
     return cudaErrorInvalidValue;
@@ -592,10 +550,9 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
     // A/B with bench/moe_ab.py) for the latency-bound loop. H200, 20b: T=1 28.1 vs 28.8 us,
     // T=8 133 vs 136 us, e2e B=32 decode 7.6 vs 8.2 ms a step.
     const char* v = std::getenv("GPTOSS_MOE_DECODE");
-    if (v && v[0] == 'a' && !a.norm_out) return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
+    if (v && v[0] == 'a') return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
     return SWIGLU ? launch_gemm<4, 1, 4, SWIGLU, 8, 3>(a, stream) : launch_gemm<2, 1, 4, SWIGLU, 8, 3>(a, stream);
   }
-  if (a.norm_out) return cudaErrorInvalidValue;   // the norm tail is only in the decode kernel
   if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);
   // prefill: the scale-folding tensor-core kernel when every scale fits fp16 (s <= 128, see above)
   if (a.max_scale <= 128 && !force_generic_prefill()) return launch_prefill<SWIGLU>(a, stream);

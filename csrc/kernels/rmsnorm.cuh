@@ -11,8 +11,7 @@ namespace gptoss {
 // sum unchanged, so the result does not depend on blockDim). emit(idx, bf16x8) receives the output
 // vectors; residual_out (may be null) gets r. `red`: 32 floats of shared memory. Ends with a barrier,
 // so it can be called for consecutive rows.
-// YCG: ysum was written by other CTAs of the running grid (read through L2, __ldcg).
-template <int VPT, bool YCG = false, class Emit>
+template <int VPT, class Emit>
 __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, const bf16* __restrict__ residual,
                                                  const bf16* __restrict__ scale, bf16* __restrict__ residual_out,
                                                  int64_t row, int H, float eps, const float* __restrict__ ysum,
@@ -41,7 +40,7 @@ __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, con
         float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         for (int j = 0; j < k; ++j) {
           const float4* yp = reinterpret_cast<const float4*>(ysum + (row * k + j) * H + idx * 8);
-          const float4 y0 = YCG ? __ldcg(yp) : yp[0], y1 = YCG ? __ldcg(yp + 1) : yp[1];
+          const float4 y0 = yp[0], y1 = yp[1];
           a[0] += y0.x; a[1] += y0.y; a[2] += y0.z; a[3] += y0.w;
           a[4] += y1.x; a[5] += y1.y; a[6] += y1.z; a[7] += y1.w;
         }
@@ -68,8 +67,8 @@ __device__ __forceinline__ void add_rms_norm_row(const bf16* __restrict__ x, con
         for (int jj = 0; jj < kYGroup; ++jj)
           if (active && idx < nvec && j0 + jj < k) {
             const float4* yp = reinterpret_cast<const float4*>(ysum + (row * k + j0 + jj) * H + idx * 8);
-            y[i][jj][0] = YCG ? __ldcg(yp) : yp[0];
-            y[i][jj][1] = YCG ? __ldcg(yp + 1) : yp[1];
+            y[i][jj][0] = yp[0];
+            y[i][jj][1] = yp[1];
           }
       }
 #pragma unroll

@@ -193,23 +193,10 @@ void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp1(a, c10::cuda::getCurrentCUDAStream()));
 }
 
-namespace {
-
-// The optional combine + add + RMSNorm tail of moe_mlp2's decode kernel (moe_mlp2_add_norm).
-struct NormTail {
-  const at::Tensor* residual;
-  const at::Tensor* scale;
-  at::Tensor* out;
-  at::Tensor* residual_out;
-  at::Tensor* ticket;
-  double eps;
-  int64_t top_k;
-};
-
-void moe_mlp2_impl(const char* op, const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales,
-                   const at::Tensor& bias, const at::Tensor& perm, const at::Tensor& offsets,
-                   const at::Tensor& route_weights, at::Tensor& out, int64_t max_scale, bool routing_ready,
-                   const NormTail* tail) {
+void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
+              const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
+              int64_t max_scale, bool routing_ready) {
+  const char* op = "moe_mlp2";
   check_bf16_tensor(op, "h", h, 2, h);
   auto [E, R, K] = check_weights(op, codes, scales, h);
   check_size(op, "h", h, 1, K, "columns of the weights");
@@ -245,57 +232,7 @@ void moe_mlp2_impl(const char* op, const at::Tensor& h, const at::Tensor& codes,
   a.K = static_cast<int>(K);
   a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
   a.routing_ready = routing_ready;
-  if (tail) {
-    TORCH_CHECK(tail->top_k >= 1 && P % tail->top_k == 0 && P / tail->top_k >= 1 &&
-                    P / tail->top_k <= kMoeNormTailMaxTokens,
-                "gptoss_ext.", op, ": takes 1 to ", kMoeNormTailMaxTokens, " tokens (rows of h / top_k), got ", P,
-                " rows of h for top_k ", tail->top_k);
-    const int64_t T = P / tail->top_k;
-    TORCH_CHECK(R % 8 == 0 && R <= 4096, "gptoss_ext.", op, ": hidden size must be a multiple of 8 and <= 4096, got ", R);
-    for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"residual", tail->residual}, {"norm_out", tail->out},
-                           {"residual_out", tail->residual_out}}) {
-      check_bf16_tensor(op, name, *t, 2, h);
-      check_aligned16(op, name, *t);
-      TORCH_CHECK(t->size(0) == T && t->size(1) == R, "gptoss_ext.", op, ": '", name, "' must be [", T, ", ", R,
-                  "], got ", shape_str(*t));
-    }
-    check_bf16_tensor(op, "norm_scale", *tail->scale, 1, h);
-    check_aligned16(op, "norm_scale", *tail->scale);
-    check_size(op, "norm_scale", *tail->scale, 0, R, "hidden size");
-    TORCH_CHECK(tail->eps >= 0, "gptoss_ext.", op, ": eps must be >= 0, got ", tail->eps);
-    check_cuda(op, "ticket", *tail->ticket);
-    check_same_device(op, "ticket", *tail->ticket, h);
-    check_dtype(op, "ticket", *tail->ticket, at::kInt);
-    TORCH_CHECK(tail->ticket->numel() >= 1, "gptoss_ext.", op, ": 'ticket' needs one int32 element");
-    check_aligned16(op, "out", out);
-    a.residual = reinterpret_cast<const __nv_bfloat16*>(tail->residual->data_ptr());
-    a.norm_scale = reinterpret_cast<const __nv_bfloat16*>(tail->scale->data_ptr());
-    a.norm_out = reinterpret_cast<__nv_bfloat16*>(tail->out->data_ptr());
-    a.residual_out = reinterpret_cast<__nv_bfloat16*>(tail->residual_out->data_ptr());
-    a.ticket = tail->ticket->data_ptr<int32_t>();
-    a.eps = static_cast<float>(tail->eps);
-    a.norm_top_k = static_cast<int>(tail->top_k);
-  }
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp2(a, c10::cuda::getCurrentCUDAStream()));
-}
-
-}  // namespace
-
-void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
-              const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
-              int64_t max_scale, bool routing_ready) {
-  moe_mlp2_impl("moe_mlp2", h, codes, scales, bias, perm, offsets, route_weights, out, max_scale, routing_ready,
-                nullptr);
-}
-
-void moe_mlp2_add_norm(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
-                       const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights,
-                       at::Tensor& out, int64_t max_scale, bool routing_ready, int64_t top_k,
-                       const at::Tensor& residual, const at::Tensor& norm_scale, double eps, at::Tensor& norm_out,
-                       at::Tensor& residual_out, at::Tensor& ticket) {
-  const NormTail tail{&residual, &norm_scale, &norm_out, &residual_out, &ticket, eps, top_k};
-  moe_mlp2_impl("moe_mlp2_add_norm", h, codes, scales, bias, perm, offsets, route_weights, out, max_scale,
-                routing_ready, &tail);
 }
 
 void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out) {

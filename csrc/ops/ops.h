@@ -33,13 +33,6 @@ void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
 void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
               const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
               int64_t max_scale, bool routing_ready);
-// moe_mlp2 (1-2 tokens) whose last CTA also does add_rms_norm(y summed over the token's top_k rows,
-// residual, norm_scale) -> (norm_out, residual_out): the next block's norm without a launch of its own
-void moe_mlp2_add_norm(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
-                       const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights,
-                       at::Tensor& out, int64_t max_scale, bool routing_ready, int64_t top_k,
-                       const at::Tensor& residual, const at::Tensor& norm_scale, double eps, at::Tensor& norm_out,
-                       at::Tensor& residual_out, at::Tensor& ticket);
 void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out);
 
 void attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
