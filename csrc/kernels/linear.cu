@@ -2,22 +2,18 @@
 // cuBLAS picks split-K tiles for M = 1 that reach ~55% of copy bandwidth on the qkv/out shapes of
 // gpt-oss (plus a reduction launch); here each warp streams two weight rows, 4 x 16 bytes a lane in
 // flight a row, against x staged once in shared memory, and reduces with shuffles.
-#include <algorithm>
-#include <cstdlib>
-
 #include "kernels/common.cuh"
 #include "kernels/linear.h"
 
 namespace gptoss {
 namespace {
 
-constexpr int kWarps = 8;       // warps a CTA (unbalanced form)
-constexpr int kMaxWarps = 24;   // balanced form: one CTA an SM with up to 24 warps (<= 85 registers)
+constexpr int kWarps = 8;
 constexpr int kRows = 2;    // weight rows a warp
 constexpr int kUnroll = 4;  // 16-byte vectors a lane a row in flight
 
 template <int M>
-__global__ void __launch_bounds__(M <= 2 ? kMaxWarps * 32 : kWarps * 32) linear_skinny_kernel(const bf16* __restrict__ x, int64_t x_stride,
+__global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* __restrict__ x, int64_t x_stride,
                                                                      const bf16* __restrict__ w,
                                                                      const bf16* __restrict__ bias,
                                                                      bf16* __restrict__ out, int64_t out_stride, int N,
@@ -26,7 +22,7 @@ __global__ void __launch_bounds__(M <= 2 ? kMaxWarps * 32 : kWarps * 32) linear_
   const int vecs = K / 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // This warp's two rows: consecutive, or with the RoPE epilogue the pair (d, d + D/2) of one head.
-  const int pair = blockIdx.x * static_cast<int>(blockDim.x >> 5) + warp;
+  const int pair = blockIdx.x * kWarps + warp;
   const bool roped = rope.positions != nullptr;
   const int half = roped ? rope.D / 2 : 1;
   const int head = roped ? pair / half : 0, d = roped ? pair % half : 0;
@@ -62,7 +58,7 @@ __global__ void __launch_bounds__(M <= 2 ? kMaxWarps * 32 : kWarps * 32) linear_
   // Constant weights: the first vectors are in flight before waiting on the previous kernel.
   if (weight_constant && n0 < N) load_w(lane);
   pdl_wait();     // see kernels/pdl.h
-  for (int i = threadIdx.x; i < M * vecs; i += blockDim.x) {
+  for (int i = threadIdx.x; i < M * vecs; i += kWarps * 32) {
     const int m = i / vecs, v = i % vecs;
     xs[i] = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);
   }
@@ -139,18 +135,6 @@ __global__ void __launch_bounds__(M <= 2 ? kMaxWarps * 32 : kWarps * 32) linear_
   }
 }
 
-int num_sms() {
-  static int count[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (count[dev] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) n = 0;
-    count[dev] = n > 0 ? n : -1;
-  }
-  return count[dev] > 0 ? count[dev] : 0;
-}
-
 template <int M>
 cudaError_t launch_m(const bf16* x, int64_t xs, const bf16* w, const bf16* b, bf16* o, int64_t os, int N, int K,
                      bool wc, cudaStream_t stream, const LinearRope& rope) {
@@ -160,18 +144,8 @@ cudaError_t launch_m(const bf16* x, int64_t xs, const bf16* w, const bf16* b, bf
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  // Balanced: the rows spread evenly over the SMs, one CTA each (qkv 5120 rows on 132 SMs: 128 CTAs of
-  // 20 warps instead of 320 CTAs of 8, where 56 SMs ran 3 CTAs and the rest 2). GPTOSS_LINEAR_BALANCED=0:
-  // 8-warp CTAs.
-  int warps = kWarps;
-  static const bool balanced = !(std::getenv("GPTOSS_LINEAR_BALANCED") && std::getenv("GPTOSS_LINEAR_BALANCED")[0] == '0');
-  const int sms = balanced && M <= 2 ? num_sms() : 0;   // (more rows: the registers of 8-warp CTAs)
-  if (sms > 0) {
-    const int per_sm = (N + sms - 1) / sms;                      // rows an SM
-    warps = std::max(1, std::min(kMaxWarps, (per_sm + kRows - 1) / kRows));
-  }
-  const int ctas = (N + warps * kRows - 1) / (warps * kRows);
-  return launch_kernel(kernel, dim3(ctas), dim3(warps * 32), smem, stream, x, xs, w, b, o, os, N, K, wc, rope);
+  const int ctas = (N + kWarps * kRows - 1) / (kWarps * kRows);
+  return launch_kernel(kernel, dim3(ctas), dim3(kWarps * 32), smem, stream, x, xs, w, b, o, os, N, K, wc, rope);
 }
 
 }  // namespace
