@@ -55,6 +55,9 @@ TORCH_LIBRARY(gptoss_ext, m) {
         "float sm_scale, int chunk, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) out) -> ()");
   // cache rows slots[t] (= b * max_len + pos) <- k[t], v[t]
   m.def("kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
+  // a decode step's bookkeeping, one launch: seq_lens += active (int32); positions = seq_lens - 1;
+  // slots = active > 0 ? row0 + positions : -1 (int64)
+  m.def("decode_prep(Tensor(a!) seq_lens, Tensor active, Tensor row0, Tensor(b!) positions, Tensor(c!) slots) -> ()");
   // rope_ and kv_write in one launch (decode and prefill with a cache): q, k rotated in place,
   // rotated k and v written to cache rows slots[t]
   m.def("rope_kv_(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, Tensor inv_freq, float concentration, "
@@ -84,6 +87,7 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("attn_prefill", &gptoss::attn_prefill);
   m.impl("attn_decode", &gptoss::attn_decode);
   m.impl("kv_write", &gptoss::kv_write);
+  m.impl("decode_prep", &gptoss::decode_prep);
   m.impl("rope_kv_", &gptoss::rope_kv_);
   m.impl("linear_skinny", &gptoss::linear_skinny);
   m.impl("linear_rope_kv", &gptoss::linear_rope_kv);

@@ -120,15 +120,17 @@ class DecodeRunner:
         self.active = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(batch, dtype=torch.int32, device=dev)
         self.row0 = torch.arange(batch, device=dev) * max_len
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.slots = torch.full((batch,), -1, dtype=torch.int64, device=dev)
         self.use_graph = use_graph
         self.graph = None
         self.logits = None
 
     def _step(self) -> torch.Tensor:
-        self.seq_lens += self.active
-        pos = (self.seq_lens - 1).long()
-        slots = torch.where(self.active > 0, self.row0 + pos, torch.full_like(pos, -1))
-        return self.model.decode(self.tokens, self.cache, self.seq_lens, slots)
+        from . import ops
+
+        ops.decode_prep(self.seq_lens, self.active, self.row0, self.positions, self.slots)
+        return self.model.decode(self.tokens, self.cache, self.seq_lens, self.slots, positions=self.positions)
 
     def begin(self, lengths: list[int]) -> None:
         """Rows 0 .. len(lengths)-1 hold prefilled sequences of these lengths; the rest idle."""
@@ -213,12 +215,22 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, s
     cuda = device.type == "cuda"
     host = torch.empty(B, dtype=torch.int64, pin_memory=cuda)
     ready = torch.cuda.Event() if cuda else None
+    # The tokens go to the host on a side stream, so the next step's launch does not queue behind
+    # the device-to-host copy.
+    sampled = torch.cuda.Event() if cuda else None
+    side = torch.cuda.Stream(device) if cuda else None
     produced, active = [0] * B, [True] * B
     nxt = sample(logits[:B], temperature, top_k, top_p, gen)                     # [B]
     while True:
-        host.copy_(nxt, non_blocking=cuda)
         if cuda:
-            ready.record()
+            sampled.record()
+            side.wait_event(sampled)
+            with torch.cuda.stream(side):
+                host.copy_(nxt, non_blocking=True)
+                ready.record(side)
+            nxt.record_stream(side)
+        else:
+            host.copy_(nxt)
         if any(a and p + 1 < n for a, p, n in zip(active, produced, limits)):
             logits = runner.step(nxt)          # queued behind the copy: the GPU runs on while we read
         if cuda:

@@ -339,12 +339,14 @@ class GptOss(nn.Module):
         return out_last if last_only else torch.cat(out_all)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor, slots: torch.Tensor,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         """One token for each of the cache's first B sequences, all on the device (no host sync; CUDA-graph
         capturable): tokens [B] int64, seq_lens [B] int32 (lengths including the new token; the token
         sits at position seq_lens - 1), slots [B] int64 (cache rows to write, -1: none). The caller
-        keeps cache.lengths. Returns float32 logits [B, V]."""
-        step = Step((seq_lens - 1).long(), cache, slots, seq_lens=seq_lens)
+        keeps cache.lengths. positions: seq_lens - 1 as int64 when the caller has it (ops.decode_prep).
+        Returns float32 logits [B, V]."""
+        step = Step((seq_lens - 1).long() if positions is None else positions, cache, slots, seq_lens=seq_lens)
         return self._run(tokens, step)
 
     def prepare_kernels(self) -> bool:

@@ -364,6 +364,19 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     ref.kv_write(k, v, k_cache, v_cache, slots)
 
 
+def decode_prep(seq_lens: torch.Tensor, active: torch.Tensor, row0: torch.Tensor, positions: torch.Tensor,
+                slots: torch.Tensor) -> None:
+    """A decode step's bookkeeping, in place: seq_lens += active (int32); positions = seq_lens - 1 and
+    slots = where(active > 0, row0 + positions, -1) (int64). One launch on CUDA (instead of ~7
+    elementwise kernels at the head of every decode step)."""
+    if seq_lens.is_cuda and not getattr(_local, "reference", False) and _extension.available():
+        torch.ops.gptoss_ext.decode_prep(seq_lens, active, row0, positions, slots)
+        return
+    seq_lens += active
+    positions.copy_((seq_lens - 1).long())
+    slots.copy_(torch.where(active > 0, row0 + positions, torch.full_like(positions, -1)))
+
+
 # ---- MoE ---------------------------------------------------------------------------------------
 
 _scratch: dict[tuple, torch.Tensor] = {}
@@ -505,6 +518,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::linear_rope_kv")
     def _(x, weight, bias, out, positions, inv_freq, concentration, slots, k_cache, v_cache, weight_constant=False):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::decode_prep")
+    def _(seq_lens, active, row0, positions, slots):
         return None
 
     @torch.library.register_fake("gptoss_ext::rope_kv_")

@@ -450,6 +450,21 @@ __global__ void kv_write_kernel(const bf16* __restrict__ k, const bf16* __restri
   store_bf16x8(vc + dst, load_bf16x8(v + t * v_stride + i * 8));
 }
 
+__global__ void decode_prep_kernel(int32_t* __restrict__ seq_lens, const int32_t* __restrict__ active,
+                                   const int64_t* __restrict__ row0, int64_t* __restrict__ positions,
+                                   int64_t* __restrict__ slots, int B) {
+  pdl_wait();     // see kernels/pdl.h
+  pdl_trigger();
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  const int32_t a = active[b];
+  const int32_t len = seq_lens[b] + a;
+  seq_lens[b] = len;
+  const int64_t p = static_cast<int64_t>(len) - 1;
+  positions[b] = p;
+  slots[b] = a > 0 ? row0[b] + p : -1;
+}
+
 template <int MT>
 cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
   constexpr int BM = 64 * MT;
@@ -504,6 +519,15 @@ cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream) {
   const size_t smem = (a.num_splits + 32 + D) * sizeof(float);
   if (smem > 48 * 1024) return cudaErrorInvalidValue;  // > 12k splits: never planned
   return launch_kernel(attn_decode_combine_kernel, dim3(a.B * a.Hq), dim3(kCombineThreads), smem, stream, a);
+}
+
+cudaError_t launch_decode_prep(int32_t* seq_lens, const int32_t* active, const int64_t* row0, int64_t* positions,
+                               int64_t* slots, int64_t B, cudaStream_t stream) {
+  if (B <= 0) return cudaSuccess;
+  if (B > INT32_MAX) return cudaErrorInvalidValue;
+  const int threads = static_cast<int>(std::min<int64_t>(B, 256));
+  return launch_kernel(decode_prep_kernel, dim3(static_cast<unsigned>((B + threads - 1) / threads)), dim3(threads), 0,
+                       stream, seq_lens, active, row0, positions, slots, static_cast<int>(B));
 }
 
 cudaError_t launch_kv_write(const bf16* k, const bf16* v, int64_t k_stride, int64_t v_stride, const int64_t* slots,

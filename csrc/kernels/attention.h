@@ -63,6 +63,11 @@ void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_
 
 // Write T tokens' keys and values ([T, Hkv, 64], token strides k_stride / v_stride) into cache
 // rows slots[t] (flat b * max_len + pos, int64); a slot < 0 or >= rows is skipped.
+// Decode-step bookkeeping in one launch (B rows): seq_lens[b] += active[b]; positions[b] =
+// seq_lens[b] - 1; slots[b] = active[b] > 0 ? row0[b] + positions[b] : -1.
+cudaError_t launch_decode_prep(int32_t* seq_lens, const int32_t* active, const int64_t* row0, int64_t* positions,
+                               int64_t* slots, int64_t B, cudaStream_t stream);
+
 cudaError_t launch_kv_write(const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t k_stride, int64_t v_stride,
                             const int64_t* slots, int64_t T, int Hkv, __nv_bfloat16* k_cache,
                             __nv_bfloat16* v_cache, int64_t rows, cudaStream_t stream);
