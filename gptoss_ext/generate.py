@@ -21,9 +21,9 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
            generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B] (int64), on the logits' device, without a host sync."""
-    logits = logits.float()
-    if temperature == 0:
+    if temperature == 0:   # (on bf16 logits as well: the conversion to fp32 is exact and monotonic)
         return logits.argmax(dim=-1)
+    logits = logits.float()
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -130,7 +130,8 @@ class DecodeRunner:
         from . import ops
 
         ops.decode_prep(self.seq_lens, self.active, self.row0, self.positions, self.slots)
-        return self.model.decode(self.tokens, self.cache, self.seq_lens, self.slots, positions=self.positions)
+        return self.model.decode(self.tokens, self.cache, self.seq_lens, self.slots, positions=self.positions,
+                                 float_logits=False)
 
     def begin(self, lengths: list[int]) -> None:
         """Rows 0 .. len(lengths)-1 hold prefilled sequences of these lengths; the rest idle."""
@@ -146,7 +147,14 @@ class DecodeRunner:
         self.active[torch.tensor(rows, device=self.active.device)] = 0
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens[:tokens.numel()].copy_(tokens)
+        """One step on `tokens` (the first rows); float32 logits [batch, V]."""
+        return self.step_raw(tokens).float()
+
+    def step_raw(self, tokens: torch.Tensor | None) -> torch.Tensor:
+        """step() with the logits in the model's dtype (no conversion launch); tokens None: they are
+        already in self.tokens (a greedy sample written there)."""
+        if tokens is not None:
+            self.tokens[:tokens.numel()].copy_(tokens)
         if not self.use_graph:
             return self._step()
         if self.graph is None:
@@ -220,7 +228,15 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, s
     sampled = torch.cuda.Event() if cuda else None
     side = torch.cuda.Stream(device) if cuda else None
     produced, active = [0] * B, [True] * B
-    nxt = sample(logits[:B], temperature, top_k, top_p, gen)                     # [B]
+    # Greedy: the argmax goes straight into the runner's token buffer (no copy launch a step).
+    greedy = temperature == 0
+
+    def pick(lg):
+        if greedy:
+            return torch.argmax(lg[:B], dim=-1, out=runner.tokens[:B])
+        return sample(lg[:B], temperature, top_k, top_p, gen)
+
+    nxt = pick(logits)                                                             # [B]
     while True:
         if cuda:
             sampled.record()
@@ -232,7 +248,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, s
         else:
             host.copy_(nxt)
         if any(a and p + 1 < n for a, p, n in zip(active, produced, limits)):
-            logits = runner.step(nxt)          # queued behind the copy: the GPU runs on while we read
+            logits = runner.step_raw(None if greedy else nxt)   # the GPU runs on while we read
         if cuda:
             ready.synchronize()
         toks = host.tolist()
@@ -249,4 +265,4 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, s
             return
         if finished:
             runner.deactivate(finished)
-        nxt = sample(logits[:B], temperature, top_k, top_p, gen)
+        nxt = pick(logits)

@@ -234,8 +234,9 @@ class GptOss(nn.Module):
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         return KVCache(self.config, max_len, self.device, self.dtype, batch=batch)
 
-    def _run(self, tokens: torch.Tensor, step: Step, select=None) -> torch.Tensor:
-        """Embedding -> blocks -> norm -> unembedding of the rows `select` (None: all). float32 logits."""
+    def _run(self, tokens: torch.Tensor, step: Step, select=None, float_logits: bool = True) -> torch.Tensor:
+        """Embedding -> blocks -> norm -> unembedding of the rows `select` (None: all). float32 logits
+        (float_logits=False: in the model's dtype, as the unembedding gives them)."""
         c = self.config
         x = self.embedding(tokens)                                           # [T, H] residual stream
         delta = None
@@ -247,7 +248,8 @@ class GptOss(nn.Module):
         t, x = ops.add_rms_norm(delta, x, self.norm.scale, c.rms_norm_eps)
         if select is not None:
             t = t[select]
-        return self.unembedding(t).float()
+        logits = self.unembedding(t)
+        return logits.float() if float_logits else logits
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
@@ -340,14 +342,14 @@ class GptOss(nn.Module):
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: KVCache, seq_lens: torch.Tensor, slots: torch.Tensor,
-               positions: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None, float_logits: bool = True) -> torch.Tensor:
         """One token for each of the cache's first B sequences, all on the device (no host sync; CUDA-graph
         capturable): tokens [B] int64, seq_lens [B] int32 (lengths including the new token; the token
         sits at position seq_lens - 1), slots [B] int64 (cache rows to write, -1: none). The caller
         keeps cache.lengths. positions: seq_lens - 1 as int64 when the caller has it (ops.decode_prep).
-        Returns float32 logits [B, V]."""
+        Returns float32 logits [B, V] (float_logits=False: the unembedding's dtype)."""
         step = Step((seq_lens - 1).long() if positions is None else positions, cache, slots, seq_lens=seq_lens)
-        return self._run(tokens, step)
+        return self._run(tokens, step, float_logits=float_logits)
 
     def prepare_kernels(self) -> bool:
         """Reorder the MXFP4 experts into the CUDA kernels' layout (once, in place) when this model
