@@ -321,18 +321,6 @@ int64_t moe_gate_router_scratch_size(int64_t T, int E) { return 1 + T * E; }
 
 namespace {
 
-bool device_is_sm90() {
-  static int major_of[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (major_of[dev] == 0) {
-    int major = -1;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) major = -1;
-    major_of[dev] = major;
-  }
-  return major_of[dev] == 9;
-}
-
 // GPTOSS_GATE_CLUSTER=0: the ticket form everywhere (A/B).
 bool gate_cluster_disabled() {
   const char* e = std::getenv("GPTOSS_GATE_CLUSTER");

@@ -26,16 +26,8 @@ inline bool set_pdl(bool on) {
   return prev == 1 || (prev == -1 && !(std::getenv("GPTOSS_PDL") && std::getenv("GPTOSS_PDL")[0] == '0'));
 }
 
-inline bool pdl_enabled() {
-  int mode = pdl_mode().load(std::memory_order_relaxed);
-  if (mode < 0) {
-    const char* e = std::getenv("GPTOSS_PDL");
-    mode = (e && e[0] == '0') ? 0 : 1;
-    pdl_mode().store(mode);
-  }
-  if (!mode) return false;
-  // Only sm_90 runs the sm_90a code that has the waits (a newer GPU JIT-compiles the sm_80 PTX,
-  // which has none, so it must not be launched with the attribute).
+// Whether the current device is sm_90 (it runs this build's sm_90a code: waits, clusters, bulk copies).
+inline bool device_is_sm90() {
   static int major_of[64] = {0};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
@@ -45,6 +37,18 @@ inline bool pdl_enabled() {
     major_of[dev] = major;
   }
   return major_of[dev] == 9;
+}
+
+inline bool pdl_enabled() {
+  int mode = pdl_mode().load(std::memory_order_relaxed);
+  if (mode < 0) {
+    const char* e = std::getenv("GPTOSS_PDL");
+    mode = (e && e[0] == '0') ? 0 : 1;
+    pdl_mode().store(mode);
+  }
+  // Only sm_90 runs the sm_90a code that has the waits (a newer GPU JIT-compiles the sm_80 PTX,
+  // which has none, so it must not be launched with the attribute).
+  return mode && device_is_sm90();
 }
 
 #if defined(__CUDACC__)

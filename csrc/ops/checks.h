@@ -87,6 +87,14 @@ inline void check_gemv_args(const char* op, const at::Tensor& x, const at::Tenso
   check_size(op, "weight", weight, 1, x.size(1), "columns of x");
 }
 
+// The skinny (decode) linear's rows: 1 <= M <= max_m, K % 8 == 0, M x K x 2 bytes <= 96 KB.
+inline void check_skinny_rows(const char* op, const at::Tensor& x, int64_t max_m) {
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M >= 1 && M <= max_m, "gptoss_ext.", op, ": takes 1 to ", max_m, " rows, got ", M);
+  TORCH_CHECK(K % 8 == 0 && M * K * 2 <= 96 * 1024, "gptoss_ext.", op,
+              ": K must be a multiple of 8 and rows x K x 2 bytes <= 96 KB, got K = ", K);
+}
+
 // rope_ / rope_kv_: q [T, Hq, D], k [T, Hkv, D] packed heads, positions [T] int64, inv_freq [D/2] fp64.
 void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                      const at::Tensor& inv_freq);

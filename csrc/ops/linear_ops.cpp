@@ -14,9 +14,7 @@ void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::opt
   const char* op = "linear_skinny";
   check_gemv_args(op, x, weight);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(M >= 1 && M <= kSkinnyMaxM, "gptoss_ext.", op, ": takes 1 to ", kSkinnyMaxM, " rows, got ", M);
-  TORCH_CHECK(K % 8 == 0 && M * K * 2 <= 96 * 1024, "gptoss_ext.", op,
-              ": K must be a multiple of 8 and rows x K x 2 bytes <= 96 KB, got K = ", K);
+  check_skinny_rows(op, x, kSkinnyMaxM);
   TORCH_CHECK(N <= INT32_MAX && K <= INT32_MAX, "gptoss_ext.", op, ": weight too large");
   const __nv_bfloat16* b = nullptr;
   if (bias.has_value()) {
