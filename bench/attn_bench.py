@@ -117,7 +117,7 @@ def bench_prefill() -> list[Row]:
 
 def bench_decode(l2: int) -> list[Row]:
     rows = []
-    for B, L, window in ((32, 8192, 0), (1, 8192, 0), (1, 65536, 0), (32, 8192, 128), (1, 8192, 128)):
+    for B, L, window in ((32, 8192, 0), (1, 8192, 0), (1, 65536, 0), (1, 2048, 0), (32, 8192, 128), (1, 8192, 128)):
         keys = min(L, window) if window else L
         nbytes = B * keys * HKV * D * 2 * 2
         n = rotation_count(nbytes, l2, cap=16) if B * L * HKV * D * 4 < 8e9 else 1
@@ -130,20 +130,23 @@ def bench_decode(l2: int) -> list[Row]:
         ops.attention_decode(q, caches[0][0], caches[0][1], sinks, lens, sliding_window=window)
         ms, p10, p90, mode = time_cuda(
             lambda i: ops.attention_decode(q, caches[i][0], caches[i][1], sinks, lens, sliding_window=window), n)
-        target = "" if window else (">=80% copy BW" if B == 32 else ">=50% copy BW")
-        chunk, splits = ops._decode_plan(B, HQ, HKV, L, window, 0)
+        target = "" if window or L == 2048 else (">=80% copy BW" if B == 32 else ">=50% copy BW")
+        chunk, splits, warps = ops._decode_plan(B, HQ, HKV, L, window, torch.cuda.current_device())
         rows.append(Row("attention decode", case, "gptoss_ext (split-KV)", ms, p10, p90, bytes=nbytes, timing=mode,
-                        flops=4 * B * keys * HQ * D, target=target, extra={"chunk": chunk, "splits": splits}))
-        if B == 1 and not window:   # the split length, swept (the plan's choice is the row above)
-            for c in sorted({256, 512, 2048, 4096} - {chunk}):
+                        flops=4 * B * keys * HQ * D, target=target,
+                        extra={"chunk": chunk, "splits": splits, "warps": warps}))
+        if B == 1 and not window:   # other CTA shapes and split lengths (the plan's choice is the row above)
+            tickets = torch.zeros(B * HKV, dtype=torch.int32, device="cuda")
+            for w, c in sorted({(4, 256), (4, 512), (4, 1024), (4, 2048), (1, 256)} - {(warps, chunk)}):
                 S = -(-L // c)
                 ws_o = torch.empty(B, HQ, S, D, device="cuda")
                 ws_ml = torch.empty(B, HQ, S, 2, device="cuda")
                 o = torch.empty(B, HQ, D, device="cuda", dtype=torch.bfloat16)
-                ms, p10, p90, mode = time_cuda(lambda i, c=c, ws_o=ws_o, ws_ml=ws_ml, o=o: torch.ops.gptoss_ext.attn_decode(
-                    q, caches[i][0], caches[i][1], sinks, lens, 0, SCALE, c, ws_o, ws_ml, o), n)
-                rows.append(Row("attention decode", case, f"gptoss_ext, chunk {c} ({S} splits)", ms, p10, p90,
-                                bytes=nbytes, timing=mode))
+                ms, p10, p90, mode = time_cuda(
+                    lambda i, w=w, c=c, ws_o=ws_o, ws_ml=ws_ml, o=o: torch.ops.gptoss_ext.attn_decode(
+                        q, caches[i][0], caches[i][1], sinks, lens, 0, SCALE, c, w, ws_o, ws_ml, tickets, o), n)
+                rows.append(Row("attention decode", case, f"gptoss_ext, {w}-warp CTAs, chunk {c} ({S} splits)", ms,
+                                p10, p90, bytes=nbytes, timing=mode))
         if not window:
             qh = q.view(B, HQ, 1, D)
             views = [(kc.transpose(1, 2), vc.transpose(1, 2)) for kc, vc in caches]

@@ -47,12 +47,14 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // start[b] ..; keys are cache rows 0 .. start[b] + q_len - 1 of batch row b. window 0 = full.
   m.def("attn_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? sinks, Tensor cu_seqlens, Tensor start, "
         "int max_q_len, int window, float sm_scale, Tensor(a!) out) -> ()");
-  // [chunk, splits] for attn_decode on this device (depends on the shapes only: CUDA-graph safe)
+  // [chunk, splits, warps] for attn_decode on this device (depends on the shapes only: CUDA-graph safe)
   m.def("attn_decode_plan(int B, int Hq, int Hkv, int max_len, int window, int device) -> int[]",
         &gptoss::attn_decode_plan);
-  // Decode: q [B, Hq, 64], one query per sequence at position seq_lens[b] - 1; split-KV + combine.
+  // Decode: q [B, Hq, 64], one query per sequence at position seq_lens[b] - 1; split-KV, the splits
+  // merged in the same launch (tickets: zeroed int32 counters, left zero)
   m.def("attn_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? sinks, Tensor seq_lens, int window, "
-        "float sm_scale, int chunk, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) out) -> ()");
+        "float sm_scale, int chunk, int warps, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) tickets, "
+        "Tensor(d!) out) -> ()");
   // cache rows slots[t] (= b * max_len + pos) <- k[t], v[t]
   m.def("kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
   // a decode step's bookkeeping, one launch: seq_lens += active (int32); positions = seq_lens - 1;

@@ -316,10 +316,31 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                  sm_scale=sm_scale)
 
 
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch_ints(kind: str, device: torch.device, n: int) -> torch.Tensor:
+    """int32 scratch of the kernels that count in it (router, decode tickets): zeroed once, and the
+    kernels leave it clean. One per kind, device and stream, grown as needed, so launches on one
+    stream never share it concurrently."""
+    key = (kind, device, torch.cuda.current_stream(device).cuda_stream)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _scratch[key] = buf
+    return buf
+
+
 @functools.lru_cache(maxsize=256)
-def _decode_plan(B: int, Hq: int, Hkv: int, max_len: int, window: int, device: int) -> tuple[int, int]:
-    chunk, splits = torch.ops.gptoss_ext.attn_decode_plan(B, Hq, Hkv, max_len, window, device)
-    return int(chunk), int(splits)
+def _decode_plan(B: int, Hq: int, Hkv: int, max_len: int, window: int, device: int) -> tuple[int, int, int]:
+    """(chunk, splits, warps a CTA) of a decode launch on this device."""
+    chunk, splits, warps = torch.ops.gptoss_ext.attn_decode_plan(B, Hq, Hkv, max_len, window, device)
+    return int(chunk), int(splits), int(warps)
+
+
+def _decode_tickets(device: torch.device, B: int, Hq: int, Hkv: int) -> torch.Tensor:
+    """The decode kernel's per-group merge counters (zeroed once; the kernel leaves them at 0)."""
+    return _scratch_ints("attn_tickets", device, B * Hkv * ((Hq // Hkv + 15) // 16))
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor | None,
@@ -343,12 +364,14 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         seq_lens = torch.tensor(lens, dtype=torch.int32)
     if _attn_kernel_ok("attention_decode", q):
         seq_lens = seq_lens.to(q.device, torch.int32, non_blocking=True)
-        chunk, splits = _decode_plan(B, Hq, k_cache.shape[2], max_len, int(sliding_window), q.device.index or 0)
+        Hkv = k_cache.shape[2]
+        chunk, splits, warps = _decode_plan(B, Hq, Hkv, max_len, int(sliding_window), q.device.index or 0)
         ws_o = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
         ws_ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=q.device)
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
         torch.ops.gptoss_ext.attn_decode(q, k_cache, v_cache, _sinks32(sinks), seq_lens, int(sliding_window),
-                                         _scale(sm_scale, D), chunk, ws_o, ws_ml, out)
+                                         _scale(sm_scale, D), chunk, warps, ws_o, ws_ml,
+                                         _decode_tickets(q.device, B, Hq, Hkv), out)
         return out
     return ref.attention_decode(q, k_cache, v_cache, sinks, seq_lens.tolist(), sliding_window=sliding_window,
                                 sm_scale=sm_scale)
@@ -379,18 +402,8 @@ def decode_prep(seq_lens: torch.Tensor, active: torch.Tensor, row0: torch.Tensor
 
 # ---- MoE ---------------------------------------------------------------------------------------
 
-_scratch: dict[tuple, torch.Tensor] = {}
-
-
 def _router_scratch(device: torch.device, n: int) -> torch.Tensor:
-    """The router's scratch (zeroed once; the kernel leaves it clean). One per device and stream,
-    grown as needed, so launches on one stream never share it concurrently."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _scratch[key] = buf
-    return buf
+    return _scratch_ints("router", device, n)
 
 
 def _route_outputs(T: int, E: int, k: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
@@ -562,7 +575,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("gptoss_ext::attn_decode")
-    def _(q, k_cache, v_cache, sinks, seq_lens, window, sm_scale, chunk, ws_o, ws_ml, out):
+    def _(q, k_cache, v_cache, sinks, seq_lens, window, sm_scale, chunk, warps, ws_o, ws_ml, tickets, out):
         return None
 
     @torch.library.register_fake("gptoss_ext::linear_skinny")

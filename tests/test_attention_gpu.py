@@ -205,6 +205,53 @@ def test_decode_batch_mixed_lengths(Hq, Hkv):
             check_close(got[b:b + 1], want, bf16_attention(q[b:b + 1], k, v, sinks, n - 1, window))
 
 
+@pytest.mark.parametrize("warps,chunk", [(1, 64), (1, 1024), (4, 128), (4, 512), (4, 2048), (4, 8192)])
+def test_decode_split_layouts(warps, chunk):
+    """Every CTA shape and split length the op accepts gives the reference (the plan picks one of
+    them by batch size); the merge tickets are left at zero, so a second launch agrees bit for bit."""
+    Hq, Hkv = 64, 8
+    g = torch.Generator(device=DEV).manual_seed(warps * 100000 + chunk)
+    lens = [5000, 1, 129, 8000]
+    B, cap = len(lens), 8000
+    kc, vc = make_cache(B, cap, Hkv, g)
+    for b, n in enumerate(lens):
+        kc[b, :n], vc[b, :n] = rand((n, Hkv, D), g, 2.0), rand((n, Hkv, D), g)
+    q = rand((B, Hq, D), g, 2.0)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    S = -(-cap // chunk)
+    ws_o = torch.empty(B, Hq, S, D, device=DEV)
+    ws_ml = torch.empty(B, Hq, S, 2, device=DEV)
+    tickets = torch.zeros(B * Hkv, dtype=torch.int32, device=DEV)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    outs = []
+    for _ in range(2):
+        out = torch.empty(B, Hq, D, device=DEV, dtype=torch.bfloat16)
+        torch.ops.gptoss_ext.attn_decode(q, kc, vc, sinks, lens_t, 0, D ** -0.5, chunk, warps, ws_o, ws_ml, tickets,
+                                         out)
+        outs.append(out)
+        assert int(tickets.abs().sum()) == 0
+    assert torch.equal(outs[0], outs[1])
+    for b, n in enumerate(lens):
+        k, v = kc[b, :n], vc[b, :n]
+        want = ref.attention(q[b:b + 1].float(), k.float(), v.float(), sinks, start=n - 1)
+        check_close(outs[0][b:b + 1], want, bf16_attention(q[b:b + 1], k, v, sinks, n - 1, 0))
+
+
+def test_decode_plan_shapes():
+    """Small batches get 4-warp CTAs (about one an SM), large ones one-warp CTAs; a 128 window is
+    one split; chunk x splits always covers the range."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for B, L, window in ((1, 8192, 0), (1, 65536, 0), (1, 2048, 0), (1, 8192, 128), (32, 8192, 0), (32, 8192, 128),
+                         (3, 100, 0), (1, 1, 0)):
+        chunk, splits, warps = ops._decode_plan(B, 64, 8, L, window, torch.cuda.current_device())
+        rng = min(L, window) if window else L
+        assert chunk * splits >= rng and chunk * (splits - 1) < rng
+        assert warps == (4 if B * 8 * 2 <= sms else 1)
+        assert chunk % (128 if warps == 4 else 64) == 0
+        if window == 128:
+            assert splits == 1
+
+
 def test_decode_equals_prefill_last_row():
     T, Hq, Hkv = 513, 64, 8
     g = torch.Generator(device=DEV).manual_seed(21)
@@ -363,8 +410,18 @@ def test_argument_errors():
         ops.attention_decode(q[:2], kc, vc, None, [1, 5], sliding_window=-1)
     ws = torch.empty(2, 8, 1, D, device=DEV)
     ml = torch.empty(2, 8, 1, 2, device=DEV)
+    tickets = torch.zeros(16, dtype=torch.int32, device=DEV)
+    ones = torch.ones(2, dtype=torch.int32, device=DEV)
+    dec = torch.ops.gptoss_ext.attn_decode
     with pytest.raises(RuntimeError, match="chunk must be a positive multiple of 64"):
-        torch.ops.gptoss_ext.attn_decode(q[:2], kc, vc, None, torch.ones(2, dtype=torch.int32, device=DEV), 0,
-                                         0.125, 32, ws, ml, torch.empty_like(q[:2]))
+        dec(q[:2], kc, vc, None, ones, 0, 0.125, 32, 1, ws, ml, tickets, torch.empty_like(q[:2]))
+    with pytest.raises(RuntimeError, match="chunk must be a positive multiple of 128 .with 4 warps"):
+        dec(q[:2], kc, vc, None, ones, 0, 0.125, 64, 4, ws, ml, tickets, torch.empty_like(q[:2]))
+    with pytest.raises(RuntimeError, match="warps .a CTA. must be 1 or 4, got 2"):
+        dec(q[:2], kc, vc, None, ones, 0, 0.125, 128, 2, ws, ml, tickets, torch.empty_like(q[:2]))
+    with pytest.raises(RuntimeError, match="'tickets' needs 4 zeroed int32 counters"):
+        dec(q[:2], kc, vc, None, ones, 0, 0.125, 128, 4, ws, ml, tickets[:3], torch.empty_like(q[:2]))
+    with pytest.raises(RuntimeError, match="'tickets' must have dtype Int"):
+        dec(q[:2], kc, vc, None, ones, 0, 0.125, 128, 4, ws, ml, tickets.long(), torch.empty_like(q[:2]))
     with pytest.raises(RuntimeError, match="'slots' must have dtype Long"):
         torch.ops.gptoss_ext.kv_write(q[:, :2], q[:, :2], torch.zeros(10, dtype=torch.int32, device=DEV), kc, vc)

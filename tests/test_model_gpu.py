@@ -115,12 +115,27 @@ def test_programmatic_launch_equals_plain_launches(models):
 
 
 def greedy_margins(model, prompt, new):
-    """For each generated token: (max logit - the token's logit, top-1 minus top-2 gap) from a
-    whole-sequence forward of prompt + new (teacher forcing)."""
-    logits = model(torch.tensor(prompt + new, device=DEV))[len(prompt) - 1:-1].float()
+    """For each generated token: (max logit - the token's logit, top-1 minus top-2 gap, the smallest
+    router gap over the layers: k-th minus (k+1)-th expert logit at the position that predicts it)
+    from a whole-sequence forward of prompt + new (teacher forcing)."""
+    router_gaps = []
+    route = ops.route
+
+    def spy(logits, k):
+        top = logits.float().topk(k + 1, dim=-1).values
+        router_gaps.append(top[:, k - 1] - top[:, k])
+        return route(logits, k)
+
+    ops.route = spy
+    try:
+        logits = model(torch.tensor(prompt + new, device=DEV))[len(prompt) - 1:-1].float()
+    finally:
+        ops.route = route
+    assert len(router_gaps) == model.config.num_hidden_layers
+    rgap = torch.stack(router_gaps).min(0).values[len(prompt) - 1:-1]
     top2 = logits.topk(2, dim=-1).values
     chosen = logits.gather(1, torch.tensor(new, device=DEV)[:, None])[:, 0]
-    return (top2[:, 0] - chosen).tolist(), (top2[:, 0] - top2[:, 1]).tolist()
+    return (top2[:, 0] - chosen).tolist(), (top2[:, 0] - top2[:, 1]).tolist(), rgap.tolist()
 
 
 class Fp32Unembedding(torch.nn.Module):
@@ -148,24 +163,29 @@ def fp32_logits(model):
 
 
 def test_batch_generation_equals_one_at_a_time(models):
-    """Batched greedy generation gives each prompt the tokens it gets alone. Batches pick other
-    kernel tilings (bf16 rounding differs at ~1e-2 logits), so at an exact near-tie either token is
-    right: both runs must be greedy under a whole-sequence forward, and equal up to the first step
-    whose top-2 gap is below that noise."""
+    """Batched greedy generation gives each prompt the tokens it gets alone. Batches and the
+    whole-sequence forward pick other kernel tilings (bf16 rounding differs at ~1e-2 logits), so at
+    a near-tie either token is right. Two kinds: a top-2 logit gap below that noise, and a router
+    near-tie (the k-th and (k+1)-th expert logits within a bf16 step: the other expert's output
+    moves that position's logits by up to ~0.6 on this random model, in any path). Both runs must
+    be greedy under a whole-sequence forward at every step that is not a router near-tie, and where
+    they first differ must be a near-tie."""
     gpu, _ = models
     prompts = [tokens(n, 10 + n).tolist() for n in (5, 140, 40, 1)]
-    tol = 0.05
+    tol, router_tol = 0.05, 0.01
     with fp32_logits(gpu):   # every path (batch, alone, yardstick) with fp32 logits
         together = generate(gpu, prompts, max_new_tokens=24, temperature=0)
         alone = [generate(gpu, p, max_new_tokens=24, temperature=0) for p in prompts]
         for p, a, b in zip(prompts, together, alone):
             assert len(a) == len(b) == 24
             for seq in (a, b):
-                off, _ = greedy_margins(gpu, p, seq)
-                assert max(off) <= tol, off
-            _, gaps = greedy_margins(gpu, p, b)
-            clear = next((i for i, gap in enumerate(gaps) if gap < 2 * tol), len(b))
-            assert a[:clear] == b[:clear]
+                off, _, rgaps = greedy_margins(gpu, p, seq)
+                bad = [(i, o, r) for i, (o, r) in enumerate(zip(off, rgaps)) if o > tol and r >= router_tol]
+                assert not bad, f"steps (index, off-greedy by, router gap) {bad}"
+            _, gaps, rgaps = greedy_margins(gpu, p, b)
+            d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            if d is not None:
+                assert gaps[d] < 2 * tol or rgaps[d] < router_tol, (d, gaps[d], rgaps[d])
 
 
 def test_batch_stops_each_prompt_on_its_own(models):

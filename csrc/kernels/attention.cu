@@ -10,13 +10,13 @@
 // exp2. Only the tiles the causal/window band touches are visited; masks only on tiles that cut
 // the band. Heaviest query blocks are scheduled first.
 //
-// Decode: a one-warp CTA takes the (up to 16) query heads of a GQA group of one sequence (so each
-// K/V tile is read once for the whole group: rows of the mma are heads) and one chunk of the key
-// range, streamed in 32-key tiles through a 4-stage cp.async pipeline (32 KB of shared memory: 7
-// CTAs an SM). A one-warp CTA is latency-bound on its own tile chain (~2 us a 64-key tile alone
-// on an SM), so shorter tiles and more CTAs an SM: v1 (64-key tiles, 3 stages, 4 CTAs an SM) 12.1
-// us at B=1, L=8192; 2 stages of 64 keys (7 CTAs) lost B=32 from 99% to 79% of copy bandwidth. The partial (unnormalised output, max,
-// sum) goes to a workspace; the combine kernel merges the chunks and adds the sink.
+// Decode: a CTA takes the (up to 16) query heads of a GQA group of one sequence (so each K/V tile
+// is read once for the whole group: rows of the mma are heads) and one chunk of the key range; its
+// 1 or 4 warps each stream a part in 32-key tiles through their own 4-stage cp.async ring (32 KB).
+// One-warp CTAs (7 an SM) for large batches; 4-warp CTAs for small ones, where a one-warp CTA's
+// serial tile chain (~0.3 us a tile after ~1-2 us for its first bytes) was the limit (v2: B=1,
+// L=8192 at 29-35% of copy bandwidth with a separate combine launch). Splits merge in the same
+// launch: the last CTA of a group (atomic ticket) reads the others' partials from L2.
 //
 // Rows of K/V past the valid range are zero-filled (never read from memory), so a cache holding
 // garbage or NaN beyond its length cannot leak into the result; fully masked rows give 0, not NaN.
@@ -90,22 +90,51 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][NB][4], const uint32_t (&
 
 // Online softmax on a raw S tile (masked entries -inf); sl2 = sm_scale * log2(e), the running
 // max m is kept in the scaled log2 domain. S becomes P, O is rescaled, l accumulates per thread.
+// Lazy rescaling: a row's m moves (and its O, l are rescaled) only when the tile's max is more than
+// kRescaleSlack above it; a warp skips the whole step when no row moves, which is most tiles. P
+// then stays <= 2^kRescaleSlack, and O, l and the sink are all relative to the same m (exact).
+constexpr float kRescaleSlack = 8.f;  // GPTOSS_ATTN_RESCALE_SLACK overrides (0: move whenever the max grows)
+
 template <int MT, int NB = 8>
 __device__ __forceinline__ void softmax_tile(float (&s)[MT][NB][4], float (&o)[MT][8][4], float (&m)[MT][2],
-                                             float (&l)[MT][2], float sl2) {
+                                             float (&l)[MT][2], float sl2, float slack) {
+  float mx[MT][2];
+  bool grow = false;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      float mx = kNegInf;
+      float v = kNegInf;
 #pragma unroll
-      for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mnew = fmaxf(m[mt][hr], mx * sl2);
-      const float mu = mnew == kNegInf ? 0.f : mnew;  // a row with nothing visible yet: no NaN
-      const float alpha = ex2(m[mt][hr] - mu);
-      m[mt][hr] = mnew;
+      for (int j = 0; j < NB; ++j) v = fmaxf(v, fmaxf(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+      mx[mt][hr] = v * sl2;
+      grow |= mx[mt][hr] > m[mt][hr] + slack;
+    }
+  if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        // Per row (a row's result must not depend on its neighbours in the warp: chunked prefill
+        // gives the same bits): only the rows past the slack move.
+        if (!(mx[mt][hr] > m[mt][hr] + slack)) continue;
+        const float alpha = ex2(m[mt][hr] - mx[mt][hr]);  // a row's first keys: ex2(-inf) = 0
+        m[mt][hr] = mx[mt][hr];
+        l[mt][hr] *= alpha;
+#pragma unroll
+        for (int d = 0; d < 8; ++d) {
+          o[mt][d][2 * hr] *= alpha;
+          o[mt][d][2 * hr + 1] *= alpha;
+        }
+      }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const float mu = m[mt][hr] == kNegInf ? 0.f : m[mt][hr];
       float rs = 0.f;
 #pragma unroll
       for (int j = 0; j < NB; ++j) {
@@ -114,12 +143,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NB][4], float (&o)[M
         s[mt][j][2 * hr + 1] = p1;
         rs += p0 + p1;
       }
-      l[mt][hr] = l[mt][hr] * alpha + rs;
-#pragma unroll
-      for (int d = 0; d < 8; ++d) {
-        o[mt][d][2 * hr] *= alpha;
-        o[mt][d][2 * hr + 1] *= alpha;
-      }
+      l[mt][hr] += rs;
     }
 }
 
@@ -229,7 +253,7 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
             if (key > pos || (a.window > 0 && pos - key >= a.window)) s[mt][j][e] = kNegInf;
           }
     }
-    softmax_tile<MT>(s, o, m, l, sl2);
+    softmax_tile<MT>(s, o, m, l, sl2, a.rescale_slack);
     pv_tile<MT>(o, s, sV + buf * kTileBytes, lane);
     __syncthreads();
   }
@@ -259,179 +283,224 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
 
 // ---- decode -------------------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(32) attn_decode_kernel(const AttnDecodeArgs a) {
+// One CTA: NW warps take consecutive parts of one split's key range of one GQA group (the group's
+// up to 16 query heads are the mma rows, so each K/V tile is read once for the group); each warp
+// streams its part through its own NS-stage ring of 32-key tiles (NS * 8 KB). The warps' partials
+// are merged through shared memory; with one split that is the output (sink added). With several,
+// the CTA writes its partial (unnormalised output, max, sum) to the workspace and takes a ticket;
+// the last CTA of the group merges the splits and writes the output — one launch, no combine
+// kernel — and puts the ticket back to 0 for the next launch.
+constexpr int kDecOPitch = D + 4;  // floats a row of a warp's partial in shared memory (2-way banks)
+
+template <int NW, int NS>
+__global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeArgs a) {
+  constexpr int NT = NW * 32;
+  constexpr int kWarpBytes = 2 * NS * kDecTileBytes;
+  static_assert(16 * kDecOPitch * 4 + 16 * 2 * 4 <= kWarpBytes, "a warp's partial must fit its ring");
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ int last_cta;
+  __shared__ float sink_s[16];  // the group's sinks (log2 domain)
   pdl_wait();     // see kernels/pdl.h
   pdl_trigger();  // at once: later (after the main loop) cost B=32 L=8192 151 -> 171 us, L=65536 42 -> 50 us
-  extern __shared__ __align__(128) uint8_t smem[];
-  const uint32_t sK = smem_u32(smem), sV = sK + kDecStages * kDecTileBytes;
-  const int lane = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int split = blockIdx.x, b = blockIdx.z;
   const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
   const int kvh = blockIdx.y / hchunks, hc = blockIdx.y % hchunks;
   const int h0 = kvh * G + hc * 16, nrows = min(16, G - hc * 16);
+  const int S = a.num_splits;
   const int len = min(max(a.seq_lens[b], 0), a.max_len);
   const int lo = a.window > 0 ? max(0, len - a.window) : 0;
-  const int kbeg = lo + split * a.chunk, kend = min(len, kbeg + a.chunk);
-  const int S = a.num_splits;
+  const int cbeg = lo + split * a.chunk, cend = min(len, cbeg + a.chunk);
+  // The warps' parts: whole tiles, as even as the split's actual length allows.
+  const int part = cend > cbeg ? (cend - cbeg + NW * kDecBN - 1) / (NW * kDecBN) * kDecBN : 0;
+  const int kbeg = cbeg + warp * part, kend = min(cend, kbeg + part);
   const int r0 = lane >> 2;
-  const int64_t ws0 = ((int64_t)b * a.Hq + h0) * S + split;  // workspace row of head h0
-
-  if (kbeg >= kend) {  // nothing in this chunk: an empty partial (sum 0)
-    if (S == 1) {      // no combine: the output itself (zero, as the combine would give)
-      for (int i = lane; i < nrows * (D / 2); i += 32)
-        reinterpret_cast<uint32_t*>(a.out + (int64_t)b * a.out_stride + (int64_t)(h0 + i / (D / 2)) * D)[i % (D / 2)] = 0u;
-      return;
-    }
-    if ((lane & 3) == 0)
-      for (int hr = 0; hr < 2; ++hr) {
-        const int r = r0 + hr * 8;
-        if (r < nrows) {
-          a.ws_ml[(ws0 + (int64_t)r * S) * 2] = kNegInf;
-          a.ws_ml[(ws0 + (int64_t)r * S) * 2 + 1] = 0.f;
-        }
-      }
-    return;
-  }
-
-  const int64_t kv_row = (int64_t)a.Hkv * D;
-  const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
-  const bf16* kb = a.k_cache + kv_off;
-  const bf16* vb = a.v_cache + kv_off;
-  const int ntiles = (kend - kbeg + kDecBN - 1) / kDecBN;
-#pragma unroll
-  for (int st = 0; st < kDecStages - 1; ++st) {
-    if (st < ntiles) {
-      load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + st * kDecBN, kend, lane);
-      load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + st * kDecBN, kend, lane);
-    }
-    cp_async_commit();
-  }
-
-  // Q fragments straight from global memory: rows are the group's heads (rows >= nrows are zero).
-  uint32_t qf[1][4][4];
-  {
-    const bf16* qb = a.q + (int64_t)b * a.q_stride + (int64_t)h0 * D + ((lane & 3) << 1);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = r0 + (i & 1) * 8, c = ks * 16 + (i >> 1) * 8;
-        qf[0][ks][i] = r < nrows ? *reinterpret_cast<const uint32_t*>(qb + r * D + c) : 0u;
-      }
-  }
-
   const float sl2 = a.sm_scale * kLog2e;
+  if (tid < 16) sink_s[tid] = (a.sinks && tid < nrows) ? a.sinks[h0 + tid] * kLog2e : kNegInf;  // read at the end
+
   float o[1][8][4], m[1][2] = {{kNegInf, kNegInf}}, l[1][2] = {{0.f, 0.f}};
 #pragma unroll
   for (int d = 0; d < 8; ++d) o[0][d][0] = o[0][d][1] = o[0][d][2] = o[0][d][3] = 0.f;
-
-  for (int t = 0; t < ntiles; ++t) {
-    const int nt = t + kDecStages - 1;
-    if (nt < ntiles) {
-      const int st = nt % kDecStages;
-      load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + nt * kDecBN, kend, lane);
-      load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + nt * kDecBN, kend, lane);
-    }
-    cp_async_commit();
-    cp_async_wait<kDecStages - 1>();
-    __syncwarp();
-    const int st = t % kDecStages;
-    float s[1][kDecNB][4];
-    qk_tile<1, kDecNB>(s, qf, sK + st * kDecTileBytes, lane);
-    const int k0 = kbeg + t * kDecBN;
-    if (k0 + kDecBN > kend) {
+  const uint32_t sK = smem_u32(smem) + warp * kWarpBytes, sV = sK + NS * kDecTileBytes;
+  if (kbeg < kend) {
+    const int64_t kv_row = (int64_t)a.Hkv * D;
+    const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
+    const bf16* kb = a.k_cache + kv_off;
+    const bf16* vb = a.v_cache + kv_off;
+    const int ntiles = (kend - kbeg + kDecBN - 1) / kDecBN;
 #pragma unroll
-      for (int j = 0; j < kDecNB; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (k0 + j * 8 + ((lane & 3) << 1) + (e & 1) >= kend) s[0][j][e] = kNegInf;
+    for (int st = 0; st < NS - 1; ++st) {
+      if (st < ntiles) {
+        load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + st * kDecBN, kend, lane);
+        load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + st * kDecBN, kend, lane);
+      }
+      cp_async_commit();
     }
-    softmax_tile<1, kDecNB>(s, o, m, l, sl2);
-    pv_tile<1, kDecNB>(o, s, sV + st * kDecTileBytes, lane);
-    __syncwarp();
+    // Q fragments straight from global memory: rows are the group's heads (rows >= nrows are zero).
+    uint32_t qf[1][4][4];
+    {
+      const bf16* qb = a.q + (int64_t)b * a.q_stride + (int64_t)h0 * D + ((lane & 3) << 1);
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = r0 + (i & 1) * 8, c = ks * 16 + (i >> 1) * 8;
+          qf[0][ks][i] = r < nrows ? *reinterpret_cast<const uint32_t*>(qb + r * D + c) : 0u;
+        }
+    }
+    for (int t = 0; t < ntiles; ++t) {
+      const int nt = t + NS - 1;
+      if (nt < ntiles) {
+        const int st = nt % NS;
+        load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + nt * kDecBN, kend, lane);
+        load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + nt * kDecBN, kend, lane);
+      }
+      cp_async_commit();
+      cp_async_wait<NS - 1>();
+      __syncwarp();
+      const int st = t % NS;
+      float s[1][kDecNB][4];
+      qk_tile<1, kDecNB>(s, qf, sK + st * kDecTileBytes, lane);
+      const int k0 = kbeg + t * kDecBN;
+      if (k0 + kDecBN > kend) {
+#pragma unroll
+        for (int j = 0; j < kDecNB; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (k0 + j * 8 + ((lane & 3) << 1) + (e & 1) >= kend) s[0][j][e] = kNegInf;
+      }
+      softmax_tile<1, kDecNB>(s, o, m, l, sl2, a.rescale_slack);
+      pv_tile<1, kDecNB>(o, s, sV + st * kDecTileBytes, lane);
+      __syncwarp();
+    }
+    cp_async_wait<0>();  // (only empty groups are left) before the ring is reused below
   }
 
+  // The warp's partial into its own ring: o [16][kDecOPitch], then (max, sum) [16][2].
+  float* po = reinterpret_cast<float*>(smem + warp * kWarpBytes);
+  float* pml = po + 16 * kDecOPitch;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     float L = l[0][hr];
     L += __shfl_xor_sync(0xffffffffu, L, 1);
     L += __shfl_xor_sync(0xffffffffu, L, 2);
     const int r = r0 + hr * 8;
-    if (S == 1) {  // one split (short windows): normalise with the sink here, no combine launch
-      if (r < nrows) {
-        const float mu = m[0][hr] == kNegInf ? 0.f : m[0][hr];
-        if (a.sinks) L += ex2(a.sinks[h0 + r] * kLog2e - mu);
-        const float inv = L > 0.f ? 1.f / L : 0.f;
-        bf16* orow = a.out + (int64_t)b * a.out_stride + (int64_t)(h0 + r) * D + ((lane & 3) << 1);
 #pragma unroll
-        for (int d = 0; d < 8; ++d)
-          *reinterpret_cast<uint32_t*>(orow + d * 8) = pack_bf16(o[0][d][2 * hr] * inv, o[0][d][2 * hr + 1] * inv);
-      }
-      continue;
-    }
-    if (r < nrows) {
-      const int64_t w = ws0 + (int64_t)r * S;
-      float* wo = a.ws_o + w * D + ((lane & 3) << 1);
-#pragma unroll
-      for (int d = 0; d < 8; ++d) *reinterpret_cast<float2*>(wo + d * 8) = make_float2(o[0][d][2 * hr], o[0][d][2 * hr + 1]);
-      if ((lane & 3) == 0) {
-        a.ws_ml[w * 2] = m[0][hr];
-        a.ws_ml[w * 2 + 1] = L;
-      }
+    for (int d = 0; d < 8; ++d)
+      *reinterpret_cast<float2*>(po + r * kDecOPitch + d * 8 + ((lane & 3) << 1)) =
+          make_float2(o[0][d][2 * hr], o[0][d][2 * hr + 1]);
+    if ((lane & 3) == 0) {
+      pml[2 * r] = m[0][hr];
+      pml[2 * r + 1] = L;
     }
   }
-}
+  __syncthreads();
 
-// One CTA of 128 threads per (sequence, head): the splits' (max, sum) pairs are read in parallel
-// into shared memory, reduced to the global max and the weights; then two halves of the CTA sum
-// the weighted partial outputs of alternate splits (independent loads, unrolled), sink added.
-constexpr int kCombineThreads = 128;
-
-__global__ void __launch_bounds__(kCombineThreads) attn_decode_combine_kernel(const AttnDecodeArgs a) {
-  pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
-  extern __shared__ float wsm[];  // [S] weights, then 32 for reductions, then 64 for the halves
-  const int bh = blockIdx.x, tid = threadIdx.x;
-  const int b = bh / a.Hq, h = bh % a.Hq, S = a.num_splits;
-  float* red = wsm + S;
-  const float* ml = a.ws_ml + (int64_t)bh * S * 2;
-  const float sink = a.sinks ? a.sinks[h] * kLog2e : kNegInf;
-  float mx = kNegInf;
-  for (int s = tid; s < S; s += kCombineThreads) {
-    const float2 v = *reinterpret_cast<const float2*>(ml + 2 * s);
-    if (v.y > 0.f) mx = fmaxf(mx, v.x);
-  }
+  // Merge the warps: thread t takes EPT consecutive dims of one row.
+  constexpr int EPT = 16 * D / NT, TPR = D / EPT;
+  const int row = tid / TPR, d0 = (tid % TPR) * EPT;
+  float M = kNegInf;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if ((tid & 31) == 0) red[tid >> 5] = mx;
-  __syncthreads();
-  float M = sink;
-  for (int w = 0; w < kCombineThreads / 32; ++w) M = fmaxf(M, red[w]);
-  __syncthreads();
-  float part = 0.f;
-  for (int s = tid; s < S; s += kCombineThreads) {
-    const float2 v = *reinterpret_cast<const float2*>(ml + 2 * s);
-    const float w = (v.y > 0.f && M != kNegInf) ? ex2(v.x - M) : 0.f;
-    wsm[s] = w;
-    part += w * v.y;
+  for (int w = 0; w < NW; ++w) {
+    const float* ml = reinterpret_cast<const float*>(smem + w * kWarpBytes) + 16 * kDecOPitch + 2 * row;
+    if (ml[1] > 0.f) M = fmaxf(M, ml[0]);
   }
-  const float L = block_sum(part, red) + ((a.sinks && M != kNegInf) ? ex2(sink - M) : 0.f);
-  // block_sum synchronised the weights too
-  const int d = tid & (D - 1), half = tid / D;
-  const float* wo = a.ws_o + (int64_t)bh * S * D + d;
-  float acc = 0.f;
-#pragma unroll 4
-  for (int s = half; s < S; s += 2) {
-    const float w = wsm[s];
-    if (w != 0.f) acc += w * wo[(int64_t)s * D];
+  float acc[EPT], Lsum = 0.f;
+#pragma unroll
+  for (int i = 0; i < EPT; ++i) acc[i] = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) {
+    const float* wp = reinterpret_cast<const float*>(smem + w * kWarpBytes);
+    const float* ml = wp + 16 * kDecOPitch + 2 * row;
+    const float e = ml[1] > 0.f ? ex2(ml[0] - M) : 0.f;
+    Lsum += e * ml[1];
+#pragma unroll
+    for (int i = 0; i < EPT; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(wp + row * kDecOPitch + d0 + i);
+      acc[i] += e * v.x;
+      acc[i + 1] += e * v.y;
+      acc[i + 2] += e * v.z;
+      acc[i + 3] += e * v.w;
+    }
   }
-  float* halves = red + 32;
-  if (half == 1) halves[d] = acc;
+
+  if (S == 1) {  // one split: normalise with the sink, write the output
+    if (row < nrows) {
+      const float mu = M == kNegInf ? 0.f : M;
+      float L = Lsum;
+      if (a.sinks) L += ex2(sink_s[row] - mu);
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      bf16* orow = a.out + (int64_t)b * a.out_stride + (int64_t)(h0 + row) * D + d0;
+#pragma unroll
+      for (int i = 0; i < EPT; i += 2)
+        *reinterpret_cast<uint32_t*>(orow + i) = pack_bf16(acc[i] * inv, acc[i + 1] * inv);
+    }
+    return;
+  }
+
+  // Several splits: the CTA's partial to the workspace, then its ticket.
+  if (row < nrows) {
+    const int64_t w = ((int64_t)b * a.Hq + h0 + row) * S + split;
+    float* wo = a.ws_o + w * D + d0;
+#pragma unroll
+    for (int i = 0; i < EPT; i += 4)
+      *reinterpret_cast<float4*>(wo + i) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+    if (d0 == 0) *reinterpret_cast<float2*>(a.ws_ml + w * 2) = make_float2(M, Lsum);
+  }
+  __threadfence();
   __syncthreads();
-  if (half == 0) {
-    acc += halves[d];
-    a.out[(int64_t)b * a.out_stride + (int64_t)h * D + d] = __float2bfloat16(L > 0.f ? acc / L : 0.f);
+  int* ticket = a.tickets + (int64_t)b * gridDim.y + blockIdx.y;
+  if (tid == 0) last_cta = atomicAdd(ticket, 1) == S - 1;
+  __syncthreads();
+  if (!last_cta) return;
+  __threadfence();
+  // The group's last CTA: merge the S partials of each (row, 4 dims), 8 splits' loads at a time
+  // (L2 reads: other SMs wrote them).
+  for (int slot = tid; slot < nrows * (D / 4); slot += NT) {
+    const int r = slot / (D / 4), c = (slot % (D / 4)) * 4;
+    const int64_t w0 = ((int64_t)b * a.Hq + h0 + r) * S;
+    const float* ml = a.ws_ml + w0 * 2;
+    const float* wo = a.ws_o + w0 * D + c;
+    float Mx = kNegInf, Ls = 0.f, x[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s0 = 0; s0 < S; s0 += 8) {
+      float2 mv[8];
+      float4 ov[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (s0 + j < S) {
+          mv[j] = __ldcg(reinterpret_cast<const float2*>(ml + 2 * (s0 + j)));
+          ov[j] = __ldcg(reinterpret_cast<const float4*>(wo + (int64_t)(s0 + j) * D));
+        } else {
+          mv[j] = make_float2(kNegInf, 0.f);
+          ov[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+      }
+      float bm = Mx;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (mv[j].y > 0.f) bm = fmaxf(bm, mv[j].x);
+      const float sc = Mx == kNegInf ? 0.f : ex2(Mx - bm);  // nothing yet: the sums are 0
+      Ls *= sc;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] *= sc;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float e = mv[j].y > 0.f ? ex2(mv[j].x - bm) : 0.f;
+        Ls += e * mv[j].y;
+        x[0] += e * ov[j].x;
+        x[1] += e * ov[j].y;
+        x[2] += e * ov[j].z;
+        x[3] += e * ov[j].w;
+      }
+      Mx = bm;
+    }
+    const float mu = Mx == kNegInf ? 0.f : Mx;
+    if (a.sinks) Ls += ex2(sink_s[r] - mu);
+    const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
+    bf16* orow = a.out + (int64_t)b * a.out_stride + (int64_t)(h0 + r) * D + c;
+    *reinterpret_cast<uint2*>(orow) = make_uint2(pack_bf16(x[0] * inv, x[1] * inv), pack_bf16(x[2] * inv, x[3] * inv));
   }
+  if (tid == 0) *ticket = 0;  // clean for the next launch
 }
 
 // ---- KV-cache write -----------------------------------------------------------------------------
@@ -473,6 +542,14 @@ cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
   return launch_kernel(attn_prefill_kernel<MT>, grid, dim3(128), smem, stream, a);
 }
 
+float rescale_slack() {
+  static const float slack = [] {
+    const char* e = std::getenv("GPTOSS_ATTN_RESCALE_SLACK");
+    return e ? std::max(0.f, static_cast<float>(std::atof(e))) : kRescaleSlack;
+  }();
+  return slack;
+}
+
 int prefill_block_rows(int window) {
   // GPTOSS_ATTN_BLOCK_M=64|128 overrides (for tuning). By default 64-row blocks for narrow windows
   // (a 128-row block would visit twice the keys it needs: H200, T=4096, window 128: 78-84 us vs
@@ -486,39 +563,73 @@ int prefill_block_rows(int window) {
 
 }  // namespace
 
-cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream) {
-  if (a.B <= 0 || a.max_q_len <= 0) return cudaSuccess;
+cudaError_t launch_attn_prefill(const AttnPrefillArgs& args, cudaStream_t stream) {
+  if (args.B <= 0 || args.max_q_len <= 0) return cudaSuccess;
+  AttnPrefillArgs a = args;
+  a.rescale_slack = rescale_slack();
   return prefill_block_rows(a.window) == 64 ? launch_prefill_mt<1>(a, stream) : launch_prefill_mt<2>(a, stream);
 }
 
-void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits) {
-  // About one wave of CTAs (4 one-warp CTAs an SM fit): (B x KV heads) rows times the splits.
-  // Fewer, longer splits pipeline better inside a CTA and leave the combine less to merge (v1, two
-  // waves of one-tile CTAs at B=1, L=8192: 26% of copy bandwidth).
+void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits,
+                       int& warps) {
   const int G = Hq / Hkv, hchunks = (G + 15) / 16;
   const int range = std::max(1, window > 0 ? std::min(window, max_len) : max_len);
-  const int64_t wanted = (int64_t)std::max(num_sms, 1) * 4;
+  const int64_t sms = std::max(num_sms, 1);
   const int64_t rows = (int64_t)B * Hkv * hchunks;
-  const int64_t max_splits = (range + BN - 1) / BN;
-  // A range whose tiles are all in flight at once in one CTA (the 128 window) takes one split: the
-  // kernel then writes the output itself and the combine launch is skipped.
-  const int64_t splits = range <= kDecStages * kDecBN
-                             ? 1
-                             : std::max<int64_t>(1, std::min<int64_t>(max_splits, (wanted + rows / 2) / rows));
-  const int64_t c = ((range + splits - 1) / splits + BN - 1) / BN * BN;
+  int64_t unit, splits;
+  const char* e = std::getenv("GPTOSS_ATTN_DECODE_WARPS");  // 1 or 4: forced (tuning, tests)
+  const int forced = e ? std::atoi(e) : 0;
+  if (forced == 4 || (forced != 1 && rows * 2 <= sms)) {
+    // Few groups (small batches): 4-warp CTAs, about one an SM, each warp a quarter of its split.
+    // A one-warp CTA walks its tiles one after another (~0.3 us a tile); four warps shorten that
+    // chain four times, and the in-kernel merge replaces the combine launch.
+    warps = 4;
+    unit = 4 * kDecBN;
+    splits = std::max<int64_t>(1, std::min<int64_t>((range + unit - 1) / unit, sms / rows));
+  } else {
+    // Many groups: one-warp CTAs (7 fit an SM), about 4 an SM. Fewer, longer splits pipeline better
+    // inside a CTA and leave less to merge; a range one CTA holds in flight at once (the 128
+    // window) takes one split, and the kernel then writes the output straight away.
+    warps = 1;
+    unit = BN;
+    const int64_t wanted = sms * 4;
+    splits = range <= kDecStages * kDecBN ? 1
+                                          : std::max<int64_t>(1, std::min<int64_t>((range + unit - 1) / unit,
+                                                                                   (wanted + rows / 2) / rows));
+  }
+  const int64_t c = ((range + splits - 1) / splits + unit - 1) / unit * unit;
   chunk = static_cast<int>(c);
   num_splits = static_cast<int>((range + c - 1) / c);
 }
 
-cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream) {
-  if (a.B <= 0) return cudaSuccess;
+namespace {
+template <int NW, int NS>
+cudaError_t launch_decode_variant(const AttnDecodeArgs& a, dim3 grid, cudaStream_t stream) {
+  auto kernel = attn_decode_kernel<NW, NS>;
+  const size_t smem = static_cast<size_t>(NW) * 2 * NS * kDecTileBytes;
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  return launch_kernel(kernel, grid, dim3(NW * 32), smem, stream, a);
+}
+}  // namespace
+
+cudaError_t launch_attn_decode(const AttnDecodeArgs& args, cudaStream_t stream) {
+  if (args.B <= 0) return cudaSuccess;
+  AttnDecodeArgs a = args;
+  a.rescale_slack = rescale_slack();
+  if (a.num_splits > 1 && a.tickets == nullptr) return cudaErrorInvalidValue;
   const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
   const dim3 grid(a.num_splits, a.Hkv * hchunks, a.B);
-  cudaError_t err = launch_kernel(attn_decode_kernel, grid, dim3(32), 2 * kDecStages * kDecTileBytes, stream, a);
-  if (err != cudaSuccess || a.num_splits == 1) return err;   // one split: the kernel wrote the output
-  const size_t smem = (a.num_splits + 32 + D) * sizeof(float);
-  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // > 12k splits: never planned
-  return launch_kernel(attn_decode_combine_kernel, dim3(a.B * a.Hq), dim3(kCombineThreads), smem, stream, a);
+  if (a.warps == 1) return launch_decode_variant<1, kDecStages>(a, grid, stream);
+  if (a.warps == 4) {  // a ring as deep as a warp's part of the split (up to 4 tiles): 32, 64 or 128 KB
+    const int tiles = a.chunk / (4 * kDecBN);
+    return tiles <= 1 ? launch_decode_variant<4, 1>(a, grid, stream)
+                      : tiles == 2 ? launch_decode_variant<4, 2>(a, grid, stream)
+                                   : launch_decode_variant<4, kDecStages>(a, grid, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_decode_prep(int32_t* seq_lens, const int32_t* active, const int64_t* row0, int64_t* positions,

@@ -33,15 +33,19 @@ struct AttnPrefillArgs {
   int B, Hq, Hkv, max_len, max_q_len, window;
   int total_q;                   // Ttot (rows of q and out)
   float sm_scale;
+  float rescale_slack;           // set by the launcher (see attention.cu)
 };
 cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream);
 
 // Decode: one query per sequence (q [B, Hq, 64], token stride q_stride) at position
 // seq_lens[b] - 1, over cache rows max(0, seq_lens[b] - window) .. seq_lens[b] - 1 (window 0:
-// from 0). Split-KV: the key range is cut into chunks of `chunk` keys (a multiple of 64); split s
-// of every sequence takes chunk s; a combine kernel merges the splits and adds the sink. The
-// grid depends only on B and num_splits (not on the lengths), so it replays in CUDA graphs.
-// Workspace: ws_o [B, Hq, num_splits, 64] fp32 and ws_ml [B, Hq, num_splits, 2] fp32.
+// from 0). Split-KV in one launch: the key range is cut into chunks of `chunk` keys; CTA (s, group,
+// b) takes chunk s with `warps` warps (1 or 4; chunk a multiple of 64, of 128 with 4 warps). With
+// several splits each CTA leaves its partial in the workspace and the last CTA of a group (ticket
+// counter, left at 0 again) merges them and adds the sink. The grid depends only on B and
+// num_splits (not on the lengths), so it replays in CUDA graphs.
+// Workspace: ws_o [B, Hq, num_splits, 64] fp32, ws_ml [B, Hq, num_splits, 2] fp32, tickets
+// [B * Hkv * ceil(Hq / Hkv / 16)] int32, zero before the launch (and after it).
 struct AttnDecodeArgs {
   const __nv_bfloat16* q;
   const __nv_bfloat16* k_cache;
@@ -50,16 +54,19 @@ struct AttnDecodeArgs {
   const int32_t* seq_lens;  // [B], 1 <= seq_lens[b] <= max_len (0: the output row is zero)
   float* ws_o;
   float* ws_ml;
+  int32_t* tickets;
   __nv_bfloat16* out;       // [B, Hq, 64], token stride out_stride
   int64_t q_stride, out_stride;
-  int B, Hq, Hkv, max_len, window, chunk, num_splits;
+  int B, Hq, Hkv, max_len, window, chunk, num_splits, warps;
   float sm_scale;
+  float rescale_slack;      // set by the launcher (see attention.cu)
 };
 cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream);
 
-// The split count / chunk the host picks for a decode launch (depends on B, the heads, max_len,
-// the window and the SM count only).
-void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits);
+// The chunk, split count and warps a CTA the host picks for a decode launch (depends on B, the
+// heads, max_len, the window and the SM count only).
+void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits,
+                       int& warps);
 
 // Write T tokens' keys and values ([T, Hkv, 64], token strides k_stride / v_stride) into cache
 // rows slots[t] (flat b * max_len + pos, int64); a slot < 0 or >= rows is skipped.

@@ -120,15 +120,16 @@ std::vector<int64_t> attn_decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_
   const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, static_cast<int>(device));
   TORCH_CHECK(err == cudaSuccess, "gptoss_ext.", op, ": cannot query CUDA device ", device, ": ",
               cudaGetErrorString(err));
-  int chunk = 0, splits = 0;
+  int chunk = 0, splits = 0, warps = 0;
   attn_decode_split(static_cast<int>(B), static_cast<int>(Hq), static_cast<int>(Hkv), static_cast<int>(max_len),
-                    static_cast<int>(std::min<int64_t>(window, INT32_MAX)), sms, chunk, splits);
-  return {chunk, splits};
+                    static_cast<int>(std::min<int64_t>(window, INT32_MAX)), sms, chunk, splits, warps);
+  return {chunk, splits, warps};
 }
 
 void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const std::optional<at::Tensor>& sinks, const at::Tensor& seq_lens, int64_t window, double sm_scale,
-                 int64_t chunk, at::Tensor& ws_o, at::Tensor& ws_ml, at::Tensor& out) {
+                 int64_t chunk, int64_t warps, at::Tensor& ws_o, at::Tensor& ws_ml, at::Tensor& tickets,
+                 at::Tensor& out) {
   const char* op = "attn_decode";
   check_heads(op, "q", q, q);
   check_cache(op, k_cache, v_cache, q);
@@ -156,10 +157,20 @@ void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
               "gptoss_ext.", op, ": workspaces must be ws_o [B, Hq, splits, 64] and ws_ml [B, Hq, splits, 2] "
               "(see attn_decode_plan), got ", shape_str(ws_o), " and ", shape_str(ws_ml));
   const int64_t range = window > 0 ? std::min(window, max_len) : max_len;
-  TORCH_CHECK(chunk > 0 && chunk % 64 == 0 && chunk * S >= range, "gptoss_ext.", op,
-              ": chunk must be a positive multiple of 64 with chunk * splits >= ", range, " keys; got chunk ", chunk,
-              " and ", S, " splits");
-  TORCH_CHECK(S <= 65535 * 16, "gptoss_ext.", op, ": too many splits (", S, ")");
+  TORCH_CHECK(warps == 1 || warps == 4, "gptoss_ext.", op, ": warps (a CTA) must be 1 or 4, got ", warps);
+  const int64_t unit = warps == 4 ? 128 : 64;
+  TORCH_CHECK(chunk > 0 && chunk % unit == 0 && chunk * S >= range, "gptoss_ext.", op,
+              ": chunk must be a positive multiple of ", unit, " (with ", warps, " warps) with chunk * splits >= ",
+              range, " keys; got chunk ", chunk, " and ", S, " splits");
+  TORCH_CHECK(S <= 65535, "gptoss_ext.", op, ": too many splits (", S, ")");
+  const int64_t groups = B * Hkv * ((Hq / Hkv + 15) / 16);
+  check_cuda(op, "tickets", tickets);
+  check_same_device(op, "tickets", tickets, q);
+  check_dtype(op, "tickets", tickets, at::kInt);
+  check_dim(op, "tickets", tickets, 1);
+  check_contiguous(op, "tickets", tickets);
+  TORCH_CHECK(tickets.numel() >= groups, "gptoss_ext.", op, ": 'tickets' needs ", groups,
+              " zeroed int32 counters (B x KV heads x head chunks), got ", tickets.numel());
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   AttnDecodeArgs a{};
   a.q = bf(q);
@@ -169,6 +180,7 @@ void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   a.seq_lens = seq_lens.data_ptr<int32_t>();
   a.ws_o = ws_o.data_ptr<float>();
   a.ws_ml = ws_ml.data_ptr<float>();
+  a.tickets = tickets.data_ptr<int32_t>();
   a.out = bf_mut(out);
   a.q_stride = q.stride(0);
   a.out_stride = out.stride(0);
@@ -179,6 +191,7 @@ void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   a.window = static_cast<int>(std::min<int64_t>(window, INT32_MAX));
   a.chunk = static_cast<int>(chunk);
   a.num_splits = static_cast<int>(S);
+  a.warps = static_cast<int>(warps);
   a.sm_scale = static_cast<float>(sm_scale);
   GPTOSS_CHECK_LAUNCH(op, launch_attn_decode(a, c10::cuda::getCurrentCUDAStream()));
 }
