@@ -135,6 +135,10 @@ def bench_decode(l2: int) -> list[Row]:
         rows.append(Row("attention decode", case, "gptoss_ext (split-KV)", ms, p10, p90, bytes=nbytes, timing=mode,
                         flops=4 * B * keys * HQ * D, target=target,
                         extra={"chunk": chunk, "splits": splits, "warps": warps}))
+        ms, p10, p90, mode = time_cuda(lambda i: ops.attention_decode(q, caches[i][0], caches[i][1], sinks, lens,
+                                                                      sliding_window=window, kv_ready=True), n)
+        rows.append(Row("attention decode", case, "gptoss_ext, kv_ready (the model's call: loads before the wait)",
+                        ms, p10, p90, bytes=nbytes, timing=mode))
         if B == 1 and not window:   # other CTA shapes and split lengths (the plan's choice is the row above)
             tickets = torch.zeros(B * HKV, dtype=torch.int32, device="cuda")
             for w, c in sorted({(4, 256), (4, 512), (4, 1024), (4, 2048), (1, 256)} - {(warps, chunk)}):

@@ -51,10 +51,11 @@ TORCH_LIBRARY(gptoss_ext, m) {
   m.def("attn_decode_plan(int B, int Hq, int Hkv, int max_len, int window, int device) -> int[]",
         &gptoss::attn_decode_plan);
   // Decode: q [B, Hq, 64], one query per sequence at position seq_lens[b] - 1; split-KV, the splits
-  // merged in the same launch (tickets: zeroed int32 counters, left zero)
+  // merged in the same launch (tickets: zeroed int32 counters, left zero). kv_ready: seq_lens and
+  // all but the newest cache rows were written two or more kernels back (loads may start early)
   m.def("attn_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? sinks, Tensor seq_lens, int window, "
         "float sm_scale, int chunk, int warps, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) tickets, "
-        "Tensor(d!) out) -> ()");
+        "Tensor(d!) out, bool kv_ready=False) -> ()");
   // cache rows slots[t] (= b * max_len + pos) <- k[t], v[t]
   m.def("kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
   // a decode step's bookkeeping, one launch: seq_lens += active (int32); positions = seq_lens - 1;

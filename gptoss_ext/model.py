@@ -98,7 +98,8 @@ class Attention(nn.Module):
             qkv = ops.linear_rope_kv(t, self.qkv.weight, self.qkv.bias, step.positions, kc, vc, step.slots,
                                      self.n_heads, self.n_kv, weight_constant=True, **self.rope_kwargs)
             q = qkv[:, :self.n_heads * self.head_dim].view(T, self.n_heads, self.head_dim)
-            o = ops.attention_decode(q, kc, vc, sinks, step.seq_lens, sliding_window=self.window)
+            # kv_ready: the step's lengths and the older cache rows were written kernels ago
+            o = ops.attention_decode(q, kc, vc, sinks, step.seq_lens, sliding_window=self.window, kv_ready=True)
             return self.out(o.reshape(T, -1))
         qkv = self.qkv(t)                                                   # [T, 5120]
         q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv) * self.head_dim

@@ -344,11 +344,15 @@ def _decode_tickets(device: torch.device, B: int, Hq: int, Hkv: int) -> torch.Te
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor | None,
-                     seq_lens, *, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
+                     seq_lens, *, sliding_window: int = 0, sm_scale: float | None = None,
+                     kv_ready: bool = False) -> torch.Tensor:
     """Decode: q [B, Hq, 64], one query per sequence at position seq_lens[b] - 1, over cache rows
     0 .. seq_lens[b] - 1 of batch row b (window > 0: only the last `window`). seq_lens: an int32
     CUDA tensor [B] (read on the device: CUDA-graph safe) or host integers. Split-KV: the launch
-    shape depends only on B and the cache size. Returns [B, Hq, 64]."""
+    shape depends only on B and the cache size. kv_ready=True promises that seq_lens and every
+    cache row but the newest of each sequence were not written by the kernel launched just before
+    (as in the model's decode step), so their loads may start before that kernel ends.
+    Returns [B, Hq, 64]."""
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
     _check_attn_shapes("attention_decode", q, k_cache, v_cache)
@@ -371,7 +375,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
         torch.ops.gptoss_ext.attn_decode(q, k_cache, v_cache, _sinks32(sinks), seq_lens, int(sliding_window),
                                          _scale(sm_scale, D), chunk, warps, ws_o, ws_ml,
-                                         _decode_tickets(q.device, B, Hq, Hkv), out)
+                                         _decode_tickets(q.device, B, Hq, Hkv), out, bool(kv_ready))
         return out
     return ref.attention_decode(q, k_cache, v_cache, sinks, seq_lens.tolist(), sliding_window=sliding_window,
                                 sm_scale=sm_scale)
@@ -575,7 +579,8 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("gptoss_ext::attn_decode")
-    def _(q, k_cache, v_cache, sinks, seq_lens, window, sm_scale, chunk, warps, ws_o, ws_ml, tickets, out):
+    def _(q, k_cache, v_cache, sinks, seq_lens, window, sm_scale, chunk, warps, ws_o, ws_ml, tickets, out,
+          kv_ready=False):
         return None
 
     @torch.library.register_fake("gptoss_ext::linear_skinny")

@@ -48,6 +48,13 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+// atomicAdd with acquire-release ordering at GPU scope.
+__device__ __forceinline__ int atomic_add_acq_rel(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -290,7 +297,8 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
 // the CTA writes its partial (unnormalised output, max, sum) to the workspace and takes a ticket;
 // the last CTA of the group merges the splits and writes the output — one launch, no combine
 // kernel — and puts the ticket back to 0 for the next launch.
-constexpr int kDecOPitch = D + 4;  // floats a row of a warp's partial in shared memory (2-way banks)
+constexpr int kDecOPitch = D + 4;
+constexpr int kMergeBatch = 16;  // floats a row of a warp's partial in shared memory (2-way banks)
 
 template <int NW, int NS>
 __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeArgs a) {
@@ -300,9 +308,14 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int last_cta;
   __shared__ float sink_s[16];  // the group's sinks (log2 domain)
-  pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();  // at once: later (after the main loop) cost B=32 L=8192 151 -> 171 us, L=65536 42 -> 50 us
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // kv_ready: seq_lens and the cache rows before each sequence's newest were written two or more
+  // kernels back, so the warps whose part ends before the newest row start their loads before the
+  // launch wait (overlapping the previous kernel's tail); otherwise everything waits first.
+  if (!a.kv_ready) {
+    pdl_wait();     // see kernels/pdl.h
+    pdl_trigger();  // at once: later (after the main loop) cost B=32 L=8192 151 -> 171 us, L=65536 42 -> 50 us
+  }
   const int split = blockIdx.x, b = blockIdx.z;
   const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
   const int kvh = blockIdx.y / hchunks, hc = blockIdx.y % hchunks;
@@ -316,26 +329,37 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
   const int kbeg = cbeg + warp * part, kend = min(cend, kbeg + part);
   const int r0 = lane >> 2;
   const float sl2 = a.sm_scale * kLog2e;
-  if (tid < 16) sink_s[tid] = (a.sinks && tid < nrows) ? a.sinks[h0 + tid] * kLog2e : kNegInf;  // read at the end
 
   float o[1][8][4], m[1][2] = {{kNegInf, kNegInf}}, l[1][2] = {{0.f, 0.f}};
 #pragma unroll
   for (int d = 0; d < 8; ++d) o[0][d][0] = o[0][d][1] = o[0][d][2] = o[0][d][3] = 0.f;
   const uint32_t sK = smem_u32(smem) + warp * kWarpBytes, sV = sK + NS * kDecTileBytes;
-  if (kbeg < kend) {
-    const int64_t kv_row = (int64_t)a.Hkv * D;
-    const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
-    const bf16* kb = a.k_cache + kv_off;
-    const bf16* vb = a.v_cache + kv_off;
-    const int ntiles = (kend - kbeg + kDecBN - 1) / kDecBN;
+  const int64_t kv_row = (int64_t)a.Hkv * D;
+  const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
+  const bf16* kb = a.k_cache + kv_off;
+  const bf16* vb = a.v_cache + kv_off;
+  const int ntiles = kbeg < kend ? (kend - kbeg + kDecBN - 1) / kDecBN : 0;
+  // The ring's first NS tiles (one commit group each, empty past the end).
+  const auto prologue = [&] {
 #pragma unroll
-    for (int st = 0; st < NS - 1; ++st) {
+    for (int st = 0; st < NS; ++st) {
       if (st < ntiles) {
         load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + st * kDecBN, kend, lane);
         load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + st * kDecBN, kend, lane);
       }
       cp_async_commit();
     }
+  };
+  const bool early = a.kv_ready && kend < len;
+  if (early) prologue();
+  if (a.kv_ready) {
+    pdl_wait();
+    pdl_trigger();
+  }
+  if (!early) prologue();
+  if (tid < 16) sink_s[tid] = (a.sinks && tid < nrows) ? a.sinks[h0 + tid] * kLog2e : kNegInf;  // read at the end
+
+  if (ntiles > 0) {
     // Q fragments straight from global memory: rows are the group's heads (rows >= nrows are zero).
     uint32_t qf[1][4][4];
     {
@@ -349,14 +373,7 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
         }
     }
     for (int t = 0; t < ntiles; ++t) {
-      const int nt = t + NS - 1;
-      if (nt < ntiles) {
-        const int st = nt % NS;
-        load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + nt * kDecBN, kend, lane);
-        load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + nt * kDecBN, kend, lane);
-      }
-      cp_async_commit();
-      cp_async_wait<NS - 1>();
+      cp_async_wait<NS - 1>();  // NS + t groups committed: tile t has landed
       __syncwarp();
       const int st = t % NS;
       float s[1][kDecNB][4];
@@ -372,6 +389,12 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
       softmax_tile<1, kDecNB>(s, o, m, l, sl2, a.rescale_slack);
       pv_tile<1, kDecNB>(o, s, sV + st * kDecTileBytes, lane);
       __syncwarp();
+      const int nt = t + NS;  // into the slot just read
+      if (nt < ntiles) {
+        load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + nt * kDecBN, kend, lane);
+        load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + nt * kDecBN, kend, lane);
+      }
+      cp_async_commit();
     }
     cp_async_wait<0>();  // (only empty groups are left) before the ring is reused below
   }
@@ -438,7 +461,55 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
     return;
   }
 
-  // Several splits: the CTA's partial to the workspace, then its ticket.
+  // The merge of the S partials of each (row, 4 dims) of the group, 16 splits' loads at a time (one
+  // L2 round trip for the 4-warp plans);
+  // ld(s, r, c) gives split s's (max, sum) of row r and its dims c .. c + 3.
+  const auto merge_splits = [&](auto&& ld) {
+    for (int slot = tid; slot < nrows * (D / 4); slot += NT) {
+      const int r = slot / (D / 4), c = (slot % (D / 4)) * 4;
+      float Mx = kNegInf, Ls = 0.f, x[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int s0 = 0; s0 < S; s0 += kMergeBatch) {
+        float2 mv[kMergeBatch];
+        float4 ov[kMergeBatch];
+#pragma unroll
+        for (int j = 0; j < kMergeBatch; ++j) {
+          if (s0 + j < S) {
+            ld(s0 + j, r, c, mv[j], ov[j]);
+          } else {
+            mv[j] = make_float2(kNegInf, 0.f);
+            ov[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+          }
+        }
+        float bm = Mx;
+#pragma unroll
+        for (int j = 0; j < kMergeBatch; ++j)
+          if (mv[j].y > 0.f) bm = fmaxf(bm, mv[j].x);
+        const float sc = Mx == kNegInf ? 0.f : ex2(Mx - bm);  // nothing yet: the sums are 0
+        Ls *= sc;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] *= sc;
+#pragma unroll
+        for (int j = 0; j < kMergeBatch; ++j) {
+          const float e = mv[j].y > 0.f ? ex2(mv[j].x - bm) : 0.f;
+          Ls += e * mv[j].y;
+          x[0] += e * ov[j].x;
+          x[1] += e * ov[j].y;
+          x[2] += e * ov[j].z;
+          x[3] += e * ov[j].w;
+        }
+        Mx = bm;
+      }
+      const float mu = Mx == kNegInf ? 0.f : Mx;
+      if (a.sinks) Ls += ex2(sink_s[r] - mu);
+      const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
+      bf16* orow = a.out + (int64_t)b * a.out_stride + (int64_t)(h0 + r) * D + c;
+      *reinterpret_cast<uint2*>(orow) =
+          make_uint2(pack_bf16(x[0] * inv, x[1] * inv), pack_bf16(x[2] * inv, x[3] * inv));
+    }
+  };
+
+  // Several CTAs: the CTA's partial to the workspace, then its ticket; the group's last CTA merges
+  // (L2 reads: other SMs wrote the partials) and puts the ticket back to 0.
   if (row < nrows) {
     const int64_t w = ((int64_t)b * a.Hq + h0 + row) * S + split;
     float* wo = a.ws_o + w * D + d0;
@@ -447,59 +518,18 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
       *reinterpret_cast<float4*>(wo + i) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
     if (d0 == 0) *reinterpret_cast<float2*>(a.ws_ml + w * 2) = make_float2(M, Lsum);
   }
-  __threadfence();
+  // The CTA barrier orders the threads' partials before thread 0's ticket, whose release (gpu scope,
+  // cumulative) publishes them; the last CTA's acquire, then its barrier, makes every CTA's visible.
   __syncthreads();
   int* ticket = a.tickets + (int64_t)b * gridDim.y + blockIdx.y;
-  if (tid == 0) last_cta = atomicAdd(ticket, 1) == S - 1;
+  if (tid == 0) last_cta = atomic_add_acq_rel(ticket, 1) == S - 1;
   __syncthreads();
   if (!last_cta) return;
-  __threadfence();
-  // The group's last CTA: merge the S partials of each (row, 4 dims), 8 splits' loads at a time
-  // (L2 reads: other SMs wrote them).
-  for (int slot = tid; slot < nrows * (D / 4); slot += NT) {
-    const int r = slot / (D / 4), c = (slot % (D / 4)) * 4;
-    const int64_t w0 = ((int64_t)b * a.Hq + h0 + r) * S;
-    const float* ml = a.ws_ml + w0 * 2;
-    const float* wo = a.ws_o + w0 * D + c;
-    float Mx = kNegInf, Ls = 0.f, x[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int s0 = 0; s0 < S; s0 += 8) {
-      float2 mv[8];
-      float4 ov[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (s0 + j < S) {
-          mv[j] = __ldcg(reinterpret_cast<const float2*>(ml + 2 * (s0 + j)));
-          ov[j] = __ldcg(reinterpret_cast<const float4*>(wo + (int64_t)(s0 + j) * D));
-        } else {
-          mv[j] = make_float2(kNegInf, 0.f);
-          ov[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-      }
-      float bm = Mx;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (mv[j].y > 0.f) bm = fmaxf(bm, mv[j].x);
-      const float sc = Mx == kNegInf ? 0.f : ex2(Mx - bm);  // nothing yet: the sums are 0
-      Ls *= sc;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) x[i] *= sc;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float e = mv[j].y > 0.f ? ex2(mv[j].x - bm) : 0.f;
-        Ls += e * mv[j].y;
-        x[0] += e * ov[j].x;
-        x[1] += e * ov[j].y;
-        x[2] += e * ov[j].z;
-        x[3] += e * ov[j].w;
-      }
-      Mx = bm;
-    }
-    const float mu = Mx == kNegInf ? 0.f : Mx;
-    if (a.sinks) Ls += ex2(sink_s[r] - mu);
-    const float inv = Ls > 0.f ? 1.f / Ls : 0.f;
-    bf16* orow = a.out + (int64_t)b * a.out_stride + (int64_t)(h0 + r) * D + c;
-    *reinterpret_cast<uint2*>(orow) = make_uint2(pack_bf16(x[0] * inv, x[1] * inv), pack_bf16(x[2] * inv, x[3] * inv));
-  }
+  merge_splits([&](int s, int r, int col, float2& mv, float4& ov) {
+    const int64_t w = ((int64_t)b * a.Hq + h0 + r) * S + s;
+    mv = __ldcg(reinterpret_cast<const float2*>(a.ws_ml + w * 2));
+    ov = __ldcg(reinterpret_cast<const float4*>(a.ws_o + w * D + col));
+  });
   if (tid == 0) *ticket = 0;  // clean for the next launch
 }
 

@@ -60,6 +60,10 @@ struct AttnDecodeArgs {
   int B, Hq, Hkv, max_len, window, chunk, num_splits, warps;
   float sm_scale;
   float rescale_slack;      // set by the launcher (see attention.cu)
+  // seq_lens and every cache row but each sequence's newest were written two or more kernels back
+  // in the stream (the model's decode step: the qkv kernel just before writes only q and the
+  // newest rows): loads of the older rows may start before the programmatic-launch wait.
+  bool kv_ready;
 };
 cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream);
 

@@ -47,6 +47,20 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Thread-block clusters (sm_90): a barrier of the cluster's threads with release/acquire ordering
+// of their shared-memory writes, and the address of a peer CTA's copy of a shared variable
+// (distributed shared memory). No-ops below sm_90 (the host launches clusters only there).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(addr) : "r"(addr), "r"(rank));
+#endif
+  return addr;
+}
 // Byte offset of 16-byte chunk c of row r in a tile of 128-byte rows, XOR-swizzled so the 8 rows an
 // ldmatrix reads for one chunk column fall in 8 different bank groups.
 __device__ __forceinline__ uint32_t swz128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }

@@ -13,6 +13,7 @@
 #include <cstdlib>
 
 #include "kernels/common.cuh"
+#include "kernels/mma.cuh"
 #include "kernels/moe.h"
 #include "kernels/rmsnorm.cuh"
 
@@ -272,9 +273,7 @@ __global__ void __launch_bounds__(WARPS * 32) gate_router_kernel(
       if constexpr (CLUSTER) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         if (lane == 0) {
-          uint32_t dst;
-          asm volatile("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(dst)
-                       : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(slog + t * E + e))));
+          const uint32_t dst = cluster_map(static_cast<uint32_t>(__cvta_generic_to_shared(slog + t * E + e)), 0);
           asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(dst), "f"(logit) : "memory");
         }
 #endif
@@ -284,9 +283,7 @@ __global__ void __launch_bounds__(WARPS * 32) gate_router_kernel(
     }
   }
   if constexpr (CLUSTER) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
+    cluster_sync();
     if (blockIdx.x != 0) return;
     router_body<false, true, 1>(slog, T, E, k, ids, weights, counts, offsets, perm, nullptr, 0, 1);
     return;

@@ -129,7 +129,7 @@ std::vector<int64_t> attn_decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_
 void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const std::optional<at::Tensor>& sinks, const at::Tensor& seq_lens, int64_t window, double sm_scale,
                  int64_t chunk, int64_t warps, at::Tensor& ws_o, at::Tensor& ws_ml, at::Tensor& tickets,
-                 at::Tensor& out) {
+                 at::Tensor& out, bool kv_ready) {
   const char* op = "attn_decode";
   check_heads(op, "q", q, q);
   check_cache(op, k_cache, v_cache, q);
@@ -192,6 +192,7 @@ void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   a.chunk = static_cast<int>(chunk);
   a.num_splits = static_cast<int>(S);
   a.warps = static_cast<int>(warps);
+  a.kv_ready = kv_ready;
   a.sm_scale = static_cast<float>(sm_scale);
   GPTOSS_CHECK_LAUNCH(op, launch_attn_decode(a, c10::cuda::getCurrentCUDAStream()));
 }
