@@ -106,7 +106,14 @@ def bench_prefill() -> list[Row]:
                 del os.environ["GPTOSS_ATTN_BLOCK_M"]
             rows.append(Row("attention prefill", case, f"gptoss_ext, {other}-row blocks", ms, p10, p90, flops=flops,
                             timing=mode))
-            if window == 0:
+            if window == 0:   # and 64-key tiles with Q in registers (GPTOSS_ATTN_PREFILL_TILE=64)
+                os.environ["GPTOSS_ATTN_PREFILL_TILE"] = "64"
+                try:
+                    ms, p10, p90, mode = time_cuda(ours)
+                finally:
+                    del os.environ["GPTOSS_ATTN_PREFILL_TILE"]
+                rows.append(Row("attention prefill", case, "gptoss_ext, 64-key tiles", ms, p10, p90, flops=flops,
+                                timing=mode))
                 rows += _sdpa_rows(T, q, k, v, flops, case)
             else:
                 rows += _flex_rows(T, q, k, v, sinks, flops, case)

@@ -95,7 +95,12 @@ def test_window_is_not_ignored():
     sinks = torch.zeros(Hq, device=DEV)
     win = ops.attention(q, k, v, sinks, sliding_window=128)
     full = ops.attention(q, k, v, sinks, sliding_window=0)
-    assert torch.equal(win[:128], full[:128])                  # the first 128 queries see the same keys
+    # The first 128 queries see the same keys; the two launches tile them differently (64- and
+    # 128-key tiles), so both must meet the full reference there.
+    want_full = ref.attention(q[:128].float(), k[:128].float(), v[:128].float(), sinks)
+    yard = bf16_attention(q[:128], k[:128], v[:128], sinks, 0, 0)
+    check_close(win[:128], want_full, yard)
+    check_close(full[:128], want_full, yard)
     assert (win[300:].float() - full[300:].float()).abs().mean() > 0.02
     want = ref.attention(q.float(), k.float(), v.float(), sinks, sliding_window=128)
     assert (win[300:].float() - want[300:]).abs().max() < (full[300:].float() - want[300:]).abs().max() / 5

@@ -62,14 +62,21 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 
 // Copy rows [key0, key0 + 8 * NB) of one KV head into a tile; rows >= key_end are zero-filled.
+// Thread tid copies 16-byte chunk tid % 8 of rows tid / 8 + k * NT / 8: one source pointer and
+// (for NT >= 64, where the swizzle's row bits stay put) one destination offset per thread.
 template <int NT, int NB = 8>
 __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_t row_stride, int key0, int key_end,
                                           int tid) {
+  constexpr int kRowsPerPass = NT / 8;
+  const int c = tid & 7, r0 = tid >> 3;
+  const bf16* src = base + (int64_t)(key0 + r0) * row_stride + c * 8;
+  const int64_t step = (int64_t)kRowsPerPass * row_stride;
 #pragma unroll
-  for (int i = tid; i < NB * 8 * 8; i += NT) {
-    const int r = i >> 3, c = i & 7;
+  for (int k = 0; k < NB * 8 / kRowsPerPass; ++k) {
+    const int r = r0 + k * kRowsPerPass;
     const bool valid = key0 + r < key_end;
-    cp_async16(dst + swz128(r, c), valid ? base + (int64_t)(key0 + r) * row_stride + c * 8 : base, valid);
+    const uint32_t d = kRowsPerPass % 8 == 0 ? dst + swz128(r0, c) + k * kRowsPerPass * 128 : dst + swz128(r, c);
+    cp_async16(d, valid ? src + k * step : base, valid);
   }
 }
 
@@ -95,12 +102,47 @@ __device__ __forceinline__ void qk_tile(float (&s)[MT][NB][4], const uint32_t (&
   }
 }
 
+// qk_tile with the Q fragments read from shared memory (rows wrow .. of sQ) at each k-step.
+template <int MT, int NB>
+__device__ __forceinline__ void qk_tile_sq(float (&s)[MT][NB][4], uint32_t sQ, int wrow, uint32_t sK, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < NB; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t qf[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldsm_x4(qf[mt], sQ + swz128(wrow + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+#pragma unroll
+    for (int nb = 0; nb < NB / 2; ++nb) {
+      uint32_t b[4];
+      ldsm_x4(b, sK + swz128(nb * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_bf16(s[mt][2 * nb], qf[mt], b[0], b[1]);
+        mma_bf16(s[mt][2 * nb + 1], qf[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // Online softmax on a raw S tile (masked entries -inf); sl2 = sm_scale * log2(e), the running
 // max m is kept in the scaled log2 domain. S becomes P, O is rescaled, l accumulates per thread.
 // Lazy rescaling: a row's m moves (and its O, l are rescaled) only when the tile's max is more than
 // kRescaleSlack above it; a warp skips the whole step when no row moves, which is most tiles. P
 // then stays <= 2^kRescaleSlack, and O, l and the sink are all relative to the same m (exact).
-constexpr float kRescaleSlack = 8.f;  // GPTOSS_ATTN_RESCALE_SLACK overrides (0: move whenever the max grows)
+constexpr float kRescaleSlack = 8.f;
+
+// t[0] = op over t[0 .. 2W), pairwise (depth log2(2W)).
+template <int W, int N, typename Op>
+__device__ __forceinline__ void tree_reduce(float (&t)[N], Op op) {
+  if constexpr (W >= 1) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) t[j] = op(t[j], t[j + W]);
+    tree_reduce<W / 2>(t, op);
+  }
+}  // GPTOSS_ATTN_RESCALE_SLACK overrides (0: move whenever the max grows)
 
 template <int MT, int NB = 8>
 __device__ __forceinline__ void softmax_tile(float (&s)[MT][NB][4], float (&o)[MT][8][4], float (&m)[MT][2],
@@ -111,9 +153,12 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NB][4], float (&o)[M
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      float v = kNegInf;
+      // A tree, not a chain: the serial FMNMX chain's fixed latency was the top stall (ncu).
+      float t[NB];
 #pragma unroll
-      for (int j = 0; j < NB; ++j) v = fmaxf(v, fmaxf(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]));
+      for (int j = 0; j < NB; ++j) t[j] = fmaxf(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]);
+      tree_reduce<NB / 2>(t, [](float x, float y) { return fmaxf(x, y); });
+      float v = t[0];
       v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
       v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
       mx[mt][hr] = v * sl2;
@@ -142,15 +187,16 @@ __device__ __forceinline__ void softmax_tile(float (&s)[MT][NB][4], float (&o)[M
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const float mu = m[mt][hr] == kNegInf ? 0.f : m[mt][hr];
-      float rs = 0.f;
+      float t[NB];
 #pragma unroll
       for (int j = 0; j < NB; ++j) {
         const float p0 = ex2(fmaf(s[mt][j][2 * hr], sl2, -mu)), p1 = ex2(fmaf(s[mt][j][2 * hr + 1], sl2, -mu));
         s[mt][j][2 * hr] = p0;
         s[mt][j][2 * hr + 1] = p1;
-        rs += p0 + p1;
+        t[j] = p0 + p1;
       }
-      l[mt][hr] += rs;
+      tree_reduce<NB / 2>(t, [](float x, float y) { return x + y; });
+      l[mt][hr] += t[0];
     }
 }
 
@@ -182,12 +228,15 @@ __device__ __forceinline__ void pv_tile(float (&o)[MT][8][4], const float (&p)[M
 
 // ---- prefill ------------------------------------------------------------------------------------
 
-template <int MT>
+// TB keys a tile (64 or 128: a 128-key tile halves the per-tile barriers, row reductions and loop
+// overhead, as FlashAttention-2 does for head_dim 64). QS: Q fragments re-read from shared memory
+// every k-step instead of held in registers (32 registers fewer, which a 128-key S tile needs).
+template <int MT, int TB, bool QS>
 __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs a) {
   pdl_wait();     // see kernels/pdl.h
-  constexpr int BM = 64 * MT, NT = 128;
+  constexpr int BM = 64 * MT, NT = 128, NB = TB / 8, kTB = TB * D * 2;
   extern __shared__ __align__(128) uint8_t smem[];
-  const uint32_t sQ = smem_u32(smem), sK = sQ + BM * 128, sV = sK + 2 * kTileBytes;
+  const uint32_t sQ = smem_u32(smem), sK = sQ + BM * 128, sV = sK + 2 * kTB;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.z, h = blockIdx.y;
   const int mb = gridDim.x - 1 - blockIdx.x;  // the longest key ranges first
@@ -200,7 +249,7 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
   const int pos0 = a.start[b] + row0, pos_last = pos0 + rows - 1;
   const int key_lo = a.window > 0 ? max(0, pos0 - a.window + 1) : 0;
   const int key_end = min(pos_last + 1, a.max_len);
-  const int t_lo = key_lo / BN, t_hi = (key_end + BN - 1) / BN;
+  const int t_lo = key_lo / TB, t_hi = (key_end + TB - 1) / TB;
   const int kvh = h / (a.Hq / a.Hkv);
   const int64_t kv_row = (int64_t)a.Hkv * D;
   const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
@@ -213,12 +262,12 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
     const bool valid = r < rows;
     cp_async16(sQ + swz128(r, c), valid ? qb + (int64_t)r * a.q_stride + c * 8 : qb, valid);
   }
-  load_tile<NT>(sK, kb, kv_row, t_lo * BN, key_end, tid);
-  load_tile<NT>(sV, vb, kv_row, t_lo * BN, key_end, tid);
+  load_tile<NT, NB>(sK, kb, kv_row, t_lo * TB, key_end, tid);
+  load_tile<NT, NB>(sV, vb, kv_row, t_lo * TB, key_end, tid);
   cp_async_commit();
 
   const float sl2 = a.sm_scale * kLog2e;
-  uint32_t qf[MT][4][4];
+  uint32_t qf[QS ? 1 : MT][4][4];
   float o[MT][8][4], m[MT][2], l[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -232,27 +281,31 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
   for (int t = t_lo; t < t_hi; ++t) {
     const int buf = (t - t_lo) & 1;
     if (t + 1 < t_hi) {
-      load_tile<NT>(sK + (buf ^ 1) * kTileBytes, kb, kv_row, (t + 1) * BN, key_end, tid);
-      load_tile<NT>(sV + (buf ^ 1) * kTileBytes, vb, kv_row, (t + 1) * BN, key_end, tid);
+      load_tile<NT, NB>(sK + (buf ^ 1) * kTB, kb, kv_row, (t + 1) * TB, key_end, tid);
+      load_tile<NT, NB>(sV + (buf ^ 1) * kTB, vb, kv_row, (t + 1) * TB, key_end, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    if (t == t_lo) {
+    float s[MT][NB][4];
+    if constexpr (QS) {
+      qk_tile_sq<MT, NB>(s, sQ, wrow, sK + buf * kTB, lane);
+    } else {
+      if (t == t_lo) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-          ldsm_x4(qf[mt][ks], sQ + swz128(wrow + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+          for (int ks = 0; ks < 4; ++ks)
+            ldsm_x4(qf[mt][ks], sQ + swz128(wrow + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+      }
+      qk_tile<MT, NB>(s, qf, sK + buf * kTB, lane);
     }
-    float s[MT][8][4];
-    qk_tile<MT>(s, qf, sK + buf * kTileBytes, lane);
-    const int k0 = t * BN;
-    if ((k0 + BN - 1 > pos0) || (a.window > 0 && k0 <= pos_last - a.window)) {  // the tile cuts the band
+    const int k0 = t * TB;
+    if ((k0 + TB - 1 > pos0) || (a.window > 0 && k0 <= pos_last - a.window)) {  // the tile cuts the band
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < NB; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int pos = pos0 + wrow + mt * 16 + (lane >> 2) + ((e >> 1) << 3);
@@ -260,8 +313,8 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
             if (key > pos || (a.window > 0 && pos - key >= a.window)) s[mt][j][e] = kNegInf;
           }
     }
-    softmax_tile<MT>(s, o, m, l, sl2, a.rescale_slack);
-    pv_tile<MT>(o, s, sV + buf * kTileBytes, lane);
+    softmax_tile<MT, NB>(s, o, m, l, sl2, a.rescale_slack);
+    pv_tile<MT, NB>(o, s, sV + buf * kTB, lane);
     __syncthreads();
   }
   pdl_trigger();  // multi-wave: the next kernel launches once every CTA is past its main loop
@@ -564,12 +617,17 @@ __global__ void decode_prep_kernel(int32_t* __restrict__ seq_lens, const int32_t
   slots[b] = a > 0 ? row0[b] + p : -1;
 }
 
-template <int MT>
+template <int MT, int TB, bool QS>
 cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
   constexpr int BM = 64 * MT;
-  const size_t smem = BM * 128 + 4 * kTileBytes;
+  auto kernel = attn_prefill_kernel<MT, TB, QS>;
+  const size_t smem = BM * 128 + 4 * TB * D * 2;
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
   const dim3 grid(ceil_div(a.max_q_len, BM), a.Hq, a.B);
-  return launch_kernel(attn_prefill_kernel<MT>, grid, dim3(128), smem, stream, a);
+  return launch_kernel(kernel, grid, dim3(128), smem, stream, a);
 }
 
 float rescale_slack() {
@@ -597,7 +655,10 @@ cudaError_t launch_attn_prefill(const AttnPrefillArgs& args, cudaStream_t stream
   if (args.B <= 0 || args.max_q_len <= 0) return cudaSuccess;
   AttnPrefillArgs a = args;
   a.rescale_slack = rescale_slack();
-  return prefill_block_rows(a.window) == 64 ? launch_prefill_mt<1>(a, stream) : launch_prefill_mt<2>(a, stream);
+  if (prefill_block_rows(a.window) == 64) return launch_prefill_mt<1, 64, false>(a, stream);
+  const char* e = std::getenv("GPTOSS_ATTN_PREFILL_TILE");  // A/B: 64 = 64-key tiles, Q in registers
+  if (e && std::atoi(e) == 64) return launch_prefill_mt<2, 64, false>(a, stream);
+  return launch_prefill_mt<2, 128, true>(a, stream);
 }
 
 void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits,
