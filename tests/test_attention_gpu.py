@@ -212,7 +212,8 @@ def test_decode_batch_mixed_lengths(Hq, Hkv):
             check_close(got[b:b + 1], want, bf16_attention(q[b:b + 1], k, v, sinks, n - 1, window))
 
 
-@pytest.mark.parametrize("warps,chunk", [(1, 64), (1, 1024), (4, 128), (4, 512), (4, 2048), (4, 8192)])
+@pytest.mark.parametrize("warps,chunk", [(1, 64), (1, 1024), (4, 128), (4, 512), (4, 2048), (4, 8192),
+                                         (8, 256), (8, 512), (8, 4096)])
 def test_decode_split_layouts(warps, chunk):
     """Every CTA shape and split length the op accepts gives the reference (the plan picks one of
     them by batch size); the merge tickets are left at zero, so a second launch agrees bit for bit."""
@@ -245,7 +246,7 @@ def test_decode_split_layouts(warps, chunk):
 
 
 def test_decode_plan_shapes():
-    """Small batches get 4-warp CTAs (about one an SM), large ones one-warp CTAs; a 128 window is
+    """Small batches get 8-warp CTAs (about one an SM), large ones one-warp CTAs; a 128 window is
     one split; chunk x splits always covers the range."""
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     for B, L, window in ((1, 8192, 0), (1, 65536, 0), (1, 2048, 0), (1, 8192, 128), (32, 8192, 0), (32, 8192, 128),
@@ -253,8 +254,8 @@ def test_decode_plan_shapes():
         chunk, splits, warps = ops._decode_plan(B, 64, 8, L, window, torch.cuda.current_device())
         rng = min(L, window) if window else L
         assert chunk * splits >= rng and chunk * (splits - 1) < rng
-        assert warps == (4 if B * 8 * 2 <= sms else 1)
-        assert chunk % (128 if warps == 4 else 64) == 0
+        assert warps == (8 if B * 8 * 2 <= sms else 1)
+        assert chunk % (32 * max(2, warps)) == 0
         if window == 128:
             assert splits == 1
 
@@ -424,7 +425,7 @@ def test_argument_errors():
         dec(q[:2], kc, vc, None, ones, 0, 0.125, 32, 1, ws, ml, tickets, torch.empty_like(q[:2]))
     with pytest.raises(RuntimeError, match="chunk must be a positive multiple of 128 .with 4 warps"):
         dec(q[:2], kc, vc, None, ones, 0, 0.125, 64, 4, ws, ml, tickets, torch.empty_like(q[:2]))
-    with pytest.raises(RuntimeError, match="warps .a CTA. must be 1 or 4, got 2"):
+    with pytest.raises(RuntimeError, match="warps .a CTA. must be 1, 4 or 8, got 2"):
         dec(q[:2], kc, vc, None, ones, 0, 0.125, 128, 2, ws, ml, tickets, torch.empty_like(q[:2]))
     with pytest.raises(RuntimeError, match="'tickets' needs 4 zeroed int32 counters"):
         dec(q[:2], kc, vc, None, ones, 0, 0.125, 128, 4, ws, ml, tickets[:3], torch.empty_like(q[:2]))

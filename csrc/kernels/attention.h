@@ -40,7 +40,7 @@ cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream);
 // Decode: one query per sequence (q [B, Hq, 64], token stride q_stride) at position
 // seq_lens[b] - 1, over cache rows max(0, seq_lens[b] - window) .. seq_lens[b] - 1 (window 0:
 // from 0). Split-KV in one launch: the key range is cut into chunks of `chunk` keys; CTA (s, group,
-// b) takes chunk s with `warps` warps (1 or 4; chunk a multiple of 64, of 128 with 4 warps). With
+// b) takes chunk s with `warps` warps (1, 4 or 8; chunk a multiple of 32 * max(2, warps)). With
 // several splits each CTA leaves its partial in the workspace and the last CTA of a group (ticket
 // counter, left at 0 again) merges them and adds the sink. The grid depends only on B and
 // num_splits (not on the lengths), so it replays in CUDA graphs.

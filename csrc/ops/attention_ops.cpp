@@ -157,8 +157,9 @@ void attn_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
               "gptoss_ext.", op, ": workspaces must be ws_o [B, Hq, splits, 64] and ws_ml [B, Hq, splits, 2] "
               "(see attn_decode_plan), got ", shape_str(ws_o), " and ", shape_str(ws_ml));
   const int64_t range = window > 0 ? std::min(window, max_len) : max_len;
-  TORCH_CHECK(warps == 1 || warps == 4, "gptoss_ext.", op, ": warps (a CTA) must be 1 or 4, got ", warps);
-  const int64_t unit = warps == 4 ? 128 : 64;
+  TORCH_CHECK(warps == 1 || warps == 4 || warps == 8, "gptoss_ext.", op, ": warps (a CTA) must be 1, 4 or 8, got ",
+              warps);
+  const int64_t unit = 32 * std::max<int64_t>(2, warps);
   TORCH_CHECK(chunk > 0 && chunk % unit == 0 && chunk * S >= range, "gptoss_ext.", op,
               ": chunk must be a positive multiple of ", unit, " (with ", warps, " warps) with chunk * splits >= ",
               range, " keys; got chunk ", chunk, " and ", S, " splits");
