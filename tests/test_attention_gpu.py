@@ -254,7 +254,7 @@ def test_decode_plan_shapes():
         chunk, splits, warps = ops._decode_plan(B, 64, 8, L, window, torch.cuda.current_device())
         rng = min(L, window) if window else L
         assert chunk * splits >= rng and chunk * (splits - 1) < rng
-        assert warps == (8 if B * 8 * 2 <= sms else 1)
+        assert warps == ((4 if rng <= 128 else 8) if B * 8 * 2 <= sms else 1)
         assert chunk % (32 * max(2, warps)) == 0
         if window == 128:
             assert splits == 1
