@@ -81,31 +81,10 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_
   }
 }
 
-// S[mt] (16 rows x 8*NB keys) = Q[mt] K^T for one warp's MT row tiles.
-template <int MT, int NB = 8>
-__device__ __forceinline__ void qk_tile(float (&s)[MT][NB][4], const uint32_t (&qf)[MT][4][4], uint32_t sK, int lane) {
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int j = 0; j < NB; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
-#pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
-#pragma unroll
-    for (int nb = 0; nb < NB / 2; ++nb) {
-      uint32_t b[4];
-      ldsm_x4(b, sK + swz128(nb * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_bf16(s[mt][2 * nb], qf[mt][ks], b[0], b[1]);
-        mma_bf16(s[mt][2 * nb + 1], qf[mt][ks], b[2], b[3]);
-      }
-    }
-  }
-}
-
-// qk_tile with the Q fragments read from shared memory (rows wrow .. of sQ) at each k-step.
-template <int MT, int NB>
-__device__ __forceinline__ void qk_tile_sq(float (&s)[MT][NB][4], uint32_t sQ, int wrow, uint32_t sK, int lane) {
+// S[mt] (16 rows x 8*NB keys) = Q[mt] K^T for one warp's MT row tiles; q_step(ks, qf) gives the Q
+// fragments of k-step ks (16 of the 64 dims) for every mt.
+template <int MT, int NB, typename QStep>
+__device__ __forceinline__ void qk_tile_q(float (&s)[MT][NB][4], uint32_t sK, int lane, QStep&& q_step) {
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -113,8 +92,7 @@ __device__ __forceinline__ void qk_tile_sq(float (&s)[MT][NB][4], uint32_t sQ, i
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
     uint32_t qf[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) ldsm_x4(qf[mt], sQ + swz128(wrow + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+    q_step(ks, qf);
 #pragma unroll
     for (int nb = 0; nb < NB / 2; ++nb) {
       uint32_t b[4];
@@ -126,6 +104,26 @@ __device__ __forceinline__ void qk_tile_sq(float (&s)[MT][NB][4], uint32_t sQ, i
       }
     }
   }
+}
+
+// Q fragments held in registers (qf[mt][ks]).
+template <int MT, int NB = 8>
+__device__ __forceinline__ void qk_tile(float (&s)[MT][NB][4], const uint32_t (&qf)[MT][4][4], uint32_t sK, int lane) {
+  qk_tile_q<MT, NB>(s, sK, lane, [&](int ks, uint32_t (&f)[MT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) f[mt][i] = qf[mt][ks][i];
+  });
+}
+
+// Q fragments re-read from shared memory (rows wrow .. of sQ) at each k-step.
+template <int MT, int NB>
+__device__ __forceinline__ void qk_tile_sq(float (&s)[MT][NB][4], uint32_t sQ, int wrow, uint32_t sK, int lane) {
+  qk_tile_q<MT, NB>(s, sK, lane, [&](int ks, uint32_t (&f)[MT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldsm_x4(f[mt], sQ + swz128(wrow + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+  });
 }
 
 // Online softmax on a raw S tile (masked entries -inf); sl2 = sm_scale * log2(e), the running
