@@ -33,8 +33,7 @@ namespace gptoss {
 namespace {
 
 constexpr int D = kAttnHeadDim;  // 64 = 8 chunks of 16 bytes a row
-constexpr int BN = 64;           // keys a tile
-constexpr int kTileBytes = BN * D * 2;
+constexpr int BN = 64;           // the one-warp decode plan's chunk unit (keys)
 constexpr int kDecStages = 4;
 constexpr int kDecNB = 4;                      // decode tiles: 32 keys
 constexpr int kDecBN = 8 * kDecNB;
@@ -349,8 +348,8 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
 // the CTA writes its partial (unnormalised output, max, sum) to the workspace and takes a ticket;
 // the last CTA of the group merges the splits and writes the output — one launch, no combine
 // kernel — and puts the ticket back to 0 for the next launch.
-constexpr int kDecOPitch = D + 4;
-constexpr int kMergeBatch = 16;  // floats a row of a warp's partial in shared memory (2-way banks)
+constexpr int kDecOPitch = D + 4;  // floats a row of a warp's partial in shared memory (2-way banks)
+constexpr int kMergeBatch = 16;    // splits whose partials the last CTA loads at once
 
 template <int NW, int NS>
 __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeArgs a) {
