@@ -261,6 +261,74 @@ def test_prefill_kernels_agree(mlp):
     assert rel(outs[0], outs[1]) < 1e-2
 
 
+def _sm90_wgmma():
+    from gptoss_ext import _extension
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+            and "moe_mxfp4_wgmma" in (_extension.build_info() or {}).get("kernels", []))
+
+
+@pytest.mark.skipif(not _sm90_wgmma(), reason="the wgmma prefill kernel needs an sm_90 GPU and a build with sm_90a")
+@pytest.mark.parametrize("bn", ["64", "128", "256"])
+@pytest.mark.parametrize("mlp", [1, 2])
+def test_wgmma_prefill_matches_reference_and_mma(mlp, bn, monkeypatch):
+    """The Hopper prefill kernel at each token tile, every routed pair against the fp32 reference and
+    against the mma.sync prefill kernel (GPTOSS_MOE_PREFILL=mma). An uneven routing: experts with
+    one token, with none, and with more than one tile."""
+    w = get_experts(32)
+    T, k = 700, 4
+    x = (torch.randn(T, H, device=DEV) * 2).bfloat16()
+    logits = torch.nn.functional.linear(x, w["gw"], w["gb"]).float()
+    logits[:, 6] -= 100                                     # expert 6: no tokens
+    logits[:, 7] -= 100
+    logits[0, 7] += 200                                     # expert 7: one token
+    logits[: T // 2, 9] += 50                               # expert 9: 350 tokens
+    wts, ids, counts, offsets, perm = ops.route(logits, k)
+    assert counts[6] == 0 and counts[7] == 1 and counts[9] >= 350
+    P = T * k
+    if mlp == 1:
+        inp = x
+        want = torch.empty(P, I, device=DEV)
+    else:
+        inp = (torch.randn(P, I, device=DEV) * 3).bfloat16()
+        want = torch.empty(P, H, device=DEV)
+    kw, bias = (w["k1"], w["bias1"]) if mlp == 1 else (w["k2"], w["bias2"])
+    b, s = (w["b1"], w["s1"]) if mlp == 1 else (w["b2"], w["s2"])
+    for e in range(32):
+        rows = perm[offsets[e]:offsets[e + 1]].long()
+        if rows.numel() == 0:
+            continue
+        Wd = ref.mxfp4_dequantize(b[e], s[e])
+        if mlp == 1:
+            want[rows] = ref.swiglu(x[rows // k].float() @ Wd.T + bias[e].float())
+        else:
+            want[rows] = (inp[rows].float() @ Wd.T + bias[e].float()) * wts.view(-1)[rows, None]
+
+    def run(env):
+        for key in ("GPTOSS_MOE_PREFILL", "GPTOSS_MOE_WGMMA_BN"):
+            monkeypatch.delenv(key, raising=False)
+        for key, v in env.items():
+            monkeypatch.setenv(key, v)
+        if mlp == 1:
+            o = torch.full((P, I), float("nan"), dtype=torch.bfloat16, device=DEV)
+            torch.ops.gptoss_ext.moe_mlp1(x, kw.codes, kw.scales, bias, perm, offsets, k, 1.702, 7.0, o, kw.max_scale)
+        else:
+            o = torch.full((P, H), float("nan"), device=DEV)
+            torch.ops.gptoss_ext.moe_mlp2(inp, kw.codes, kw.scales, bias, perm, offsets, wts.view(-1), o, kw.max_scale)
+        torch.cuda.synchronize()
+        return o
+
+    wg = run({"GPTOSS_MOE_WGMMA_BN": bn})
+    mm = run({"GPTOSS_MOE_PREFILL": "mma"})
+    assert not wg.isnan().any()
+    err_wg, err_mm = rel(wg, want), rel(mm, want)
+    print(f"mlp{mlp} bn={bn}: wgmma rel err {err_wg:.2e}, mma.sync {err_mm:.2e}")
+    assert err_wg < 5e-3 and err_wg <= 1.5 * err_mm + 1e-4
+    # Both kernels multiply exact operands into fp32 sums, so they differ only in summation order:
+    # mlp1's bf16 outputs mostly round to the same bits; mlp2's fp32 outputs show that another
+    # kernel ran.
+    assert mlp == 1 or not torch.equal(wg, mm)
+
+
 def test_prefill_with_large_scales_uses_the_exact_kernel():
     """Scales above 128 (weights beyond fp16 when folded) take the per-group kernel: still right."""
     E, Hs = 4, 256

@@ -81,6 +81,13 @@ struct MoeGemmArgs {
 cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream);
 cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream);
 
+// Prefill on Hopper (moe_mxfp4_wgmma.cu, built when sm_90a is in the architecture list): wgmma with
+// the decoded weights as the register A operand, 128 weight rows x bn tokens a CTA (bn = 64, 128 or
+// 256). Usable when the device is sm_90, this build has the sm_90a code, R % 64 == 0 and
+// max_scale <= 128; launch_moe_mlp1/2 choose it for prefill where it is usable.
+bool moe_wgmma_usable(const MoeGemmArgs& a);
+cudaError_t launch_moe_wgmma(const MoeGemmArgs& a, bool swiglu, int bn, cudaStream_t stream);
+
 // out[t] = (residual[t] if residual) + sum_s y[t*k + s], bf16 out; y fp32 [T*k, H].
 cudaError_t launch_moe_combine(const float* y, const __nv_bfloat16* residual, __nv_bfloat16* out, int64_t T,
                                int k, int H, cudaStream_t stream);

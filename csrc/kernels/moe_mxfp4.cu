@@ -27,12 +27,12 @@
 #include "kernels/common.cuh"
 #include "kernels/mma.cuh"
 #include "kernels/moe.h"
+#include "kernels/moe_common.cuh"
 
 namespace gptoss {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kMaxExperts = 256;
 
 // The four fp16x2 A registers held by one word of the kernel layout (gptoss_ext/mxfp4.py): each
 // code's 3 magnitude bits land at fp16 bits 9..11 and its sign at bit 15, i.e. E2M1 * 2^-14,
@@ -108,60 +108,6 @@ __device__ __forceinline__ bool find_work(const int32_t* __restrict__ offsets, i
   count = __shfl_sync(0xFFFFFFFFu, info[2], src);
   base = __shfl_sync(0xFFFFFFFFu, info[3], src);
   return true;
-}
-
-// The serial form of find_work: every thread scans a shared-memory copy of the offsets. The
-// long-running prefill CTAs use it: with the warp form, mlp1 at T = 4096 took 2.51-2.53 ms against
-// 2.12-2.14 ms (H200, same run); decode CTAs, whose prologue is on the critical path, use the warp
-// form (at E = 128 the serial scan cost ~24 us a mlp1 + mlp2 pair).
-__device__ __forceinline__ bool find_work_scan(const int32_t* __restrict__ offsets, int E, int64_t P, int bn,
-                                               int item, int& expert, int& start, int& count, int& base) {
-  __shared__ int32_t offs[kMaxExperts + 1];
-  for (int e = threadIdx.x; e <= E; e += blockDim.x) offs[e] = offsets[e];
-  __syncthreads();
-  int acc = 0;
-  for (int e = 0; e < E; ++e) {
-    const int lo = offs[e], hi = offs[e + 1];
-    if (lo < 0 || hi < lo || hi > P) return false;
-    const int tiles = (hi - lo + bn - 1) / bn;
-    if (item < acc + tiles) {
-      expert = e;
-      start = (item - acc) * bn;
-      count = min(bn, hi - lo - start);
-      base = lo + start;
-      return true;
-    }
-    acc += tiles;
-  }
-  return false;
-}
-
-// The epilogue for one accumulator tile (rows tile*16 + g, +8; tokens 2q + t of n-tile n, whose
-// pair indices are pair_of): mlp1 adds the bias and applies SwiGLU to (gate, linear) row pairs;
-// mlp2 adds the bias and scales by the routing weight.
-template <bool SWIGLU>
-__device__ __forceinline__ void store_tile(const MoeGemmArgs& a, const bf16* bias, const int32_t* pair_of, int n,
-                                           int tile, int g, int q, const float (&acc)[4]) {
-#pragma unroll
-  for (int t = 0; t < 2; ++t) {
-    const int p = pair_of[n * 8 + 2 * q + t];
-    if (p < 0) continue;
-    if constexpr (SWIGLU) {
-      const int col = tile * 8 + g;  // output column (I index)
-      float gate = acc[t] + __bfloat162float(bias[2 * col]);
-      float lin = acc[2 + t] + __bfloat162float(bias[2 * col + 1]);
-      gate = fminf(gate, a.swiglu_limit);
-      lin = fminf(fmaxf(lin, -a.swiglu_limit), a.swiglu_limit);
-      const float hval = gate / (1.f + __expf(-a.swiglu_alpha * gate)) * (lin + 1.f);
-      a.out_h[static_cast<int64_t>(p) * (a.R / 2) + col] = __float2bfloat16(hval);
-    } else {
-      const int r0 = tile * 16 + g;
-      const float w = a.route_weights[p];
-      float* y = a.out_y + static_cast<int64_t>(p) * a.R;
-      y[r0] = (acc[t] + __bfloat162float(bias[r0])) * w;
-      y[r0 + 8] = (acc[2 + t] + __bfloat162float(bias[r0 + 8])) * w;
-    }
-  }
 }
 
 template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
@@ -532,6 +478,22 @@ bool force_generic_prefill() {
   return e && e[0] == '1';
 }
 
+#ifdef GPTOSS_HAVE_SM90A_KERNELS
+// GPTOSS_MOE_PREFILL=mma: the mma.sync prefill kernel even where the wgmma one is usable.
+bool prefill_forced_mma() {
+  const char* e = std::getenv("GPTOSS_MOE_PREFILL");
+  return e && e[0] == 'm';
+}
+
+// Tokens a wgmma tile: 128 where experts average >= 128 routed tokens, else 64 (less of a tile
+// wasted on an expert's last few tokens); GPTOSS_MOE_WGMMA_BN overrides.
+int wgmma_bn(int64_t per_expert) {
+  const char* e = std::getenv("GPTOSS_MOE_WGMMA_BN");
+  if (e && (std::atoi(e) == 64 || std::atoi(e) == 128 || std::atoi(e) == 256)) return std::atoi(e);
+  return per_expert >= 128 ? 128 : 64;
+}
+#endif
+
 template <bool SWIGLU>
 cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   if (a.P == 0) return cudaSuccess;
@@ -555,7 +517,14 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   }
   if (per_expert <= 32) return launch_gemm<2, 2, 2, SWIGLU>(a, stream);
   // prefill: the scale-folding tensor-core kernel when every scale fits fp16 (s <= 128, see above)
-  if (a.max_scale <= 128 && !force_generic_prefill()) return launch_prefill<SWIGLU>(a, stream);
+  if (a.max_scale <= 128 && !force_generic_prefill()) {
+#ifdef GPTOSS_HAVE_SM90A_KERNELS
+    // Hopper: the wgmma kernel (moe_mxfp4_wgmma.cu). GPTOSS_MOE_PREFILL=mma keeps the mma.sync one
+    // (A/B, tests); GPTOSS_MOE_WGMMA_BN=64|128|256 fixes its token tile.
+    if (!prefill_forced_mma() && moe_wgmma_usable(a)) return launch_moe_wgmma(a, SWIGLU, wgmma_bn(per_expert), stream);
+#endif
+    return launch_prefill<SWIGLU>(a, stream);
+  }
   return launch_gemm<4, 8, 2, SWIGLU, kWarps, 3>(a, stream);   // <= 170 registers: 3 CTAs an SM
 }
 
