@@ -4,6 +4,8 @@ on bf16 weights, as the reference implementation does; torch._grouped_mm on bf16
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gptoss_ext import ops
@@ -115,6 +117,14 @@ def run(l2: int) -> list[Row]:
                 x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h, w["k1"].max_scale))
             rows.append(Row("moe mlp1", "20b prefill T=4096", "gptoss_ext", ms, p10, p90, flops=flops, timing=mode,
                             bytes=E * BYTES_PER_EXPERT * 2 / 3, target="<=1.5x torch._grouped_mm"))
+            os.environ["GPTOSS_MOE_PREFILL"] = "mma"    # the mma.sync prefill kernel (the one off Hopper)
+            try:
+                ms, p10, p90, mode = time_cuda(lambda i: torch.ops.gptoss_ext.moe_mlp1(
+                    x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h, w["k1"].max_scale))
+            finally:
+                os.environ.pop("GPTOSS_MOE_PREFILL", None)
+            rows.append(Row("moe mlp1", "20b prefill T=4096", "gptoss_ext, mma.sync prefill kernel", ms, p10, p90,
+                            flops=flops, timing=mode))
             ms, p10, p90, mode = time_cuda(lambda i: torch.ops.gptoss_ext.moe_mlp1(
                 x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h))   # max_scale unknown
             rows.append(Row("moe mlp1", "20b prefill T=4096", "gptoss_ext, per-group-partials kernel", ms, p10, p90,

@@ -264,7 +264,7 @@ def test_prefill_kernels_agree(mlp):
 def _sm90_wgmma():
     from gptoss_ext import _extension
     return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-            and "moe_mxfp4_wgmma" in (_extension.build_info() or {}).get("kernels", []))
+            and "moe_mxfp4_sm90" in (_extension.build_info() or {}).get("kernels", []))
 
 
 @pytest.mark.skipif(not _sm90_wgmma(), reason="the wgmma prefill kernel needs an sm_90 GPU and a build with sm_90a")

@@ -81,7 +81,7 @@ struct MoeGemmArgs {
 cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream);
 cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream);
 
-// Prefill on Hopper (moe_mxfp4_wgmma.cu, built when sm_90a is in the architecture list): wgmma with
+// Prefill on Hopper (moe_mxfp4_sm90.cu, built when sm_90a is in the architecture list): wgmma with
 // the decoded weights as the register A operand, 128 weight rows x bn tokens a CTA (bn = 64, 128 or
 // 256). Usable when the device is sm_90, this build has the sm_90a code, R % 64 == 0 and
 // max_scale <= 128; launch_moe_mlp1/2 choose it for prefill where it is usable.

@@ -1,5 +1,5 @@
 // Device helpers shared by the MXFP4 expert GEMM kernels (moe_mxfp4.cu: mma.sync, any sm_80+;
-// moe_mxfp4_wgmma.cu: wgmma, sm_90a): the work-item lookup and the epilogue.
+// moe_mxfp4_sm90.cu: wgmma, sm_90a): the work-item lookup and the epilogue.
 #pragma once
 #include <cuda_bf16.h>
 #include <cstdint>

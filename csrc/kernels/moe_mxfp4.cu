@@ -519,7 +519,7 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   // prefill: the scale-folding tensor-core kernel when every scale fits fp16 (s <= 128, see above)
   if (a.max_scale <= 128 && !force_generic_prefill()) {
 #ifdef GPTOSS_HAVE_SM90A_KERNELS
-    // Hopper: the wgmma kernel (moe_mxfp4_wgmma.cu). GPTOSS_MOE_PREFILL=mma keeps the mma.sync one
+    // Hopper: the wgmma kernel (moe_mxfp4_sm90.cu). GPTOSS_MOE_PREFILL=mma keeps the mma.sync one
     // (A/B, tests); GPTOSS_MOE_WGMMA_BN=64|128|256 fixes its token tile.
     if (!prefill_forced_mma() && moe_wgmma_usable(a)) return launch_moe_wgmma(a, SWIGLU, wgmma_bn(per_expert), stream);
 #endif

@@ -1,5 +1,8 @@
-// MXFP4 grouped GEMM for prefill on Hopper (sm_90a): warpgroup MMA (wgmma) with the weights as the
-// register A operand and the routed tokens' activations as B from shared memory.
+// MXFP4 grouped GEMM on Hopper (sm_90a) for prefill. Built only when sm_90a is in the architecture
+// list; the launchers in moe_mxfp4.cu choose it where moe_wgmma_usable() says the sm_90a code runs.
+//
+// Warpgroup MMA (wgmma) with the weights as the register A operand and the routed tokens'
+// activations as B from shared memory.
 //
 // A CTA is two warpgroups (8 warps) and computes 128 weight rows (each warpgroup 64, each warp its
 // 16-row tile) x BN tokens of one expert. Per 64-column chunk of K:
@@ -187,10 +190,10 @@ cudaError_t launch_wgmma(const MoeGemmArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-bool moe_wgmma_usable(const MoeGemmArgs& a) {
-  if (a.R % 64 != 0 || a.K % 64 != 0 || a.max_scale > 128 || !device_is_sm90()) return false;
-  // The sm_90a body exists only in this build's sm_90a code: refuse where the kernel would come
-  // from another architecture's PTX (JIT), whose body is a trap.
+static bool moe_sm90_usable() {
+  if (!device_is_sm90()) return false;
+  // The sm_90a bodies exist only in this build's sm_90a code: refuse where a kernel would come from
+  // another architecture's PTX (JIT), whose body is a trap.
   static int ok = -1;
   if (ok < 0) {
     cudaFuncAttributes attr{};
@@ -200,6 +203,10 @@ bool moe_wgmma_usable(const MoeGemmArgs& a) {
              : 0;
   }
   return ok == 1;
+}
+
+bool moe_wgmma_usable(const MoeGemmArgs& a) {
+  return a.R % 64 == 0 && a.K % 64 == 0 && a.max_scale <= 128 && moe_sm90_usable();
 }
 
 cudaError_t launch_moe_wgmma(const MoeGemmArgs& a, bool swiglu, int bn, cudaStream_t stream) {
