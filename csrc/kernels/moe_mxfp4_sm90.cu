@@ -20,6 +20,7 @@
 // The activations stay bf16 (no conversion), the weights are never expanded outside registers.
 // The epilogue (bias + SwiGLU for mlp1, bias x routing weight for mlp2) is the mma.sync kernels'.
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/common.cuh"
 #include "kernels/mma.cuh"
@@ -99,12 +100,13 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
     src[j] = a.x + (r >= 0 ? static_cast<int64_t>(r) * a.K : 0) + cc * 8;
     valid |= (r >= 0 ? 1u : 0u) << j;
   }
-  const auto load_stage = [&](int c) {
+  // Stage c's copies of the first jmax * 32 token rows (jmax = N * 8 / 256 for an N-token tile).
+  const auto load_stage = [&](int c, int jmax) {
     if (c < chunks) {
       const uint32_t dst = sbase + (c % kWgStages) * kStageBytes;
 #pragma unroll
       for (int j = 0; j < kRowsPerThread; ++j)
-        cp_async16(dst + swz128((tid >> 3) + 32 * j, cc), src[j] + c * 64, (valid >> j) & 1u);
+        if (j < jmax) cp_async16(dst + swz128((tid >> 3) + 32 * j, cc), src[j] + c * 64, (valid >> j) & 1u);
     }
     cp_async_commit();   // an empty group past the end keeps the group count uniform
   };
@@ -122,55 +124,67 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
   };
 #pragma unroll
   for (int d = 0; d < kWgDepth; ++d) load_w(d, wc[d], wsc[d]);
-  load_stage(0);
-  load_stage(1);
+  // An expert's last tile often holds few tokens: one of <= 64 runs as an N = 64 tile (half the MMA
+  // work; at T = 2048 on 32 experts about half the experts end in one).
+  const int n_tile = (BN > 64 && count <= 64) ? 64 : BN;
+  load_stage(0, n_tile * 8 / kWgThreads);
+  load_stage(1, n_tile * 8 / kWgThreads);
 
-  float acc[BN / 2];
+  const auto run = [&](auto n_const) {
+    constexpr int N = decltype(n_const)::value;
+    constexpr int kJ = N * 8 / kWgThreads;
+    float acc[N / 2];
 #pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-  uint32_t af[2][4];
+    for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
+    uint32_t af[2][4];
 
-  for (int c0 = 0; c0 < chunks; c0 += kWgDepth) {
+    for (int c0 = 0; c0 < chunks; c0 += kWgDepth) {
 #pragma unroll
-    for (int d = 0; d < kWgDepth; ++d) {
-      const int c = c0 + d;
-      if (c >= chunks) break;
-      // Stage c has landed (only c + 1 may be in flight); after the barrier every thread's copies
-      // are visible, and stage (c + 2) % 4 = (c - 2) % 4 is free: each warpgroup waited for its
-      // chunk c - 2 MMAs before arriving here.
-      cp_async_wait<1>();
-      __syncthreads();
-      load_stage(c + 2);
-      const uint32_t words[4] = {wc[d].x, wc[d].y, wc[d].z, wc[d].w};
-      const uint32_t e = wsc[d] + 0x7E7E7E7Eu;   // s + 126 per byte
-      const uint32_t f[4] = {scale_bf16x2<0>(e), scale_bf16x2<1>(e), scale_bf16x2<2>(e), scale_bf16x2<3>(e)};
-      const uint64_t desc = wgmma_desc_sw128(sbase + (c % kWgStages) * kStageBytes);
+      for (int d = 0; d < kWgDepth; ++d) {
+        const int c = c0 + d;
+        if (c >= chunks) break;
+        // Stage c has landed (only c + 1 may be in flight); after the barrier every thread's copies
+        // are visible, and stage (c + 2) % 4 = (c - 2) % 4 is free: each warpgroup waited for its
+        // chunk c - 2 MMAs before arriving here.
+        cp_async_wait<1>();
+        __syncthreads();
+        load_stage(c + 2, kJ);
+        const uint32_t words[4] = {wc[d].x, wc[d].y, wc[d].z, wc[d].w};
+        const uint32_t e = wsc[d] + 0x7E7E7E7Eu;   // s + 126 per byte
+        const uint32_t f[4] = {scale_bf16x2<0>(e), scale_bf16x2<1>(e), scale_bf16x2<2>(e), scale_bf16x2<3>(e)};
+        const uint64_t desc = wgmma_desc_sw128(sbase + (c % kWgStages) * kStageBytes);
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        uint32_t(&A)[4] = af[s & 1];
-        const uint32_t f_lo = f[2 * (s >> 1)], f_hi = f[2 * (s >> 1) + 1];   // rows g, g + 8
-        fp4x8_to_bf16x2(words[s], A);
-        A[0] = hmul2_bf16(A[0], f_lo);
-        A[1] = hmul2_bf16(A[1], f_hi);
-        A[2] = hmul2_bf16(A[2], f_lo);
-        A[3] = hmul2_bf16(A[3], f_hi);
-        wgmma_fence();
-        wgmma_rs<BN>(acc, A, desc + 2 * s, 1);
-        wgmma_commit();
-        wgmma_wait<1>();
+        for (int s = 0; s < 4; ++s) {
+          uint32_t(&A)[4] = af[s & 1];
+          const uint32_t f_lo = f[2 * (s >> 1)], f_hi = f[2 * (s >> 1) + 1];   // rows g, g + 8
+          fp4x8_to_bf16x2(words[s], A);
+          A[0] = hmul2_bf16(A[0], f_lo);
+          A[1] = hmul2_bf16(A[1], f_hi);
+          A[2] = hmul2_bf16(A[2], f_lo);
+          A[3] = hmul2_bf16(A[3], f_hi);
+          wgmma_fence();
+          wgmma_rs<N>(acc, A, desc + 2 * s, 1);
+          wgmma_commit();
+          wgmma_wait<1>();
+        }
+        load_w(c + kWgDepth, wc[d], wsc[d]);
       }
-      load_w(c + kWgDepth, wc[d], wsc[d]);
     }
-  }
-  wgmma_wait<0>();
-  pdl_trigger();  // multi-wave: the next kernel launches once every CTA is past its main loop
-  if (!tile_ok) return;
-  const bf16* bias = a.bias + static_cast<int64_t>(expert) * a.R;
-  const int q = lane & 3;
+    wgmma_wait<0>();
+    pdl_trigger();  // multi-wave: the next kernel launches once every CTA is past its main loop
+    if (!tile_ok) return;
+    const bf16* bias = a.bias + static_cast<int64_t>(expert) * a.R;
+    const int q = lane & 3;
 #pragma unroll
-  for (int n = 0; n < BN / 8; ++n) {
-    const float t4[4] = {acc[4 * n], acc[4 * n + 1], acc[4 * n + 2], acc[4 * n + 3]};
-    store_tile<SWIGLU>(a, bias, pair_of, n, tile, g, q, t4);
+    for (int n = 0; n < N / 8; ++n) {
+      const float t4[4] = {acc[4 * n], acc[4 * n + 1], acc[4 * n + 2], acc[4 * n + 3]};
+      store_tile<SWIGLU>(a, bias, pair_of, n, tile, g, q, t4);
+    }
+  };
+  if (n_tile == BN) {
+    run(std::integral_constant<int, BN>{});
+  } else {
+    run(std::integral_constant<int, 64>{});
   }
 #else
   __trap();   // launched only where the sm_90a code exists (see moe_wgmma_usable)
