@@ -19,8 +19,8 @@
 // the activations are staged, 124 registers: 4 CTAs an SM, 3.4 waves of latency-bound prologues)
 // 50 us; v4 (4 row tiles a CTA, pipelined 8-chunk batches) 36 us; v6 (11-op bit layout, warp-parallel
 // work lookup, LDS.128 B fragments) 35 us (120b: 61 -> 35 us); v7 (8 warps, K split, 80 registers)
-// 28.5 us. See bench/NOTES.md. Prefill is far from the tensor-core peak: a wgmma
-// (sm_90a) version with TMA-fed activations is the next step.
+// 28.5 us. See bench/NOTES.md. On Hopper, prefill runs the wgmma kernel of moe_mxfp4_sm90.cu; this
+// file's prefill kernel serves other GPUs (and GPTOSS_MOE_PREFILL=mma).
 #include <algorithm>
 #include <cstdlib>
 
