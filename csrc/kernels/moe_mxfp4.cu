@@ -517,14 +517,14 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
     // split below, 'h' half as wide (mlp1 unsplit, mlp2 over 2 warps), 'w' twice as wide, 'd'
     // 6-chunk batches at 2 CTAs an SM. 20b T = 1: b 31.3, h 35.4, w 36.4, d 35.0 us (the split
     // keeps the few experts' tiles on every SM); T = 8: h 132.3, b 139.3, d 153.9, w 186.5 us (with
-    // ~22 experts there are warps enough unsplit, and fewer partial sums). Default: h once the pairs
-    // can reach >= 16 experts (T >= 4 at top-4), else b.
+    // ~22 experts there are warps enough unsplit, and fewer partial sums); T = 2: h 51.1, b 58.6;
+    // T = 4: h 91.6, b 100.1. Default: h once the pairs can reach >= 8 experts (T >= 2 at top-4).
     if (v && v[0] == 'w')
       return SWIGLU ? launch_gemm<2, 1, 4, SWIGLU, 8, 3>(a, stream) : launch_gemm<1, 1, 4, SWIGLU, 8, 3>(a, stream);
     if (v && v[0] == 'd')
       return SWIGLU ? launch_gemm<4, 1, 6, SWIGLU, 8, 2>(a, stream) : launch_gemm<2, 1, 6, SWIGLU, 8, 2>(a, stream);
     const bool wide = v && v[0] == 'b';
-    if ((v && v[0] == 'h') || (!wide && std::min<int64_t>(a.E, a.P) >= 16))
+    if ((v && v[0] == 'h') || (!wide && std::min<int64_t>(a.E, a.P) >= 8))
       return SWIGLU ? launch_gemm<8, 1, 4, SWIGLU, 8, 3>(a, stream) : launch_gemm<4, 1, 4, SWIGLU, 8, 3>(a, stream);
     return SWIGLU ? launch_gemm<4, 1, 4, SWIGLU, 8, 3>(a, stream) : launch_gemm<2, 1, 4, SWIGLU, 8, 3>(a, stream);
   }
