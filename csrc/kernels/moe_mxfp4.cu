@@ -111,7 +111,7 @@ __device__ __forceinline__ bool find_work(const int32_t* __restrict__ offsets, i
 }
 
 template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
-__global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab, bool early2) {
+__global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab) {
   // routing_ready (mlp2 after mlp1): the routing was complete before the previous kernel started,
   // so the work lookup, the routing reads and the first weight batch go before the launch wait
   // (they overlap the previous kernel's tail); only the activations and the outputs wait.
@@ -157,12 +157,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
       }
     }
   };
-  // early2 (whole K in one slab): the second batch goes out here too, so two batches are in flight
-  // through the lookups and the activation staging (and, for mlp2, before the launch wait).
-  constexpr int kStep0 = WK * DEPTH;
-  const bool pre2 = early2 && slab == a.K && wk + kStep0 < slab / 64;
   if (tile_ok) load_batch(wk, slab / 64, code_a, sc_a);
-  if (tile_ok && pre2) load_batch(wk + kStep0, slab / 64, code_b, sc_b);
 
   if (threadIdx.x < BN) {
     const int p = threadIdx.x < count ? a.perm[base + threadIdx.x] : -1;
@@ -244,7 +239,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
     };
     constexpr int kStep = WK * DEPTH;
     for (int c0 = c_begin + wk; c0 < c_end; c0 += 2 * kStep) {
-      if (c0 + kStep < c_end && !(pre2 && c0 == c_begin + wk)) load_batch(c0 + kStep, c_end, code_b, sc_b);
+      if (c0 + kStep < c_end) load_batch(c0 + kStep, c_end, code_b, sc_b);
       compute_batch(c0, code_a, sc_a);
       if (c0 + kStep >= c_end) break;
       if (c0 + 2 * kStep < c_end) load_batch(c0 + 2 * kStep, c_end, code_a, sc_a);
@@ -474,10 +469,7 @@ cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
   }
   const int64_t max_items = (a.P + BN - 1) / BN + std::min<int64_t>(a.E, a.P);
   const dim3 grid((a.R / 16 + WM - 1) / WM, static_cast<unsigned>(max_items));
-  // GPTOSS_MOE_EARLY2=0: the second weight batch waits for the main loop (A/B).
-  const char* e2 = std::getenv("GPTOSS_MOE_EARLY2");
-  const bool early2 = !(e2 && e2[0] == '0');
-  return launch_kernel(kernel, grid, dim3(NW * 32), smem, stream, a, slab, early2);
+  return launch_kernel(kernel, grid, dim3(NW * 32), smem, stream, a, slab);
 }
 
 // GPTOSS_MOE_GENERIC_PREFILL=1: the per-group-partials kernel for prefill too (tests, comparisons).
