@@ -1,8 +1,7 @@
 """A/B of the MoE prefill kernels at T = 4096 (CUDA events, median of 20): the mma.sync kernel
 (GPTOSS_MOE_PREFILL=mma), the wgmma kernel at each token tile (GPTOSS_MOE_WGMMA_BN) and
 torch._grouped_mm on bf16 weights with the same routing; max relative difference to the mma.sync
-output. Usage: python bench/moe_prefill_ab.py [--out results.json] [variants: mma wgmma64 wgmma128
-wgmma256 default stages4 stages5]"""
+output. Usage: python bench/moe_prefill_ab.py [--out results.json]"""
 import json, os, sys
 
 import torch
@@ -40,17 +39,11 @@ def main():
         m2 = lambda: torch.ops.gptoss_ext.moe_mlp2(hin, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets,
                                                    wt.view(-1), y, w["k2"].max_scale)
         base = {}
-        variants = [v for v in sys.argv[1:] if not v.startswith("--") and v != out] or \
-            ["mma", "wgmma64", "wgmma128", "wgmma256", "default"]
-        if "mma" not in variants:
-            variants = ["mma"] + variants
-        for var in variants:
-            for key in ("GPTOSS_MOE_PREFILL", "GPTOSS_MOE_WGMMA_BN", "GPTOSS_MOE_WGMMA_STAGES"):
-                os.environ.pop(key, None)
+        for var in ("mma", "wgmma64", "wgmma128", "wgmma256", "default"):
+            os.environ.pop("GPTOSS_MOE_PREFILL", None)
+            os.environ.pop("GPTOSS_MOE_WGMMA_BN", None)
             if var == "mma":
                 os.environ["GPTOSS_MOE_PREFILL"] = "mma"
-            elif var.startswith("stages"):          # e.g. stages5: the default tile, 5 stages
-                os.environ["GPTOSS_MOE_WGMMA_STAGES"] = var[6:]
             elif var.startswith("wgmma"):
                 os.environ["GPTOSS_MOE_WGMMA_BN"] = var[5:]
             for mlp, fn, fl in (("mlp1", m1, f1), ("mlp2", m2, f1 / 2)):
@@ -61,8 +54,8 @@ def main():
                 d = ((o - base[mlp]).norm() / base[mlp].norm()).item()
                 rows.append(dict(shape=name, mlp=mlp, impl=var, us=round(us, 1), tflops=round(fl / us / 1e6, 1),
                                  rel_diff_to_mma=d))
-        for key in ("GPTOSS_MOE_PREFILL", "GPTOSS_MOE_WGMMA_BN", "GPTOSS_MOE_WGMMA_STAGES"):
-            os.environ.pop(key, None)
+        os.environ.pop("GPTOSS_MOE_PREFILL", None)
+        os.environ.pop("GPTOSS_MOE_WGMMA_BN", None)
         xs_sorted = x[(perm // 4).long()]
         ends = offsets[1:].contiguous()
         for mlp, A, B, fl in (("mlp1", xs_sorted, W1.transpose(1, 2), f1), ("mlp2", hin, W2.transpose(1, 2), f1 / 2)):

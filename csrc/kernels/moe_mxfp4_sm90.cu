@@ -20,7 +20,6 @@
 // The activations stay bf16 (no conversion), the weights are never expanded outside registers.
 // The epilogue (bias + SwiGLU for mlp1, bias x routing weight for mlp2) is the mma.sync kernels'.
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/common.cuh"
@@ -34,8 +33,7 @@ namespace {
 
 constexpr int kWgThreads = 256;   // two warpgroups
 constexpr int kWgRows = 128;      // weight rows a CTA
-// Activation stages in shared memory: S stages, copies issued S - 2 chunks ahead (a stage is
-// rewritten two chunks after its MMAs were issued, when both warpgroups have waited for them).
+constexpr int kWgStages = 4;      // activation stages in shared memory (copies run 2 chunks ahead)
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 constexpr int kWgDepth = 3;       // weight chunks in registers ahead of the one computed
@@ -68,9 +66,8 @@ __device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
 }
 #endif  // sm_90a device code
 
-template <int BN, bool SWIGLU, int S>
+template <int BN, bool SWIGLU>
 __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kernel(MoeGemmArgs a) {
-  constexpr int kAhead = S - 2;
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   pdl_wait();     // see kernels/pdl.h
   constexpr int kStageBytes = BN * 128;
@@ -106,7 +103,7 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
   // Stage c's copies of the first jmax * 32 token rows (jmax = N * 8 / 256 for an N-token tile).
   const auto load_stage = [&](int c, int jmax) {
     if (c < chunks) {
-      const uint32_t dst = sbase + (c % S) * kStageBytes;
+      const uint32_t dst = sbase + (c % kWgStages) * kStageBytes;
 #pragma unroll
       for (int j = 0; j < kRowsPerThread; ++j)
         if (j < jmax) cp_async16(dst + swz128((tid >> 3) + 32 * j, cc), src[j] + c * 64, (valid >> j) & 1u);
@@ -130,8 +127,8 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
   // An expert's last tile often holds few tokens: one of <= 64 runs as an N = 64 tile (half the MMA
   // work; at T = 2048 on 32 experts about half the experts end in one).
   const int n_tile = (BN > 64 && count <= 64) ? 64 : BN;
-#pragma unroll
-  for (int c = 0; c < kAhead; ++c) load_stage(c, n_tile * 8 / kWgThreads);
+  load_stage(0, n_tile * 8 / kWgThreads);
+  load_stage(1, n_tile * 8 / kWgThreads);
 
   const auto run = [&](auto n_const) {
     constexpr int N = decltype(n_const)::value;
@@ -146,16 +143,16 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
       for (int d = 0; d < kWgDepth; ++d) {
         const int c = c0 + d;
         if (c >= chunks) break;
-        // Stage c has landed (only the kAhead - 1 after it may be in flight); after the barrier
-        // every thread's copies are visible, and stage (c + kAhead) % S = (c - 2) % S is free:
-        // each warpgroup waited for its chunk c - 2 MMAs before arriving here.
-        cp_async_wait<kAhead - 1>();
+        // Stage c has landed (only c + 1 may be in flight); after the barrier every thread's copies
+        // are visible, and stage (c + 2) % 4 = (c - 2) % 4 is free: each warpgroup waited for its
+        // chunk c - 2 MMAs before arriving here.
+        cp_async_wait<1>();
         __syncthreads();
-        load_stage(c + kAhead, kJ);
+        load_stage(c + 2, kJ);
         const uint32_t words[4] = {wc[d].x, wc[d].y, wc[d].z, wc[d].w};
         const uint32_t e = wsc[d] + 0x7E7E7E7Eu;   // s + 126 per byte
         const uint32_t f[4] = {scale_bf16x2<0>(e), scale_bf16x2<1>(e), scale_bf16x2<2>(e), scale_bf16x2<3>(e)};
-        const uint64_t desc = wgmma_desc_sw128(sbase + (c % S) * kStageBytes);
+        const uint64_t desc = wgmma_desc_sw128(sbase + (c % kWgStages) * kStageBytes);
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           uint32_t(&A)[4] = af[s & 1];
@@ -194,23 +191,15 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
 #endif
 }
 
-template <int BN, bool SWIGLU, int S>
-cudaError_t launch_wgmma_stages(const MoeGemmArgs& a, cudaStream_t stream) {
-  auto kernel = moe_wgmma_kernel<BN, SWIGLU, S>;
-  const size_t smem = static_cast<size_t>(S) * BN * 128 + 1024;   // + alignment slack
+template <int BN, bool SWIGLU>
+cudaError_t launch_wgmma(const MoeGemmArgs& a, cudaStream_t stream) {
+  auto kernel = moe_wgmma_kernel<BN, SWIGLU>;
+  const size_t smem = static_cast<size_t>(kWgStages) * BN * 128 + 1024;   // + alignment slack
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   const int64_t max_items = (a.P + BN - 1) / BN + std::min<int64_t>(a.E, a.P);
   const dim3 grid((a.R + kWgRows - 1) / kWgRows, static_cast<unsigned>(max_items));
   return launch_kernel(kernel, grid, dim3(kWgThreads), smem, stream, a);
-}
-
-// GPTOSS_MOE_WGMMA_STAGES=4|5: activation stages (A/B).
-template <int BN, bool SWIGLU>
-cudaError_t launch_wgmma(const MoeGemmArgs& a, cudaStream_t stream) {
-  const char* e = std::getenv("GPTOSS_MOE_WGMMA_STAGES");
-  if (e && e[0] == '5') return launch_wgmma_stages<BN, SWIGLU, 5>(a, stream);
-  return launch_wgmma_stages<BN, SWIGLU, 4>(a, stream);
 }
 
 }  // namespace
@@ -222,7 +211,7 @@ static bool moe_sm90_usable() {
   static int ok = -1;
   if (ok < 0) {
     cudaFuncAttributes attr{};
-    ok = cudaFuncGetAttributes(&attr, moe_wgmma_kernel<128, true, 4>) == cudaSuccess && attr.ptxVersion >= 90 &&
+    ok = cudaFuncGetAttributes(&attr, moe_wgmma_kernel<128, true>) == cudaSuccess && attr.ptxVersion >= 90 &&
                  attr.binaryVersion == 90
              ? 1
              : 0;
