@@ -20,7 +20,6 @@
 // The activations stay bf16 (no conversion), the weights are never expanded outside registers.
 // The epilogue (bias + SwiGLU for mlp1, bias x routing weight for mlp2) is the mma.sync kernels'.
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/common.cuh"
@@ -67,20 +66,11 @@ __device__ __forceinline__ uint32_t hmul2_bf16(uint32_t a, uint32_t b) {
 }
 #endif  // sm_90a device code
 
-// WS: the weight codes and scales also come through the cp.async stages (after the BN activation
-// rows: 8 warps x 512 bytes of codes, 8 x 32 bytes of scales), 5 stages copied 3 chunks ahead,
-// instead of registers kWgDepth chunks ahead.
-template <bool WS>
-__host__ __device__ constexpr int wg_stages() { return WS ? 5 : kWgStages; }
-template <int BN, bool WS>
-__host__ __device__ constexpr int wg_stage_bytes() { return BN * 128 + (WS ? 5120 : 0); }   // a multiple of 1024
-
-template <int BN, bool SWIGLU, bool WS>
+template <int BN, bool SWIGLU>
 __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kernel(MoeGemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   pdl_wait();     // see kernels/pdl.h
-  constexpr int S = wg_stages<WS>(), kAhead = S - 2;
-  constexpr int kStageBytes = wg_stage_bytes<BN, WS>();
+  constexpr int kStageBytes = BN * 128;
   constexpr int kRowsPerThread = BN * 8 / kWgThreads;   // 16-byte copies a thread a stage
   extern __shared__ uint8_t smem_raw[];
   __shared__ int32_t pair_of[BN];
@@ -92,9 +82,6 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
   const int row_tiles = a.R / 16, chunks = a.K / 64;
   const int tile = blockIdx.x * (kWgRows / 16) + warp;   // warpgroup w: tiles 4w..4w+3 of the CTA
   const bool tile_ok = tile < row_tiles;                   // R % 64 == 0: a warpgroup is all in or out
-  const int64_t wbase = (static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks;
-  const uint4* codes = reinterpret_cast<const uint4*>(a.codes) + wbase * 32 + lane;   // this lane's 16 bytes
-  const uint32_t* wscales = reinterpret_cast<const uint32_t*>(a.scales) + wbase * 8;  // the tile's 8 words
   for (int i = tid; i < BN; i += kWgThreads) {
     const int p = i < count ? a.perm[base + i] : -1;
     const bool ok = p >= 0 && p < a.P;
@@ -116,25 +103,23 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
   // Stage c's copies of the first jmax * 32 token rows (jmax = N * 8 / 256 for an N-token tile).
   const auto load_stage = [&](int c, int jmax) {
     if (c < chunks) {
-      const uint32_t dst = sbase + (c % S) * kStageBytes;
+      const uint32_t dst = sbase + (c % kWgStages) * kStageBytes;
 #pragma unroll
       for (int j = 0; j < kRowsPerThread; ++j)
         if (j < jmax) cp_async16(dst + swz128((tid >> 3) + 32 * j, cc), src[j] + c * 64, (valid >> j) & 1u);
-      if constexpr (WS) {
-        cp_async16(dst + BN * 128 + warp * 512 + lane * 16, codes + static_cast<int64_t>(c) * 32, true);
-        if (lane < 2)
-          cp_async16(dst + BN * 128 + 4096 + warp * 32 + lane * 16, wscales + static_cast<int64_t>(c) * 8 + lane * 4, true);
-      }
     }
     cp_async_commit();   // an empty group past the end keeps the group count uniform
   };
 
+  const int64_t wbase = (static_cast<int64_t>(expert) * row_tiles + (tile_ok ? tile : 0)) * chunks;
+  const uint4* codes = reinterpret_cast<const uint4*>(a.codes) + wbase * 32 + lane;
+  const uint32_t* scales = reinterpret_cast<const uint32_t*>(a.scales) + wbase * 8 + g;
   uint4 wc[kWgDepth];
   uint32_t wsc[kWgDepth];
   const auto load_w = [&](int c, uint4& cd, uint32_t& sv) {
-    if (!WS && c < chunks) {
+    if (c < chunks) {
       cd = __ldg(codes + static_cast<int64_t>(c) * 32);
-      sv = __ldg(wscales + static_cast<int64_t>(c) * 8 + g);
+      sv = __ldg(scales + static_cast<int64_t>(c) * 8);
     }
   };
 #pragma unroll
@@ -142,8 +127,8 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
   // An expert's last tile often holds few tokens: one of <= 64 runs as an N = 64 tile (half the MMA
   // work; at T = 2048 on 32 experts about half the experts end in one).
   const int n_tile = (BN > 64 && count <= 64) ? 64 : BN;
-#pragma unroll
-  for (int c = 0; c < kAhead; ++c) load_stage(c, n_tile * 8 / kWgThreads);
+  load_stage(0, n_tile * 8 / kWgThreads);
+  load_stage(1, n_tile * 8 / kWgThreads);
 
   const auto run = [&](auto n_const) {
     constexpr int N = decltype(n_const)::value;
@@ -158,25 +143,16 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
       for (int d = 0; d < kWgDepth; ++d) {
         const int c = c0 + d;
         if (c >= chunks) break;
-        // Stage c has landed (only the kAhead - 1 after it may be in flight); after the barrier
-        // every thread's copies are visible, and stage (c + kAhead) % S = (c - 2) % S is free:
-        // each warpgroup waited for its chunk c - 2 MMAs before arriving here.
-        cp_async_wait<kAhead - 1>();
+        // Stage c has landed (only c + 1 may be in flight); after the barrier every thread's copies
+        // are visible, and stage (c + 2) % 4 = (c - 2) % 4 is free: each warpgroup waited for its
+        // chunk c - 2 MMAs before arriving here.
+        cp_async_wait<1>();
         __syncthreads();
-        load_stage(c + kAhead, kJ);
-        uint4 cw = wc[d];
-        uint32_t sw = wsc[d];
-        if constexpr (WS) {
-          const uint32_t st = sbase + (c % S) * kStageBytes + BN * 128;
-          asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(cw.x), "=r"(cw.y), "=r"(cw.z), "=r"(cw.w)
-                       : "r"(st + warp * 512 + lane * 16));
-          asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(sw) : "r"(st + 4096 + warp * 32 + g * 4));
-        }
-        const uint32_t words[4] = {cw.x, cw.y, cw.z, cw.w};
-        const uint32_t e = sw + 0x7E7E7E7Eu;   // s + 126 per byte
+        load_stage(c + 2, kJ);
+        const uint32_t words[4] = {wc[d].x, wc[d].y, wc[d].z, wc[d].w};
+        const uint32_t e = wsc[d] + 0x7E7E7E7Eu;   // s + 126 per byte
         const uint32_t f[4] = {scale_bf16x2<0>(e), scale_bf16x2<1>(e), scale_bf16x2<2>(e), scale_bf16x2<3>(e)};
-        const uint64_t desc = wgmma_desc_sw128(sbase + (c % S) * kStageBytes);
+        const uint64_t desc = wgmma_desc_sw128(sbase + (c % kWgStages) * kStageBytes);
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           uint32_t(&A)[4] = af[s & 1];
@@ -215,23 +191,15 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
 #endif
 }
 
-template <int BN, bool SWIGLU, bool WS>
-cudaError_t launch_wgmma_ws(const MoeGemmArgs& a, cudaStream_t stream) {
-  auto kernel = moe_wgmma_kernel<BN, SWIGLU, WS>;
-  const size_t smem = static_cast<size_t>(wg_stages<WS>()) * wg_stage_bytes<BN, WS>() + 1024;   // + alignment slack
+template <int BN, bool SWIGLU>
+cudaError_t launch_wgmma(const MoeGemmArgs& a, cudaStream_t stream) {
+  auto kernel = moe_wgmma_kernel<BN, SWIGLU>;
+  const size_t smem = static_cast<size_t>(kWgStages) * BN * 128 + 1024;   // + alignment slack
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   const int64_t max_items = (a.P + BN - 1) / BN + std::min<int64_t>(a.E, a.P);
   const dim3 grid((a.R + kWgRows - 1) / kWgRows, static_cast<unsigned>(max_items));
   return launch_kernel(kernel, grid, dim3(kWgThreads), smem, stream, a);
-}
-
-// GPTOSS_MOE_WGMMA_WSMEM=1: the weights through the shared-memory stages (A/B).
-template <int BN, bool SWIGLU>
-cudaError_t launch_wgmma(const MoeGemmArgs& a, cudaStream_t stream) {
-  const char* e = std::getenv("GPTOSS_MOE_WGMMA_WSMEM");
-  if (e && e[0] == '1') return launch_wgmma_ws<BN, SWIGLU, true>(a, stream);
-  return launch_wgmma_ws<BN, SWIGLU, false>(a, stream);
 }
 
 }  // namespace
@@ -243,7 +211,7 @@ static bool moe_sm90_usable() {
   static int ok = -1;
   if (ok < 0) {
     cudaFuncAttributes attr{};
-    ok = cudaFuncGetAttributes(&attr, moe_wgmma_kernel<128, true, false>) == cudaSuccess && attr.ptxVersion >= 90 &&
+    ok = cudaFuncGetAttributes(&attr, moe_wgmma_kernel<128, true>) == cudaSuccess && attr.ptxVersion >= 90 &&
                  attr.binaryVersion == 90
              ? 1
              : 0;
