@@ -12,6 +12,13 @@ namespace {
 
 constexpr int kMaxExperts = 256;
 
+// Upper bound on the work items (an expert's tiles of bn pairs) of P pairs over E experts: with m
+// experts non-empty, sum ceil(n_e / bn) <= (P + m (bn - 1)) / bn, largest at m = min(E, P).
+inline int64_t max_work_items(int64_t P, int E, int bn) {
+  const int64_t m = P < E ? P : E;
+  return (P + m * (bn - 1)) / bn;
+}
+
 // The serial form of find_work: every thread scans a shared-memory copy of the offsets. The
 // long-running prefill CTAs use it: with the warp form, mlp1 at T = 4096 took 2.51-2.53 ms against
 // 2.12-2.14 ms (H200, same run); decode CTAs, whose prologue is on the critical path, use the warp

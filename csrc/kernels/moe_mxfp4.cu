@@ -438,7 +438,7 @@ __global__ void __launch_bounds__(128) moe_prefill_kernel(MoeGemmArgs a) {
 
 template <bool SWIGLU>
 cudaError_t launch_prefill(const MoeGemmArgs& a, cudaStream_t stream) {
-  const int64_t max_items = (a.P + kPrefillBN - 1) / kPrefillBN + std::min<int64_t>(a.E, a.P);
+  const int64_t max_items = max_work_items(a.P, a.E, kPrefillBN);
   const dim3 grid((a.R / 16 + 7) / 8, static_cast<unsigned>(max_items));
   return launch_kernel(moe_prefill_kernel<SWIGLU>, grid, dim3(128), 0, stream, a);
 }
@@ -467,7 +467,7 @@ cudaError_t launch_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  const int64_t max_items = (a.P + BN - 1) / BN + std::min<int64_t>(a.E, a.P);
+  const int64_t max_items = max_work_items(a.P, a.E, BN);
   const dim3 grid((a.R / 16 + WM - 1) / WM, static_cast<unsigned>(max_items));
   return launch_kernel(kernel, grid, dim3(NW * 32), smem, stream, a, slab);
 }

@@ -197,7 +197,7 @@ cudaError_t launch_wgmma(const MoeGemmArgs& a, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(kWgStages) * BN * 128 + 1024;   // + alignment slack
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  const int64_t max_items = (a.P + BN - 1) / BN + std::min<int64_t>(a.E, a.P);
+  const int64_t max_items = max_work_items(a.P, a.E, BN);
   const dim3 grid((a.R + kWgRows - 1) / kWgRows, static_cast<unsigned>(max_items));
   return launch_kernel(kernel, grid, dim3(kWgThreads), smem, stream, a);
 }
