@@ -217,6 +217,18 @@ def test_moe_matches_reference(E, T):
     assert not out.isnan().any()
     logits = torch.nn.functional.linear(x, w["gw"], w["gb"])
     weights, ids = ref.route(logits, 4)
+    # The kernel path forms its own bf16 gate logits (a different summation order than cuBLAS's), so
+    # at a near-tie between a token's 4th and 5th logit it may pick the other expert. Such tokens
+    # (and only at a near-tie: within two bf16 steps) are checked with the kernel's routing.
+    kw, kid = ops.gate_route(x, w["gw"], w["gb"], 4)[:2]
+    flipped = (kid.sort(1).values != ids.int().sort(1).values).any(1)
+    if flipped.any():
+        top = logits.float().sort(1, descending=True).values
+        step = torch.exp2(torch.floor(torch.log2(top[:, 3].abs().clamp_min(2 ** -100))) - 7)
+        assert ((top[:, 3] - top[:, 4])[flipped] <= 2 * step[flipped]).all(), "routing differs away from a tie"
+        print(f"E={E} T={T}: {int(flipped.sum())} token(s) routed differently at a near-tie")
+        ids = torch.where(flipped[:, None], kid.long(), ids)
+        weights = torch.where(flipped[:, None], kw, weights)
     want = ref.experts(x, weights, ids, (w["b1"], w["s1"]), w["bias1"], (w["b2"], w["s2"]), w["bias2"])
     budget = rel(bf16_moe(x, w, ids, weights), want)
     err = rel(out, want)
