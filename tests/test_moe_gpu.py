@@ -339,6 +339,53 @@ def test_wgmma_prefill_matches_reference_and_mma(mlp, bn, monkeypatch):
     # (nearly) the same bits; which one ran shows in the benchmarks' timings, not here.
 
 
+@pytest.mark.parametrize("variant", ["p", "q", "r", "h", "b"])
+@pytest.mark.parametrize("T,E,HI", [(1, 32, 2880), (5, 32, 2880), (16, 32, 2880), (8, 128, 2880), (7, 8, 128)])
+def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
+    """The decode kernels (GPTOSS_MOE_DECODE: p/q/r the persistent one at 24/16/32 warps, h/b the
+    grid-of-tiles one) on every routed pair against the fp32 reference, twice (the same bits: the
+    split tiles are summed in a fixed order). Uneven routing: an expert with more than 8 pairs
+    (several work items), one with a single pair, empty ones; (7, 8, 128) has fewer chunks a CTA
+    than warps."""
+    w = get_experts(E) if HI == H else experts(E, seed=11, H=HI, I=HI)
+    k = 4
+    x = (torch.randn(T, HI, device=DEV) * 2).bfloat16()
+    logits = torch.nn.functional.linear(x, w["gw"], w["gb"]).float()
+    logits[:, 2] += 100                                          # expert 2: every token
+    if T > 1:
+        logits[:, 3] -= 100
+        logits[0, 3] += 200                                      # expert 3: one token
+    wts, ids, counts, offsets, perm = ops.route(logits, k)
+    P = T * k
+    hin = (torch.randn(P, HI, device=DEV) * 3).bfloat16()
+    want1, want2 = torch.empty(P, HI, device=DEV), torch.empty(P, HI, device=DEV)
+    for e in range(E):
+        rows = perm[offsets[e]:offsets[e + 1]].long()
+        if rows.numel() == 0:
+            continue
+        W1 = ref.mxfp4_dequantize(w["b1"][e], w["s1"][e])
+        W2 = ref.mxfp4_dequantize(w["b2"][e], w["s2"][e])
+        want1[rows] = ref.swiglu(x[rows // k].float() @ W1.T + w["bias1"][e].float())
+        want2[rows] = (hin[rows].float() @ W2.T + w["bias2"][e].float()) * wts.view(-1)[rows, None]
+    monkeypatch.setenv("GPTOSS_MOE_DECODE", variant)
+    outs = []
+    for _ in range(2):
+        h = torch.full((P, HI), float("nan"), dtype=torch.bfloat16, device=DEV)
+        y = torch.full((P, HI), float("nan"), device=DEV)
+        torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, k, 1.702, 7.0, h,
+                                      w["k1"].max_scale)
+        torch.ops.gptoss_ext.moe_mlp2(hin, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wts.view(-1), y,
+                                      w["k2"].max_scale)
+        torch.cuda.synchronize()
+        outs.append((h, y))
+    h, y = outs[0]
+    assert not h.isnan().any() and not y.isnan().any()
+    e1, e2 = rel(h, want1), rel(y, want2)
+    print(f"decode {variant} T={T} E={E}: mlp1 rel err {e1:.2e}, mlp2 {e2:.2e}")
+    assert e1 < 5e-3 and e2 < 5e-3
+    assert torch.equal(outs[1][0], h) and torch.equal(outs[1][1], y)
+
+
 def test_prefill_with_large_scales_uses_the_exact_kernel():
     """Scales above 128 (weights beyond fp16 when folded) take the per-group kernel: still right."""
     E, Hs = 4, 256

@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
   pdl_wait();     // see kernels/pdl.h
   for (int i = threadIdx.x; i < M * vecs; i += kWarps * 32) {
     const int m = i / vecs, v = i % vecs;
-    xs[i] = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);
+    xs[i] = __ldcg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);   // not __ldg: see moe_mxfp4.cu item_scan
   }
   __syncthreads();
   if (n0 >= N) return;

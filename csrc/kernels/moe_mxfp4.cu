@@ -68,11 +68,11 @@ __device__ __forceinline__ bool find_work(const int32_t* __restrict__ offsets, i
   const int lane = threadIdx.x & 31, e0 = lane * 8;
   int lo[8], n[8], tiles = 0;
   bool bad = false;
-  int prev = e0 <= E ? __ldg(offsets + e0) : 0;
+  int prev = e0 <= E ? __ldcg(offsets + e0) : 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int e = e0 + i;
-    const int hi = e < E ? __ldg(offsets + e + 1) : prev;
+    const int hi = e < E ? __ldcg(offsets + e + 1) : prev;
     bad |= prev < 0 || hi < prev || hi > P;
     lo[i] = prev;
     n[i] = hi - prev;
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
       const int p = pair_of[n];
       if (p < 0) continue;  // rows past `count` only feed accumulator columns that are never stored
       const int64_t row = SWIGLU ? p / a.top_k : p;
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K + k0) + c4);
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K + k0) + c4);   // address from smem after the wait
       uint32_t* dst = bs + n * stride + (c4 >> 3) * 32 + (c4 & 7);
       dst[0] = bf16x2_to_f16x2(v.x);
       dst[8] = bf16x2_to_f16x2(v.y);
@@ -277,6 +277,327 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
   const bf16* bias = a.bias + static_cast<int64_t>(expert) * a.R;
 #pragma unroll
   for (int n = 0; n < NT; ++n) store_tile<SWIGLU>(a, bias, pair_of, n, tile, g, q, acc[n]);
+}
+
+// ---- decode, persistent and balanced (T <= ~16) ------------------------------------------------
+//
+// One CTA an SM. The work is the flat list of 16-row tiles of every (expert, 8-pair token tile) work
+// item; CTA b takes tiles [b * n / G, (b + 1) * n / G) — equal to within one tile, so no SM idles
+// while others run a third CTA (the grid-of-tiles kernel above left SMs idle 21 % of its time at
+// T = 1). Inside the CTA the (tile, 64-column chunk) pairs are split evenly over the warps, each
+// warp streaming one contiguous stretch of the weights (a CTA's tiles of one expert are contiguous
+// in the kernel layout) through two register sets of DEPTH chunks. A tile a warp covers whole is
+// stored by that warp straight from its registers; a tile split between warps is summed from
+// shared memory in warp order (deterministic) after one barrier. The activations of the at most two
+// work items a CTA touches are staged once, before the loop. Needs items <= G (host-checked: then a
+// CTA's tiles span at most two items).
+constexpr int kDecodeSlots = 2;
+
+// Per-lane share of the work-item scan (lane l: experts 8l .. 8l + 7, E <= 256) for items of bn pairs.
+struct ItemScan {
+  int lo[8], n[8], incl, tiles;
+};
+
+// The scan and the number of items (every lane gets it); false if the offsets are not a valid
+// grouping of P pairs (then nothing is computed: no out-of-range access). The offsets are the
+// router's output, so they are read with ld.global.cg: an __ldg (ld.global.nc, an invariant load to
+// the compiler) of an address known at entry was hoisted above the programmatic-launch wait, and
+// under CUDA-graph replay the kernel read the previous step's routing.
+__device__ __forceinline__ bool item_scan(const int32_t* __restrict__ offsets, int E, int64_t P, int bn, ItemScan& s,
+                                          int& total) {
+  const int lane = threadIdx.x & 31, e0 = lane * 8;
+  bool bad = false;
+  int prev = e0 <= E ? __ldcg(offsets + e0) : 0;
+  s.tiles = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int e = e0 + i;
+    const int hi = e < E ? __ldcg(offsets + e + 1) : prev;
+    bad |= prev < 0 || hi < prev || hi > P;
+    s.lo[i] = prev;
+    s.n[i] = hi - prev;
+    s.tiles += (s.n[i] + bn - 1) / bn;
+    prev = hi;
+  }
+  if (__any_sync(0xFFFFFFFFu, bad)) {
+    s.incl = s.tiles = 0;
+    return false;
+  }
+  s.incl = s.tiles;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xFFFFFFFFu, s.incl, o);
+    if ((threadIdx.x & 31) >= o) s.incl += v;
+  }
+  total = __shfl_sync(0xFFFFFFFFu, s.incl, 31);
+  return true;
+}
+
+// (expert, pair count, perm index of the first pair) of item `item` (< total), warp-collective.
+__device__ __forceinline__ void item_info(const ItemScan& s, int bn, int item, int& expert, int& count, int& base) {
+  const int lane = threadIdx.x & 31;
+  const unsigned owner = __ballot_sync(0xFFFFFFFFu, item >= s.incl - s.tiles && item < s.incl);
+  int info[3] = {0, 0, 0};
+  int acc = s.incl - s.tiles;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int t = (s.n[i] + bn - 1) / bn;
+    if (item >= acc && item < acc + t) {
+      const int st = (item - acc) * bn;
+      info[0] = lane * 8 + i;
+      info[1] = min(bn, s.n[i] - st);
+      info[2] = s.lo[i] + st;
+    }
+    acc += t;
+  }
+  const int src = owner ? __ffs(owner) - 1 : 0;
+  expert = __shfl_sync(0xFFFFFFFFu, info[0], src);
+  count = owner ? __shfl_sync(0xFFFFFFFFu, info[1], src) : 0;
+  base = __shfl_sync(0xFFFFFFFFu, info[2], src);
+}
+
+template <bool SWIGLU, int NW, int DEPTH>
+__global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
+  if (!a.routing_ready) pdl_wait();     // see moe_gemm_kernel and kernels/pdl.h
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int32_t pair_of[kDecodeSlots][8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int RT = a.R / 16, C = a.K / 64;
+  const int stride = a.K / 2 + 4;                                   // words a staged row (+16 B pad)
+  const int srows = a.P < 8 ? static_cast<int>(a.P) : 8;            // staged rows a slot
+  uint32_t* bs = reinterpret_cast<uint32_t*>(smem_raw);             // [slots][srows][stride] fp16x2
+  float* part = reinterpret_cast<float*>(bs + kDecodeSlots * srows * stride);   // [NW][2][4][32]
+
+  // Warp 0 finds the CTA's tiles and the (at most two) work items they belong to; the others wait
+  // at the barrier instead of repeating the scan (24 warps doing it cost more than it saved).
+  __shared__ int cta_info[4 + 3 * kDecodeSlots];
+  if (warp == 0) {
+    ItemScan scan;
+    int total, info[4 + 3 * kDecodeSlots];
+    info[0] = info[1] = 0;
+    if (item_scan(a.offsets, a.E, a.P, 8, scan, total)) {
+      const unsigned all_tiles = static_cast<unsigned>(total * RT);     // grid * items * RT < 2^31 (host)
+      info[0] = static_cast<int>(blockIdx.x * all_tiles / gridDim.x);
+      info[1] = static_cast<int>((blockIdx.x + 1) * all_tiles / gridDim.x);
+    }
+    info[2] = info[0] / RT;
+    info[3] = info[1] > info[0] ? (info[1] - 1) / RT - info[2] + 1 : 0;   // <= 2 (items <= grid)
+#pragma unroll
+    for (int sl = 0; sl < kDecodeSlots; ++sl)
+      item_info(scan, 8, info[2] + sl, info[4 + 3 * sl], info[5 + 3 * sl], info[6 + 3 * sl]);
+    if (lane < 4 + 3 * kDecodeSlots) {
+      int v = info[0];
+#pragma unroll
+      for (int j = 1; j < 4 + 3 * kDecodeSlots; ++j) v = lane == j ? info[j] : v;
+      cta_info[lane] = v;
+    }
+  }
+  __syncthreads();
+  const int tile0 = cta_info[0], tile1 = cta_info[1], it0 = cta_info[2], nslots = cta_info[3];
+  if (tile0 >= tile1) return;
+  int expert[kDecodeSlots], count[kDecodeSlots], base[kDecodeSlots];
+#pragma unroll
+  for (int sl = 0; sl < kDecodeSlots; ++sl) {
+    expert[sl] = cta_info[4 + 3 * sl];
+    count[sl] = cta_info[5 + 3 * sl];
+    base[sl] = cta_info[6 + 3 * sl];
+  }
+
+  // This warp's stretch [u0, u1) of the CTA's (tile, chunk) pairs; chunk u of slot s is weight
+  // chunk woff[s] + u of the kernel layout.
+  const int N = (tile1 - tile0) * C;
+  const int u0 = warp * N / NW, u1 = (warp + 1) * N / NW;
+  const int uB = nslots > 1 ? ((it0 + 1) * RT - tile0) * C : N;     // first chunk of slot 1
+  int64_t woff[kDecodeSlots];
+#pragma unroll
+  for (int s = 0; s < kDecodeSlots; ++s)
+    woff[s] = (static_cast<int64_t>(expert[s]) * RT - static_cast<int64_t>(it0 + s) * RT + tile0) * C;
+  const uint4* codes = reinterpret_cast<const uint4*>(a.codes) + lane;
+  const uint32_t* scales = reinterpret_cast<const uint32_t*>(a.scales) + g;
+
+  uint4 code_a[DEPTH], code_b[DEPTH];
+  uint32_t sc_a[DEPTH], sc_b[DEPTH];
+  const auto load_batch = [&](int ub, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
+    if (ub + DEPTH <= uB || ub >= uB) {   // one segment: one address, constant offsets
+      const int64_t ci = (ub < uB ? woff[0] : woff[1]) + ub;
+      const uint4* cp = codes + ci * 32;
+      const uint32_t* sp = scales + ci * 8;
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        if (ub + d < u1) {
+          cd[d] = __ldg(cp + d * 32);
+          sv[d] = __ldg(sp + d * 8);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        const int u = ub + d;
+        if (u < u1) {
+          const int64_t ci = (u < uB ? woff[0] : woff[1]) + u;
+          cd[d] = __ldg(codes + ci * 32);
+          sv[d] = __ldg(scales + ci * 8);
+        }
+      }
+    }
+  };
+  if (u0 < u1) load_batch(u0, code_a, sc_a);
+
+  if (threadIdx.x < kDecodeSlots * 8) {
+    const int s = threadIdx.x >> 3, n = threadIdx.x & 7;
+    const int cnt = s ? count[1] : count[0], b0 = s ? base[1] : base[0];
+    const int p = s < nslots && n < cnt ? a.perm[b0 + n] : -1;
+    pair_of[s][n] = (p >= 0 && p < a.P) ? p : -1;   // a pair index out of range is skipped
+  }
+  if (a.routing_ready) pdl_wait();
+  __syncthreads();
+  // Stage both items' activations (fp16), chunk-fragment order as in moe_gemm_kernel.
+  {
+    const int vecs = a.K / 8;
+    for (int i = threadIdx.x; i < nslots * srows * vecs; i += NW * 32) {
+      const int r = i / vecs, c4 = i % vecs;
+      const int p = pair_of[r / srows][r % srows];
+      if (p < 0) continue;
+      const int64_t row = SWIGLU ? p / a.top_k : p;
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K) + c4);   // address from smem after the wait
+      uint32_t* dst = bs + r * stride + (c4 >> 3) * 32 + (c4 & 7);
+      dst[0] = bf16x2_to_f16x2(v.x);
+      dst[8] = bf16x2_to_f16x2(v.y);
+      dst[16] = bf16x2_to_f16x2(v.z);
+      dst[24] = bf16x2_to_f16x2(v.w);
+    }
+  }
+  __syncthreads();
+
+  int brow[kDecodeSlots];
+#pragma unroll
+  for (int s = 0; s < kDecodeSlots; ++s) brow[s] = (s * srows + min(g, max(count[s], 1) - 1)) * stride;
+
+  // Stores a tile's sums: through the epilogue when this warp covered all of it, else into this
+  // warp's partial slot (0: its first tile, 1: its last).
+  const int first_lt = u0 / C;
+  const auto finish_tile = [&](int lt, bool whole, float (&acc)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] *= 16384.f;   // the decode's 2^-14
+    if (whole) {
+      const int gt = tile0 + lt;
+      const bool s1 = gt >= (it0 + 1) * RT;
+      store_tile<SWIGLU>(a, a.bias + static_cast<int64_t>(s1 ? expert[1] : expert[0]) * a.R, pair_of[s1 ? 1 : 0], 0,
+                         gt - (it0 + (s1 ? 1 : 0)) * RT, g, q, acc);
+    } else {
+      float* pp = part + ((warp * 2 + (lt == first_lt ? 0 : 1)) * 4) * 32 + lane;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) pp[j * 32] = acc[j];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] = 0.f;
+  };
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int c = u0 % C, lt = first_lt;
+  bool whole = c == 0;
+  const auto compute_batch = [&](int ub, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int u = ub + d;
+      if (u >= u1) break;
+      const uint32_t words4[4] = {cd[d].x, cd[d].y, cd[d].z, cd[d].w};
+      const uint32_t* bp = bs + (u < uB ? brow[0] : brow[1]) + c * 32 + q * 8;
+      const uint4 b0 = *reinterpret_cast<const uint4*>(bp);
+      const uint4 b1 = *reinterpret_cast<const uint4*>(bp + 4);
+#pragma unroll
+      for (int grp = 0; grp < 2; ++grp) {
+        float pt[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4& b = grp ? b1 : b0;
+#pragma unroll
+        for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
+          uint32_t af[4];
+          fp4x8_to_f16x2(words4[s], af);
+          mma_f16(pt, af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
+        }
+        const float s_lo = grp ? e8m0_byte<2>(sv[d]) : e8m0_byte<0>(sv[d]);   // row g
+        const float s_hi = grp ? e8m0_byte<3>(sv[d]) : e8m0_byte<1>(sv[d]);   // row g + 8
+        acc[0] = fmaf(pt[0], s_lo, acc[0]);
+        acc[1] = fmaf(pt[1], s_lo, acc[1]);
+        acc[2] = fmaf(pt[2], s_hi, acc[2]);
+        acc[3] = fmaf(pt[3], s_hi, acc[3]);
+      }
+      const bool tile_end = c == C - 1;
+      if (tile_end || u == u1 - 1) finish_tile(lt, whole && tile_end, acc);
+      if (tile_end) {
+        c = 0;
+        ++lt;
+        whole = true;
+      } else {
+        ++c;
+      }
+    }
+  };
+  for (int ub = u0; ub < u1; ub += 2 * DEPTH) {
+    if (ub + DEPTH < u1) load_batch(ub + DEPTH, code_b, sc_b);
+    compute_batch(ub, code_a, sc_a);
+    if (ub + DEPTH >= u1) break;
+    if (ub + 2 * DEPTH < u1) load_batch(ub + 2 * DEPTH, code_a, sc_a);
+    compute_batch(ub + DEPTH, code_b, sc_b);
+  }
+  pdl_trigger();
+  __syncthreads();
+  // Tiles split between warps: the warp holding a tile's first chunk (but not its last) sums the
+  // partials of the warps that cover it, in warp order.
+  if (u0 < u1) {
+    const int t = (u1 - 1) / C;
+    if (t * C >= u0 && (t + 1) * C > u1) {
+      float sum[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int v = warp; v < NW; ++v) {
+        const int v0 = v * N / NW, v1 = (v + 1) * N / NW;
+        if (v0 >= (t + 1) * C) break;
+        if (v0 == v1) continue;
+        const float* pp = part + ((v * 2 + (t == v0 / C ? 0 : 1)) * 4) * 32 + lane;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) sum[j] += pp[j * 32];
+      }
+      const int gt = tile0 + t;
+      const bool s1 = gt >= (it0 + 1) * RT;
+      store_tile<SWIGLU>(a, a.bias + static_cast<int64_t>(s1 ? expert[1] : expert[0]) * a.R, pair_of[s1 ? 1 : 0], 0,
+                         gt - (it0 + (s1 ? 1 : 0)) * RT, g, q, sum);
+    }
+  }
+}
+
+template <bool SWIGLU, int NW, int DEPTH>
+size_t decode_smem(const MoeGemmArgs& a) {
+  const int64_t srows = std::min<int64_t>(8, a.P);
+  return static_cast<size_t>(kDecodeSlots * srows) * (a.K / 2 + 4) * 4 + static_cast<size_t>(NW) * 2 * 4 * 32 * 4;
+}
+
+int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  if (cached[dev] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+    cached[dev] = n;
+  }
+  return cached[dev];
+}
+
+// Whether the persistent decode kernel serves this call (items <= SMs, activations fit), and
+// launches it. Returns cudaErrorNotSupported (nothing launched) where it does not.
+template <bool SWIGLU, int NW, int DEPTH>
+cudaError_t launch_decode(const MoeGemmArgs& a, cudaStream_t stream) {
+  const int sms = sm_count();
+  const int64_t items = max_work_items(a.P, a.E, 8);
+  const size_t smem = decode_smem<SWIGLU, NW, DEPTH>(a);
+  if (sms <= 0 || items > sms || smem > 200 * 1024 || static_cast<int64_t>(sms) * items * (a.R / 16) >= INT32_MAX)
+    return cudaErrorNotSupported;
+  auto kernel = moe_decode_kernel<SWIGLU, NW, DEPTH>;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  const int64_t tiles = items * (a.R / 16);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(sms, tiles));
+  return launch_kernel(kernel, dim3(grid), dim3(NW * 32), smem, stream, a);
 }
 
 // ---- prefill: 128 weight rows x 64 tokens a CTA, scales folded into the fp16 weights -------------
@@ -512,6 +833,14 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
     // A/B with bench/moe_ab.py) for the latency-bound loop. H200, 20b: T=1 28.1 vs 28.8 us,
     // T=8 133 vs 136 us, e2e B=32 decode 7.6 vs 8.2 ms a step.
     const char* v = std::getenv("GPTOSS_MOE_DECODE");
+    // The persistent kernel (default; 'p' 24 warps x 4-chunk batches, 'q' 16 x 6, 'r' 32 x 3) where
+    // it serves the call (work items <= SMs); else the grid-of-tiles kernel below.
+    if (!v || v[0] == 'p' || v[0] == 'q' || v[0] == 'r') {
+      const cudaError_t e = v && v[0] == 'q'   ? launch_decode<SWIGLU, 16, 6>(a, stream)
+                            : v && v[0] == 'r' ? launch_decode<SWIGLU, 32, 3>(a, stream)
+                                               : launch_decode<SWIGLU, 24, 4>(a, stream);
+      if (e != cudaErrorNotSupported) return e;
+    }
     if (v && v[0] == 'a') return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
     // Shapes of the 8-warp kernel (bench/moe_decode_ab.py, H100, 8 rotated routings): 'b' the K
     // split below, 'h' half as wide (mlp1 unsplit, mlp2 over 2 warps), 'w' twice as wide, 'd'

@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(WARPS * 32) gate_router_kernel(
       for (int i = 0; i < kGateVecs; ++i) {
         const int v = lane + 32 * i;
         if (v < vecs) {
-          const uint4 xv = NORM ? xrow[v] : __ldg(xrow + v);
+          const uint4 xv = NORM ? xrow[v] : __ldcg(xrow + v);   // a previous kernel's output: not __ldg
           const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
           const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv[i]);
 #pragma unroll

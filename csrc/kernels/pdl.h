@@ -3,7 +3,10 @@
 // stream is still running. Each kernel begins with pdl_wait() (griddepcontrol.wait: blocks until
 // the previous grid has completed and its writes are visible) before it reads anything another
 // kernel wrote or writes anything at all; only reads of constant data (weights) may come before
-// it. Right after, pdl_trigger() lets the next kernel launch. A step of decode is ~300 small
+// it, and what another kernel wrote is never read through __ldg (ld.global.nc is an invariant load
+// to the compiler, which may hoist it above the wait: a MoE kernel did, and read the previous
+// step's routing under graph replay); weights may be. Right after, pdl_trigger() lets the next
+// kernel launch. A step of decode is ~300 small
 // dependent launches: this hides each one's launch latency and prologue behind its predecessor.
 // On by default where the device is sm_90 (the sm_90a build has the waits); GPTOSS_PDL=0 or
 // gptoss_ext.ops.set_pdl(False) turns it off (launches are then plain stream-ordered launches).
