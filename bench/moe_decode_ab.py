@@ -44,6 +44,15 @@ def main():
                 torch.ops.gptoss_ext.moe_mlp2(hs[i], w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets,
                                               wt.view(-1), ys[i], w["k2"].max_scale)
 
+            def fused(i):
+                wt, ids, counts, offsets, perm = rts[i]
+                torch.ops.gptoss_ext.moe_experts(xs[i], w["k1"].codes, w["k1"].scales, w["bias1"], w["k2"].codes,
+                                                 w["k2"].scales, w["bias2"], perm, offsets, wt.view(-1), 4, 1.702,
+                                                 7.0, hs[i], ys[i], w["k1"].max_scale, w["k2"].max_scale)
+
+            tf = time_cuda(fused, n)[0] * 1000
+            print(f"{name} T={T} moe_experts (default kernels, mlp2 routing_ready): {tf:6.1f} us "
+                  f"({tf / floor_us:.2f}x the floor {floor_us:.1f} us at the measured copy bandwidth)", flush=True)
             for var in variants:
                 if var == "auto":
                     os.environ.pop("GPTOSS_MOE_DECODE", None)

@@ -40,6 +40,11 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // mlp1), so the decode kernel may read them before its programmatic-launch wait
   m.def("moe_mlp2(Tensor h, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, "
         "Tensor route_weights, Tensor(a!) out, int max_scale=255, bool routing_ready=False) -> ()");
+  // moe_mlp1 into h, then moe_mlp2 of h into y (routing_ready, so mlp2's first weight loads overlap
+  // mlp1's tail), as one op
+  m.def("moe_experts(Tensor x, Tensor codes1, Tensor scales1, Tensor bias1, Tensor codes2, Tensor scales2, "
+        "Tensor bias2, Tensor perm, Tensor offsets, Tensor route_weights, int top_k, float alpha, float limit, "
+        "Tensor(a!) h, Tensor(b!) y, int max_scale1=255, int max_scale2=255) -> ()");
   // out[t] = residual[t] + sum over the token's top_k rows of y
   m.def("moe_combine(Tensor y, Tensor? residual, int top_k, Tensor(a!) out) -> ()");
   // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer).
@@ -86,6 +91,7 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("moe_add_norm_gate_router", &gptoss::moe_add_norm_gate_router);
   m.impl("moe_mlp1", &gptoss::moe_mlp1);
   m.impl("moe_mlp2", &gptoss::moe_mlp2);
+  m.impl("moe_experts", &gptoss::moe_experts);
   m.impl("moe_combine", &gptoss::moe_combine);
   m.impl("attn_prefill", &gptoss::attn_prefill);
   m.impl("attn_decode", &gptoss::attn_decode);

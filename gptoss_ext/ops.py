@@ -499,11 +499,12 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         R1, _ = mlp1_weight.shape
         H, I = mlp2_weight.shape
         h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
-        torch.ops.gptoss_ext.moe_mlp1(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias, perm, offsets,
-                                      k, swiglu_alpha, swiglu_limit, h, mlp1_weight.max_scale)
         y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
-        torch.ops.gptoss_ext.moe_mlp2(h, mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
-                                      weights.view(-1), y, mlp2_weight.max_scale, True)   # routing_ready
+        # mlp1 then mlp2 (mlp2 launched as routing_ready: its first weight loads overlap mlp1's tail)
+        torch.ops.gptoss_ext.moe_experts(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias,
+                                         mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
+                                         weights.view(-1), k, swiglu_alpha, swiglu_limit, h, y,
+                                         mlp1_weight.max_scale, mlp2_weight.max_scale)
         if not combine and residual is None:
             return y.view(T, k, H)
         out = torch.empty(T, H, dtype=torch.bfloat16, device=x.device)
@@ -568,6 +569,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::moe_mlp2")
     def _(h, codes, scales, bias, perm, offsets, route_weights, out, max_scale=255, routing_ready=False):
+        return None
+
+    @torch.library.register_fake("gptoss_ext::moe_experts")
+    def _(x, codes1, scales1, bias1, codes2, scales2, bias2, perm, offsets, route_weights, top_k, alpha, limit, h, y,
+          max_scale1=255, max_scale2=255):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_combine")

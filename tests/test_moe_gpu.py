@@ -386,6 +386,69 @@ def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
     assert torch.equal(outs[1][0], h) and torch.equal(outs[1][1], y)
 
 
+@pytest.mark.parametrize("T,E,HI", [(1, 32, 2880), (2, 128, 2880), (8, 32, 2880), (16, 32, 2880), (7, 8, 128),
+                                    (64, 32, 2880)])
+def test_moe_experts_matches_reference(T, E, HI):
+    """moe_experts (mlp1 then mlp2 in one op) on every routed pair against the fp32 reference; twice
+    with the same bits, and the same bits as the two ops one after the other."""
+    w = get_experts(E) if HI == H else experts(E, seed=11, H=HI, I=HI)
+    k = 4
+    x = (torch.randn(T, HI, device=DEV) * 2).bfloat16()
+    logits = torch.nn.functional.linear(x, w["gw"], w["gb"]).float()
+    logits[:, 2] += 100                                          # expert 2: every token
+    wts, ids, counts, offsets, perm = ops.route(logits, k)
+    P = T * k
+    outs = []
+    for _ in range(2):
+        h = torch.full((P, HI), float("nan"), dtype=torch.bfloat16, device=DEV)
+        y = torch.full((P, HI), float("nan"), device=DEV)
+        torch.ops.gptoss_ext.moe_experts(x, w["k1"].codes, w["k1"].scales, w["bias1"], w["k2"].codes, w["k2"].scales,
+                                         w["bias2"], perm, offsets, wts.view(-1), k, 1.702, 7.0, h, y,
+                                         w["k1"].max_scale, w["k2"].max_scale)
+        torch.cuda.synchronize()
+        outs.append((h, y))
+    h, y = outs[0]
+    h2 = torch.full((P, HI), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y2 = torch.full((P, HI), float("nan"), device=DEV)
+    torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, k, 1.702, 7.0, h2,
+                                  w["k1"].max_scale)
+    torch.ops.gptoss_ext.moe_mlp2(h2, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wts.view(-1), y2,
+                                  w["k2"].max_scale)
+    want1, want2 = torch.empty(P, HI, device=DEV), torch.empty(P, HI, device=DEV)
+    for e in range(E):
+        rows = perm[offsets[e]:offsets[e + 1]].long()
+        if rows.numel() == 0:
+            continue
+        W1 = ref.mxfp4_dequantize(w["b1"][e], w["s1"][e])
+        W2 = ref.mxfp4_dequantize(w["b2"][e], w["s2"][e])
+        want1[rows] = ref.swiglu(x[rows // k].float() @ W1.T + w["bias1"][e].float())
+        want2[rows] = (h[rows].float() @ W2.T + w["bias2"][e].float()) * wts.view(-1)[rows, None]
+    assert not h.isnan().any() and not y.isnan().any()
+    e1, e2 = rel(h, want1), rel(y, want2)
+    print(f"moe_experts T={T} E={E}: mlp1 rel err {e1:.2e}, mlp2 {e2:.2e}")
+    assert e1 < 5e-3 and e2 < 5e-3
+    assert torch.equal(outs[1][0], h) and torch.equal(outs[1][1], y)
+    assert torch.equal(h2, h) and torch.equal(y2, y)
+
+
+def test_moe_experts_errors_name_the_argument():
+    w = experts(4, seed=2, H=128, I=64)
+    x = torch.randn(2, 128, device=DEV).bfloat16()
+    wts, ids, counts, offsets, perm = ops.route(torch.randn(2, 4, device=DEV), 2)
+    h = torch.empty(4, 64, dtype=torch.bfloat16, device=DEV)
+    y = torch.empty(4, 128, device=DEV)
+    args = (x, w["k1"].codes, w["k1"].scales, w["bias1"], w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets,
+            wts.view(-1), 2, 1.702, 7.0)
+    with pytest.raises(RuntimeError, match="moe_experts: 'h' dim 1 must be 64"):
+        torch.ops.gptoss_ext.moe_experts(*args, torch.empty(4, 32, dtype=torch.bfloat16, device=DEV), y)
+    with pytest.raises(RuntimeError, match="moe_experts: 'y' must be"):
+        torch.ops.gptoss_ext.moe_experts(*args, h, torch.empty(4, 64, device=DEV))
+    with pytest.raises(RuntimeError, match="moe_experts: 'scales2' must be"):
+        torch.ops.gptoss_ext.moe_experts(*args[:4], w["k2"].codes[:, :, :1].contiguous(), *args[5:], h, y)
+    with pytest.raises(RuntimeError, match="moe_experts: 'bias1' dim 1 must be 128"):
+        torch.ops.gptoss_ext.moe_experts(*args[:3], w["bias1"][:, :64].contiguous(), *args[4:], h, y)
+
+
 def test_prefill_with_large_scales_uses_the_exact_kernel():
     """Scales above 128 (weights beyond fp16 when folded) take the per-group kernel: still right."""
     E, Hs = 4, 256
@@ -480,6 +543,9 @@ def test_opcheck_moe_ops():
                           (h, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wts.view(-1), y))
     out = torch.empty(T, 128, dtype=torch.bfloat16, device=DEV)
     torch.library.opcheck(torch.ops.gptoss_ext.moe_combine.default, (y, None, k, out))
+    torch.library.opcheck(torch.ops.gptoss_ext.moe_experts.default,
+                          (x, w["k1"].codes, w["k1"].scales, w["bias1"], w["k2"].codes, w["k2"].scales, w["bias2"],
+                           perm, offsets, wts.view(-1), k, 1.702, 7.0, h, y))
 
 
 def test_moe_small_model_shapes_match_reference():

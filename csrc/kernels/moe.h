@@ -81,6 +81,9 @@ struct MoeGemmArgs {
 cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream);
 cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream);
 
+// mlp1 then mlp2 (a2: h as x, routing_ready) of one MoE block: launch_moe_mlp1, launch_moe_mlp2.
+cudaError_t launch_moe_experts(const MoeGemmArgs& a1, const MoeGemmArgs& a2, cudaStream_t stream);
+
 // Prefill on Hopper (moe_mxfp4_sm90.cu, built when sm_90a is in the architecture list): wgmma with
 // the decoded weights as the register A operand, 128 weight rows x bn tokens a CTA (bn = 64, 128 or
 // 256). Usable when the device is sm_90, this build has the sm_90a code, R % 64 == 0 and

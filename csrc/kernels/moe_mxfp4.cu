@@ -356,78 +356,117 @@ __device__ __forceinline__ void item_info(const ItemScan& s, int bn, int item, i
   base = __shfl_sync(0xFFFFFFFFu, info[2], src);
 }
 
+// Per-CTA work of a phase, in shared memory: [0] first tile, [1] end tile, [2] first item, [3] items
+// touched (<= 2), then (expert, pair count, perm index of the first pair) of each.
+constexpr int kCtaInfo = 4 + 3 * kDecodeSlots;
+
+// Warp 0: this CTA's tiles when every item has RT tiles (ok false: none), into out[kCtaInfo].
+__device__ __forceinline__ void cta_tiles(const ItemScan& scan, int total, bool ok, int RT, int* out) {
+  const int lane = threadIdx.x & 31;
+  int info[kCtaInfo];
+  info[0] = info[1] = 0;
+  if (ok) {
+    const unsigned all_tiles = static_cast<unsigned>(total * RT);     // grid * items * RT < 2^31 (host)
+    info[0] = static_cast<int>(blockIdx.x * all_tiles / gridDim.x);
+    info[1] = static_cast<int>((blockIdx.x + 1) * all_tiles / gridDim.x);
+  }
+  info[2] = info[0] / RT;
+  info[3] = info[1] > info[0] ? (info[1] - 1) / RT - info[2] + 1 : 0;   // <= 2 (items <= grid)
+#pragma unroll
+  for (int sl = 0; sl < kDecodeSlots; ++sl)
+    item_info(scan, 8, info[2] + sl, info[4 + 3 * sl], info[5 + 3 * sl], info[6 + 3 * sl]);
+  if (lane < kCtaInfo) {
+    int v = info[0];
+#pragma unroll
+    for (int j = 1; j < kCtaInfo; ++j) v = lane == j ? info[j] : v;
+    out[lane] = v;
+  }
+}
+
+// A warp's stretch [u0, u1) of its CTA's (tile, chunk) pairs; chunk u < uB belongs to slot 0 and is
+// weight chunk woff0 + u of the kernel layout, later ones slot 1 (woff1 + u).
+struct WarpRange {
+  int u0, u1, uB, N;
+  int64_t woff0, woff1;
+};
+
+template <int NW>
+__device__ __forceinline__ WarpRange warp_range(const int* info, int RT, int C, int warp) {
+  WarpRange w;
+  const int tile0 = info[0], it0 = info[2];
+  w.N = (info[1] - tile0) * C;
+  w.u0 = warp * w.N / NW;
+  w.u1 = (warp + 1) * w.N / NW;
+  w.uB = info[3] > 1 ? ((it0 + 1) * RT - tile0) * C : w.N;
+  w.woff0 = (static_cast<int64_t>(info[4]) * RT - static_cast<int64_t>(it0) * RT + tile0) * C;
+  w.woff1 = (static_cast<int64_t>(info[7]) * RT - static_cast<int64_t>(it0 + 1) * RT + tile0) * C;
+  return w;
+}
+
+struct DecodeSmem {
+  uint32_t* bs;                 // [slots][srows][stride] staged activations (fp16x2)
+  float* part;                  // [NW][2][4][32] partial sums of split tiles
+  int32_t (*pair_of)[8];        // [slots][8]
+  const int* info;              // kCtaInfo ints (cta_tiles)
+  int srows;
+};
+
+// Weight loads: read once, so marked first to go from L2 and not kept in L1.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+
+__device__ __forceinline__ uint4 ld_stream16(const uint4* p, uint64_t pol) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "l"(pol));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t ld_stream4(const uint32_t* p, uint64_t pol) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.u32 %0, [%1], %2;\n" : "=r"(v) : "l"(p), "l"(pol));
+  return v;
+}
+
 template <bool SWIGLU, int NW, int DEPTH>
-__global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
-  if (!a.routing_ready) pdl_wait();     // see moe_gemm_kernel and kernels/pdl.h
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ int32_t pair_of[kDecodeSlots][8];
+__device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeSmem& sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int RT = a.R / 16, C = a.K / 64;
   const int stride = a.K / 2 + 4;                                   // words a staged row (+16 B pad)
-  const int srows = a.P < 8 ? static_cast<int>(a.P) : 8;            // staged rows a slot
-  uint32_t* bs = reinterpret_cast<uint32_t*>(smem_raw);             // [slots][srows][stride] fp16x2
-  float* part = reinterpret_cast<float*>(bs + kDecodeSlots * srows * stride);   // [NW][2][4][32]
-
-  // Warp 0 finds the CTA's tiles and the (at most two) work items they belong to; the others wait
-  // at the barrier instead of repeating the scan (24 warps doing it cost more than it saved).
-  __shared__ int cta_info[4 + 3 * kDecodeSlots];
-  if (warp == 0) {
-    ItemScan scan;
-    int total, info[4 + 3 * kDecodeSlots];
-    info[0] = info[1] = 0;
-    if (item_scan(a.offsets, a.E, a.P, 8, scan, total)) {
-      const unsigned all_tiles = static_cast<unsigned>(total * RT);     // grid * items * RT < 2^31 (host)
-      info[0] = static_cast<int>(blockIdx.x * all_tiles / gridDim.x);
-      info[1] = static_cast<int>((blockIdx.x + 1) * all_tiles / gridDim.x);
-    }
-    info[2] = info[0] / RT;
-    info[3] = info[1] > info[0] ? (info[1] - 1) / RT - info[2] + 1 : 0;   // <= 2 (items <= grid)
-#pragma unroll
-    for (int sl = 0; sl < kDecodeSlots; ++sl)
-      item_info(scan, 8, info[2] + sl, info[4 + 3 * sl], info[5 + 3 * sl], info[6 + 3 * sl]);
-    if (lane < 4 + 3 * kDecodeSlots) {
-      int v = info[0];
-#pragma unroll
-      for (int j = 1; j < 4 + 3 * kDecodeSlots; ++j) v = lane == j ? info[j] : v;
-      cta_info[lane] = v;
-    }
-  }
-  __syncthreads();
-  const int tile0 = cta_info[0], tile1 = cta_info[1], it0 = cta_info[2], nslots = cta_info[3];
-  if (tile0 >= tile1) return;
+  const int srows = sm.srows;
+  const int* info = sm.info;
+  const int tile0 = info[0], tile1 = info[1], it0 = info[2], nslots = info[3];
+  if (tile0 >= tile1) return;                                       // the whole CTA
   int expert[kDecodeSlots], count[kDecodeSlots], base[kDecodeSlots];
 #pragma unroll
   for (int sl = 0; sl < kDecodeSlots; ++sl) {
-    expert[sl] = cta_info[4 + 3 * sl];
-    count[sl] = cta_info[5 + 3 * sl];
-    base[sl] = cta_info[6 + 3 * sl];
+    expert[sl] = info[4 + 3 * sl];
+    count[sl] = info[5 + 3 * sl];
+    base[sl] = info[6 + 3 * sl];
   }
-
-  // This warp's stretch [u0, u1) of the CTA's (tile, chunk) pairs; chunk u of slot s is weight
-  // chunk woff[s] + u of the kernel layout.
-  const int N = (tile1 - tile0) * C;
-  const int u0 = warp * N / NW, u1 = (warp + 1) * N / NW;
-  const int uB = nslots > 1 ? ((it0 + 1) * RT - tile0) * C : N;     // first chunk of slot 1
-  int64_t woff[kDecodeSlots];
-#pragma unroll
-  for (int s = 0; s < kDecodeSlots; ++s)
-    woff[s] = (static_cast<int64_t>(expert[s]) * RT - static_cast<int64_t>(it0 + s) * RT + tile0) * C;
+  const WarpRange wr = warp_range<NW>(info, RT, C, warp);
+  const int N = wr.N, u0 = wr.u0, u1 = wr.u1, uB = wr.uB;
+  const int64_t woff0 = wr.woff0, woff1 = wr.woff1;
   const uint4* codes = reinterpret_cast<const uint4*>(a.codes) + lane;
   const uint32_t* scales = reinterpret_cast<const uint32_t*>(a.scales) + g;
+  const uint64_t pol = evict_first_policy();
 
   uint4 code_a[DEPTH], code_b[DEPTH];
   uint32_t sc_a[DEPTH], sc_b[DEPTH];
   const auto load_batch = [&](int ub, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
     if (ub + DEPTH <= uB || ub >= uB) {   // one segment: one address, constant offsets
-      const int64_t ci = (ub < uB ? woff[0] : woff[1]) + ub;
+      const int64_t ci = (ub < uB ? woff0 : woff1) + ub;
       const uint4* cp = codes + ci * 32;
       const uint32_t* sp = scales + ci * 8;
 #pragma unroll
       for (int d = 0; d < DEPTH; ++d) {
         if (ub + d < u1) {
-          cd[d] = __ldg(cp + d * 32);
-          sv[d] = __ldg(sp + d * 8);
+          cd[d] = ld_stream16(cp + d * 32, pol);
+          sv[d] = ld_stream4(sp + d * 8, pol);
         }
       }
     } else {
@@ -435,15 +474,16 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
       for (int d = 0; d < DEPTH; ++d) {
         const int u = ub + d;
         if (u < u1) {
-          const int64_t ci = (u < uB ? woff[0] : woff[1]) + u;
-          cd[d] = __ldg(codes + ci * 32);
-          sv[d] = __ldg(scales + ci * 8);
+          const int64_t ci = (u < uB ? woff0 : woff1) + u;
+          cd[d] = ld_stream16(codes + ci * 32, pol);
+          sv[d] = ld_stream4(scales + ci * 8, pol);
         }
       }
     }
   };
   if (u0 < u1) load_batch(u0, code_a, sc_a);
 
+  int32_t (*pair_of)[8] = sm.pair_of;
   if (threadIdx.x < kDecodeSlots * 8) {
     const int s = threadIdx.x >> 3, n = threadIdx.x & 7;
     const int cnt = s ? count[1] : count[0], b0 = s ? base[1] : base[0];
@@ -452,7 +492,8 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
   }
   if (a.routing_ready) pdl_wait();
   __syncthreads();
-  // Stage both items' activations (fp16), chunk-fragment order as in moe_gemm_kernel.
+  // Stage the items' activations (fp16), chunk-fragment order as in moe_gemm_kernel. The address
+  // comes from shared memory after the wait, so the __ldg cannot move above it.
   {
     const int vecs = a.K / 8;
     for (int i = threadIdx.x; i < nslots * srows * vecs; i += NW * 32) {
@@ -460,8 +501,9 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
       const int p = pair_of[r / srows][r % srows];
       if (p < 0) continue;
       const int64_t row = SWIGLU ? p / a.top_k : p;
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K) + c4);   // address from smem after the wait
-      uint32_t* dst = bs + r * stride + (c4 >> 3) * 32 + (c4 & 7);
+      const uint4* src = reinterpret_cast<const uint4*>(a.x + row * a.K) + c4;
+      const uint4 v = __ldg(src);
+      uint32_t* dst = sm.bs + r * stride + (c4 >> 3) * 32 + (c4 & 7);
       dst[0] = bf16x2_to_f16x2(v.x);
       dst[8] = bf16x2_to_f16x2(v.y);
       dst[16] = bf16x2_to_f16x2(v.z);
@@ -477,6 +519,7 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
   // Stores a tile's sums: through the epilogue when this warp covered all of it, else into this
   // warp's partial slot (0: its first tile, 1: its last).
   const int first_lt = u0 / C;
+  float* part = sm.part;
   const auto finish_tile = [&](int lt, bool whole, float (&acc)[4]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[j] *= 16384.f;   // the decode's 2^-14
@@ -503,7 +546,7 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
       const int u = ub + d;
       if (u >= u1) break;
       const uint32_t words4[4] = {cd[d].x, cd[d].y, cd[d].z, cd[d].w};
-      const uint32_t* bp = bs + (u < uB ? brow[0] : brow[1]) + c * 32 + q * 8;
+      const uint32_t* bp = sm.bs + (u < uB ? brow[0] : brow[1]) + c * 32 + q * 8;
       const uint4 b0 = *reinterpret_cast<const uint4*>(bp);
       const uint4 b1 = *reinterpret_cast<const uint4*>(bp + 4);
 #pragma unroll
@@ -566,6 +609,30 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
 }
 
 template <bool SWIGLU, int NW, int DEPTH>
+__global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
+  if (!a.routing_ready) pdl_wait();     // see moe_gemm_kernel and kernels/pdl.h
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int32_t pair_of[kDecodeSlots][8];
+  __shared__ int info[kCtaInfo];
+  DecodeSmem sm;
+  sm.srows = a.P < 8 ? static_cast<int>(a.P) : 8;
+  sm.bs = reinterpret_cast<uint32_t*>(smem_raw);
+  sm.part = reinterpret_cast<float*>(sm.bs + kDecodeSlots * sm.srows * (a.K / 2 + 4));
+  sm.pair_of = pair_of;
+  sm.info = info;
+  // Warp 0 finds the CTA's tiles and the (at most two) work items they belong to; the others wait
+  // at the barrier instead of repeating the scan (24 warps doing it cost more than it saved).
+  if (threadIdx.x < 32) {
+    ItemScan scan;
+    int total = 0;
+    const bool ok = item_scan(a.offsets, a.E, a.P, 8, scan, total);
+    cta_tiles(scan, total, ok, a.R / 16, info);
+  }
+  __syncthreads();
+  decode_phase<SWIGLU, NW, DEPTH>(a, sm);
+}
+
+template <int NW>
 size_t decode_smem(const MoeGemmArgs& a) {
   const int64_t srows = std::min<int64_t>(8, a.P);
   return static_cast<size_t>(kDecodeSlots * srows) * (a.K / 2 + 4) * 4 + static_cast<size_t>(NW) * 2 * 4 * 32 * 4;
@@ -589,7 +656,7 @@ template <bool SWIGLU, int NW, int DEPTH>
 cudaError_t launch_decode(const MoeGemmArgs& a, cudaStream_t stream) {
   const int sms = sm_count();
   const int64_t items = max_work_items(a.P, a.E, 8);
-  const size_t smem = decode_smem<SWIGLU, NW, DEPTH>(a);
+  const size_t smem = decode_smem<NW>(a);
   if (sms <= 0 || items > sms || smem > 200 * 1024 || static_cast<int64_t>(sms) * items * (a.R / 16) >= INT32_MAX)
     return cudaErrorNotSupported;
   auto kernel = moe_decode_kernel<SWIGLU, NW, DEPTH>;
@@ -835,10 +902,13 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
     const char* v = std::getenv("GPTOSS_MOE_DECODE");
     // The persistent kernel (default; 'p' 24 warps x 4-chunk batches, 'q' 16 x 6, 'r' 32 x 3) where
     // it serves the call (work items <= SMs); else the grid-of-tiles kernel below.
+    // Default: 'q' for a single token (P < 8: 20b T=1 36.5 vs 37.5 us, 120b 36.8 vs 38.0), 'p' from
+    // T = 2 (T=8 20b 118.1 vs 121.7, 120b 156.6 vs 161.6 us; bench/moe_decode_ab.py, H100).
     if (!v || v[0] == 'p' || v[0] == 'q' || v[0] == 'r') {
-      const cudaError_t e = v && v[0] == 'q'   ? launch_decode<SWIGLU, 16, 6>(a, stream)
-                            : v && v[0] == 'r' ? launch_decode<SWIGLU, 32, 3>(a, stream)
-                                               : launch_decode<SWIGLU, 24, 4>(a, stream);
+      const bool q16 = v ? v[0] == 'q' : a.P < 8;
+      const cudaError_t e = q16                    ? launch_decode<SWIGLU, 16, 6>(a, stream)
+                            : v && v[0] == 'r'     ? launch_decode<SWIGLU, 32, 3>(a, stream)
+                                                   : launch_decode<SWIGLU, 24, 4>(a, stream);
       if (e != cudaErrorNotSupported) return e;
     }
     if (v && v[0] == 'a') return SWIGLU ? launch_gemm<4, 1, 8, SWIGLU>(a, stream) : launch_gemm<2, 1, 8, SWIGLU>(a, stream);
@@ -895,6 +965,11 @@ __global__ void combine_kernel(const float* __restrict__ y, const bf16* __restri
 
 cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream) { return launch<true>(a, stream); }
 cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream) { return launch<false>(a, stream); }
+
+cudaError_t launch_moe_experts(const MoeGemmArgs& a1, const MoeGemmArgs& a2, cudaStream_t stream) {
+  const cudaError_t e1 = launch<true>(a1, stream);
+  return e1 != cudaSuccess ? e1 : launch<false>(a2, stream);
+}
 
 cudaError_t launch_moe_combine(const float* y, const bf16* residual, bf16* out, int64_t T, int k, int H,
                                cudaStream_t stream) {

@@ -20,23 +20,24 @@ void check_int_tensor(const char* op, const char* name, const at::Tensor& t, int
               shape_str(t));
 }
 
-// codes [E, R/16, K/64, 32, 16], scales [E, R/16, K/64, 8, 4] (uint8); returns (E, R, K).
+// codes [E, R/16, K/64, 32, 16], scales [E, R/16, K/64, 8, 4] (uint8); returns (E, R, K). cn / sn:
+// the arguments' names in messages.
 std::tuple<int64_t, int64_t, int64_t> check_weights(const char* op, const at::Tensor& codes, const at::Tensor& scales,
-                                                    const at::Tensor& ref) {
-  check_cuda(op, "codes", codes);
-  check_same_device(op, "codes", codes, ref);
-  check_dtype(op, "codes", codes, at::kByte);
-  check_contiguous(op, "codes", codes);
-  TORCH_CHECK(codes.dim() == 5 && codes.size(3) == 32 && codes.size(4) == 16, "gptoss_ext.", op,
-              ": 'codes' must be in the kernel layout [E, R/16, K/64, 32, 16] (gptoss_ext.mxfp4), got ",
-              shape_str(codes));
-  check_cuda(op, "scales", scales);
-  check_same_device(op, "scales", scales, ref);
-  check_dtype(op, "scales", scales, at::kByte);
-  check_contiguous(op, "scales", scales);
-  TORCH_CHECK(scales.dim() == 5 && scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) && scales.size(2) == codes.size(2) &&
-                  scales.size(3) == 8 && scales.size(4) == 4,
-              "gptoss_ext.", op, ": 'scales' must be [E, R/16, K/64, 8, 4] matching 'codes' ", shape_str(codes),
+                                                    const at::Tensor& ref, const char* cn = "codes",
+                                                    const char* sn = "scales") {
+  check_cuda(op, cn, codes);
+  check_same_device(op, cn, codes, ref);
+  check_dtype(op, cn, codes, at::kByte);
+  check_contiguous(op, cn, codes);
+  TORCH_CHECK(codes.dim() == 5 && codes.size(3) == 32 && codes.size(4) == 16, "gptoss_ext.", op, ": '", cn,
+              "' must be in the kernel layout [E, R/16, K/64, 32, 16] (gptoss_ext.mxfp4), got ", shape_str(codes));
+  check_cuda(op, sn, scales);
+  check_same_device(op, sn, scales, ref);
+  check_dtype(op, sn, scales, at::kByte);
+  check_contiguous(op, sn, scales);
+  TORCH_CHECK(scales.dim() == 5 && scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) &&
+                  scales.size(2) == codes.size(2) && scales.size(3) == 8 && scales.size(4) == 4,
+              "gptoss_ext.", op, ": '", sn, "' must be [E, R/16, K/64, 8, 4] matching '", cn, "' ", shape_str(codes),
               ", got ", shape_str(scales));
   TORCH_CHECK(codes.size(0) <= 256, "gptoss_ext.", op, ": at most 256 experts, got ", codes.size(0));
   return {codes.size(0), codes.size(1) * 16, codes.size(2) * 64};
@@ -157,23 +158,24 @@ void moe_add_norm_gate_router(const at::Tensor& x, const at::Tensor& residual, c
   gate_router_impl(op, x, weight, bias, k, ids, weights, counts, offsets, perm, scratch, &norm);
 }
 
-void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
-              const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
-              at::Tensor& out, int64_t max_scale) {
-  const char* op = "moe_mlp1";
+namespace {
+
+MoeGemmArgs mlp1_args(const char* op, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                      const at::Tensor& bias, const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k,
+                      double alpha, double limit, at::Tensor& out, int64_t max_scale, const char* out_name = "out",
+                      const char* cn = "codes", const char* sn = "scales", const char* bn = "bias") {
   check_bf16_tensor(op, "x", x, 2, x);
-  auto [E, R, K] = check_weights(op, codes, scales, x);
+  auto [E, R, K] = check_weights(op, codes, scales, x, cn, sn);
   check_size(op, "x", x, 1, K, "columns of the weights");
   TORCH_CHECK(top_k >= 1, "gptoss_ext.", op, ": top_k must be >= 1, got ", top_k);
   const int64_t P = x.size(0) * top_k;
-  check_bf16_tensor(op, "bias", bias, 2, x);
-  check_size(op, "bias", bias, 0, E, "experts");
-  check_size(op, "bias", bias, 1, R, "rows of the weights");
+  check_bf16_tensor(op, bn, bias, 2, x);
+  check_size(op, bn, bias, 0, E, "experts");
+  check_size(op, bn, bias, 1, R, "rows of the weights");
   check_routing(op, perm, offsets, P, E, x);
-  check_bf16_tensor(op, "out", out, 2, x);
-  check_size(op, "out", out, 0, P, "tokens x top_k");
-  check_size(op, "out", out, 1, R / 2, "rows / 2 (SwiGLU)");
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  check_bf16_tensor(op, out_name, out, 2, x);
+  check_size(op, out_name, out, 0, P, "tokens x top_k");
+  check_size(op, out_name, out, 1, R / 2, "rows / 2 (SwiGLU)");
   MoeGemmArgs a{};
   a.x = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
   a.codes = codes.data_ptr<uint8_t>();
@@ -190,32 +192,32 @@ void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
   a.swiglu_alpha = static_cast<float>(alpha);
   a.swiglu_limit = static_cast<float>(limit);
   a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
-  GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp1(a, c10::cuda::getCurrentCUDAStream()));
+  return a;
 }
 
-void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
-              const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
-              int64_t max_scale, bool routing_ready) {
-  const char* op = "moe_mlp2";
+MoeGemmArgs mlp2_args(const char* op, const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales,
+                      const at::Tensor& bias, const at::Tensor& perm, const at::Tensor& offsets,
+                      const at::Tensor& route_weights, at::Tensor& out, int64_t max_scale, bool routing_ready,
+                      const char* out_name = "out", const char* cn = "codes", const char* sn = "scales",
+                      const char* bn = "bias") {
   check_bf16_tensor(op, "h", h, 2, h);
-  auto [E, R, K] = check_weights(op, codes, scales, h);
+  auto [E, R, K] = check_weights(op, codes, scales, h, cn, sn);
   check_size(op, "h", h, 1, K, "columns of the weights");
   const int64_t P = h.size(0);
-  check_bf16_tensor(op, "bias", bias, 2, h);
-  check_size(op, "bias", bias, 0, E, "experts");
-  check_size(op, "bias", bias, 1, R, "rows of the weights");
+  check_bf16_tensor(op, bn, bias, 2, h);
+  check_size(op, bn, bias, 0, E, "experts");
+  check_size(op, bn, bias, 1, R, "rows of the weights");
   check_routing(op, perm, offsets, P, E, h);
   check_cuda(op, "route_weights", route_weights);
   check_dtype(op, "route_weights", route_weights, at::kFloat);
   check_contiguous(op, "route_weights", route_weights);
   TORCH_CHECK(route_weights.numel() == P, "gptoss_ext.", op, ": 'route_weights' must have ", P, " elements, got ",
               shape_str(route_weights));
-  check_cuda(op, "out", out);
-  check_dtype(op, "out", out, at::kFloat);
-  check_contiguous(op, "out", out);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == P && out.size(1) == R, "gptoss_ext.", op, ": 'out' must be [", P, ", ",
-              R, "] float32, got ", shape_str(out));
-  const c10::cuda::OptionalCUDAGuard guard(h.device());
+  check_cuda(op, out_name, out);
+  check_dtype(op, out_name, out, at::kFloat);
+  check_contiguous(op, out_name, out);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == P && out.size(1) == R, "gptoss_ext.", op, ": '", out_name,
+              "' must be [", P, ", ", R, "] float32, got ", shape_str(out));
   MoeGemmArgs a{};
   a.x = reinterpret_cast<const __nv_bfloat16*>(h.data_ptr());
   a.codes = codes.data_ptr<uint8_t>();
@@ -232,7 +234,42 @@ void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& sc
   a.K = static_cast<int>(K);
   a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
   a.routing_ready = routing_ready;
+  return a;
+}
+
+}  // namespace
+
+void moe_mlp1(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
+              const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k, double alpha, double limit,
+              at::Tensor& out, int64_t max_scale) {
+  const char* op = "moe_mlp1";
+  const MoeGemmArgs a = mlp1_args(op, x, codes, scales, bias, perm, offsets, top_k, alpha, limit, out, max_scale);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp1(a, c10::cuda::getCurrentCUDAStream()));
+}
+
+void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
+              const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
+              int64_t max_scale, bool routing_ready) {
+  const char* op = "moe_mlp2";
+  const MoeGemmArgs a = mlp2_args(op, h, codes, scales, bias, perm, offsets, route_weights, out, max_scale,
+                                  routing_ready);
+  const c10::cuda::OptionalCUDAGuard guard(h.device());
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp2(a, c10::cuda::getCurrentCUDAStream()));
+}
+
+void moe_experts(const at::Tensor& x, const at::Tensor& codes1, const at::Tensor& scales1, const at::Tensor& bias1,
+                 const at::Tensor& codes2, const at::Tensor& scales2, const at::Tensor& bias2, const at::Tensor& perm,
+                 const at::Tensor& offsets, const at::Tensor& route_weights, int64_t top_k, double alpha,
+                 double limit, at::Tensor& h, at::Tensor& y, int64_t max_scale1, int64_t max_scale2) {
+  const char* op = "moe_experts";
+  const MoeGemmArgs a1 = mlp1_args(op, x, codes1, scales1, bias1, perm, offsets, top_k, alpha, limit, h, max_scale1, "h",
+                                   "codes1", "scales1", "bias1");
+  const MoeGemmArgs a2 = mlp2_args(op, h, codes2, scales2, bias2, perm, offsets, route_weights, y, max_scale2, true,
+                                   "y", "codes2", "scales2", "bias2");
+  TORCH_CHECK(a2.E == a1.E, "gptoss_ext.", op, ": mlp1 has ", a1.E, " experts, mlp2 ", a2.E);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  GPTOSS_CHECK_LAUNCH(op, launch_moe_experts(a1, a2, c10::cuda::getCurrentCUDAStream()));
 }
 
 void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out) {
