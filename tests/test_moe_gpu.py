@@ -444,7 +444,7 @@ def test_moe_experts_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="moe_experts: 'y' must be"):
         torch.ops.gptoss_ext.moe_experts(*args, h, torch.empty(4, 64, device=DEV))
     with pytest.raises(RuntimeError, match="moe_experts: 'scales2' must be"):
-        torch.ops.gptoss_ext.moe_experts(*args[:4], w["k2"].codes[:, :, :1].contiguous(), *args[5:], h, y)
+        torch.ops.gptoss_ext.moe_experts(*args[:5], w["k1"].scales, *args[6:], h, y)
     with pytest.raises(RuntimeError, match="moe_experts: 'bias1' dim 1 must be 128"):
         torch.ops.gptoss_ext.moe_experts(*args[:3], w["bias1"][:, :64].contiguous(), *args[4:], h, y)
 

@@ -15,10 +15,10 @@ struct alignas(16) bf16x8 {
   __nv_bfloat162 h[4];
 };
 
-// ld.global.cg, not __ldg: the data is usually a previous kernel's output, and an __ldg (an
+// A plain load, not __ldg: the data is usually a previous kernel's output, and an __ldg (an
 // invariant load to the compiler) may be hoisted above the programmatic-launch wait (pdl.h).
 __device__ __forceinline__ bf16x8 load_bf16x8(const bf16* p) {
-  uint4 u = __ldcg(reinterpret_cast<const uint4*>(p));
+  uint4 u = *reinterpret_cast<const uint4*>(p);
   return *reinterpret_cast<bf16x8*>(&u);
 }
 

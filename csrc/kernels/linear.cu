@@ -13,7 +13,7 @@ constexpr int kRows = 2;    // weight rows a warp
 constexpr int kUnroll = 4;  // 16-byte vectors a lane a row in flight
 
 template <int M>
-__global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* __restrict__ x, int64_t x_stride,
+__global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* x, int64_t x_stride,
                                                                      const bf16* __restrict__ w,
                                                                      const bf16* __restrict__ bias,
                                                                      bf16* __restrict__ out, int64_t out_stride, int N,
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
   pdl_wait();     // see kernels/pdl.h
   for (int i = threadIdx.x; i < M * vecs; i += kWarps * 32) {
     const int m = i / vecs, v = i % vecs;
-    xs[i] = __ldcg(reinterpret_cast<const uint4*>(x + m * x_stride) + v);   // not __ldg: see moe_mxfp4.cu item_scan
+    xs[i] = reinterpret_cast<const uint4*>(x + m * x_stride)[v];   // not __ldg: see kernels/pdl.h
   }
   __syncthreads();
   if (n0 >= N) return;

@@ -23,7 +23,7 @@ inline int64_t max_work_items(int64_t P, int E, int bn) {
 // long-running prefill CTAs use it: with the warp form, mlp1 at T = 4096 took 2.51-2.53 ms against
 // 2.12-2.14 ms (H200, same run); decode CTAs, whose prologue is on the critical path, use the warp
 // form (at E = 128 the serial scan cost ~24 us a mlp1 + mlp2 pair).
-__device__ __forceinline__ bool find_work_scan(const int32_t* __restrict__ offsets, int E, int64_t P, int bn,
+__device__ __forceinline__ bool find_work_scan(const int32_t* offsets, int E, int64_t P, int bn,
                                                int item, int& expert, int& start, int& count, int& base) {
   __shared__ int32_t offs[kMaxExperts + 1];
   for (int e = threadIdx.x; e <= E; e += blockDim.x) offs[e] = offsets[e];

@@ -212,7 +212,7 @@ constexpr int kGateMaxClusterCtas = 8;
 
 template <bool NORM, int VPT, bool CLUSTER, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) gate_router_kernel(
-    const bf16* __restrict__ x, int64_t x_stride, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T,
+    const bf16* x, int64_t x_stride, const bf16* __restrict__ w, const bf16* __restrict__ bias, int T,
     int K, int E, int k, int32_t* __restrict__ ids, float* __restrict__ weights, int32_t* __restrict__ counts,
     int32_t* __restrict__ offsets, int32_t* __restrict__ perm, int32_t* __restrict__ scratch, GateNormArgs nrm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(WARPS * 32) gate_router_kernel(
       for (int i = 0; i < kGateVecs; ++i) {
         const int v = lane + 32 * i;
         if (v < vecs) {
-          const uint4 xv = NORM ? xrow[v] : __ldcg(xrow + v);   // a previous kernel's output: not __ldg
+          const uint4 xv = xrow[v];   // a previous kernel's output: not __ldg (kernels/pdl.h)
           const __nv_bfloat162* xh = reinterpret_cast<const __nv_bfloat162*>(&xv);
           const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wv[i]);
 #pragma unroll
