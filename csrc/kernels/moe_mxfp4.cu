@@ -19,7 +19,8 @@
 // the activations are staged, 124 registers: 4 CTAs an SM, 3.4 waves of latency-bound prologues)
 // 50 us; v4 (4 row tiles a CTA, pipelined 8-chunk batches) 36 us; v6 (11-op bit layout, warp-parallel
 // work lookup, LDS.128 B fragments) 35 us (120b: 61 -> 35 us); v7 (8 warps, K split, 80 registers)
-// 28.5 us. See bench/NOTES.md. On Hopper, prefill runs the wgmma kernel of moe_mxfp4_sm90.cu; this
+// 28.5 us; v8 (session 6, moe_decode_kernel: persistent, one CTA an SM, balanced to a tile) T=8
+// 132 -> 115 us (H100). See bench/NOTES.md. On Hopper, prefill runs the wgmma kernel of moe_mxfp4_sm90.cu; this
 // file's prefill kernel serves other GPUs (and GPTOSS_MOE_PREFILL=mma).
 #include <algorithm>
 #include <cstdlib>
@@ -896,15 +897,15 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   // 38.9 us vs 36.3 us at T=1 and 230 vs 185 us at T=8: issue-bound on the FP4 decode, not
   // latency-bound; see bench/NOTES.md.)
   if (per_expert <= 8) {
-    // 8 warps a CTA, K split over 2 (mlp1) / 4 (mlp2) warps, 4-chunk batches, registers capped for
-    // 3 CTAs an SM: twice the warps of the 4-warp, 8-chunk version (GPTOSS_MOE_DECODE=a, kept for
-    // A/B with bench/moe_ab.py) for the latency-bound loop. H200, 20b: T=1 28.1 vs 28.8 us,
-    // T=8 133 vs 136 us, e2e B=32 decode 7.6 vs 8.2 ms a step.
     const char* v = std::getenv("GPTOSS_MOE_DECODE");
     // The persistent kernel (default; 'p' 24 warps x 4-chunk batches, 'q' 16 x 6, 'r' 32 x 3) where
-    // it serves the call (work items <= SMs); else the grid-of-tiles kernel below.
+    // it serves the call (work items <= SMs); else the grid-of-tiles kernel below. H100, 20b
+    // (bench/moe_decode_ab.py): T=8 117 vs 132 us (h), 120b 153 vs 172; T=1 35 vs 36 us.
     // Default: 'q' for a single token (P < 8: 20b T=1 36.5 vs 37.5 us, 120b 36.8 vs 38.0), 'p' from
-    // T = 2 (T=8 20b 118.1 vs 121.7, 120b 156.6 vs 161.6 us; bench/moe_decode_ab.py, H100).
+    // T = 2 (T=8 20b 118.1 vs 121.7, 120b 156.6 vs 161.6 us).
+    // The grid-of-tiles kernel: 8 warps a CTA, K split over 2 (mlp1) / 4 (mlp2) warps, 4-chunk
+    // batches, registers capped for 3 CTAs an SM: twice the warps of the 4-warp, 8-chunk version
+    // (GPTOSS_MOE_DECODE=a). H200, 20b: T=1 28.1 vs 28.8 us, T=8 133 vs 136 us.
     if (!v || v[0] == 'p' || v[0] == 'q' || v[0] == 'r') {
       const bool q16 = v ? v[0] == 'q' : a.P < 8;
       const cudaError_t e = q16                    ? launch_decode<SWIGLU, 16, 6>(a, stream)
