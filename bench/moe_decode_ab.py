@@ -61,8 +61,10 @@ def main():
                 t1 = time_cuda(m1, n)[0] * 1000
                 t2 = time_cuda(m2, n)[0] * 1000
                 tb = time_cuda(lambda i: (m1(i), m2(i)), n)[0] * 1000
+                te = time_cuda(fused, n)[0] * 1000
                 print(f"{name} T={T} variant={var}: mlp1 {t1:6.1f} us  mlp2 {t2:6.1f} us  both {tb:6.1f} us "
-                      f"({tb / floor_us:.2f}x the floor {floor_us:.1f} us at the measured copy bandwidth)", flush=True)
+                      f"({tb / floor_us:.2f}x the floor {floor_us:.1f} us at the measured copy bandwidth); "
+                      f"as moe_experts {te:6.1f} us ({te / floor_us:.2f}x)", flush=True)
             os.environ.pop("GPTOSS_MOE_DECODE", None)
         del w
         torch.cuda.empty_cache()

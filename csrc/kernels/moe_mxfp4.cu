@@ -901,13 +901,15 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
     // The persistent kernel (default; 'p' 24 warps x 4-chunk batches, 'q' 16 x 6, 'r' 32 x 3) where
     // it serves the call (work items <= SMs); else the grid-of-tiles kernel below. H100, 20b
     // (bench/moe_decode_ab.py): T=8 117 vs 132 us (h), 120b 153 vs 172; T=1 35 vs 36 us.
-    // Default: 'q' for a single token (P < 8: 20b T=1 36.5 vs 37.5 us, 120b 36.8 vs 38.0), 'p' from
-    // T = 2 (T=8 20b 118.1 vs 121.7, 120b 156.6 vs 161.6 us).
+    // Default: 'p' from 16 pairs (T = 4 at top-4); below, the grid-of-tiles kernel ('b' for one
+    // token, 'h' for two), which measured faster there as moe_experts (mlp2 routing_ready):
+    // 20b T=1 b 29.8 vs q 31.5 vs p ~33 us, T=2 h 47.6 vs p 49.5, T=4 p 77.2 vs h 87.1; 120b alike
+    // (results/h100_moe_decode_ab.md). ('q' 16 warps x 6 is kept for A/B.)
     // The grid-of-tiles kernel: 8 warps a CTA, K split over 2 (mlp1) / 4 (mlp2) warps, 4-chunk
     // batches, registers capped for 3 CTAs an SM: twice the warps of the 4-warp, 8-chunk version
     // (GPTOSS_MOE_DECODE=a). H200, 20b: T=1 28.1 vs 28.8 us, T=8 133 vs 136 us.
-    if (!v || v[0] == 'p' || v[0] == 'q' || v[0] == 'r') {
-      const bool q16 = v ? v[0] == 'q' : a.P < 8;
+    if ((!v && a.P >= 16) || (v && (v[0] == 'p' || v[0] == 'q' || v[0] == 'r'))) {
+      const bool q16 = v && v[0] == 'q';
       const cudaError_t e = q16                    ? launch_decode<SWIGLU, 16, 6>(a, stream)
                             : v && v[0] == 'r'     ? launch_decode<SWIGLU, 32, 3>(a, stream)
                                                    : launch_decode<SWIGLU, 24, 4>(a, stream);
