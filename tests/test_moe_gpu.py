@@ -339,6 +339,22 @@ def test_wgmma_prefill_matches_reference_and_mma(mlp, bn, monkeypatch):
     # (nearly) the same bits; which one ran shows in the benchmarks' timings, not here.
 
 
+def routed_reference(w, x, hin, perm, offsets, wts, k):
+    """fp32 mlp1 (+ SwiGLU) of x and mlp2 (+ routing weight) of hin for every routed pair."""
+    P = perm.numel()
+    want1 = torch.empty(P, w["k1"].shape[0] // 2, device=DEV)
+    want2 = torch.empty(P, w["k2"].shape[0], device=DEV)
+    for e in range(offsets.numel() - 1):
+        rows = perm[offsets[e]:offsets[e + 1]].long()
+        if rows.numel() == 0:
+            continue
+        W1 = ref.mxfp4_dequantize(w["b1"][e], w["s1"][e])
+        W2 = ref.mxfp4_dequantize(w["b2"][e], w["s2"][e])
+        want1[rows] = ref.swiglu(x[rows // k].float() @ W1.T + w["bias1"][e].float())
+        want2[rows] = (hin[rows].float() @ W2.T + w["bias2"][e].float()) * wts.view(-1)[rows, None]
+    return want1, want2
+
+
 @pytest.mark.parametrize("variant", ["p", "q", "r", "h", "b"])
 @pytest.mark.parametrize("T,E,HI", [(1, 32, 2880), (5, 32, 2880), (16, 32, 2880), (8, 128, 2880), (7, 8, 128)])
 def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
@@ -358,15 +374,7 @@ def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
     wts, ids, counts, offsets, perm = ops.route(logits, k)
     P = T * k
     hin = (torch.randn(P, HI, device=DEV) * 3).bfloat16()
-    want1, want2 = torch.empty(P, HI, device=DEV), torch.empty(P, HI, device=DEV)
-    for e in range(E):
-        rows = perm[offsets[e]:offsets[e + 1]].long()
-        if rows.numel() == 0:
-            continue
-        W1 = ref.mxfp4_dequantize(w["b1"][e], w["s1"][e])
-        W2 = ref.mxfp4_dequantize(w["b2"][e], w["s2"][e])
-        want1[rows] = ref.swiglu(x[rows // k].float() @ W1.T + w["bias1"][e].float())
-        want2[rows] = (hin[rows].float() @ W2.T + w["bias2"][e].float()) * wts.view(-1)[rows, None]
+    want1, want2 = routed_reference(w, x, hin, perm, offsets, wts, k)
     monkeypatch.setenv("GPTOSS_MOE_DECODE", variant)
     outs = []
     for _ in range(2):
@@ -414,15 +422,7 @@ def test_moe_experts_matches_reference(T, E, HI):
                                   w["k1"].max_scale)
     torch.ops.gptoss_ext.moe_mlp2(h2, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wts.view(-1), y2,
                                   w["k2"].max_scale)
-    want1, want2 = torch.empty(P, HI, device=DEV), torch.empty(P, HI, device=DEV)
-    for e in range(E):
-        rows = perm[offsets[e]:offsets[e + 1]].long()
-        if rows.numel() == 0:
-            continue
-        W1 = ref.mxfp4_dequantize(w["b1"][e], w["s1"][e])
-        W2 = ref.mxfp4_dequantize(w["b2"][e], w["s2"][e])
-        want1[rows] = ref.swiglu(x[rows // k].float() @ W1.T + w["bias1"][e].float())
-        want2[rows] = (h[rows].float() @ W2.T + w["bias2"][e].float()) * wts.view(-1)[rows, None]
+    want1, want2 = routed_reference(w, x, h, perm, offsets, wts, k)
     assert not h.isnan().any() and not y.isnan().any()
     e1, e2 = rel(h, want1), rel(y, want2)
     print(f"moe_experts T={T} E={E}: mlp1 rel err {e1:.2e}, mlp2 {e2:.2e}")
