@@ -355,6 +355,19 @@ def routed_reference(w, x, hin, perm, offsets, wts, k):
     return want1, want2
 
 
+def mlp1_then_mlp2(w, x, perm, offsets, wts, k, hin=None):
+    """moe_mlp1 of x, then moe_mlp2 of hin (default: mlp1's output), into NaN-filled outputs."""
+    P = perm.numel()
+    h = torch.full((P, w["k1"].shape[0] // 2), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = torch.full((P, w["k2"].shape[0]), float("nan"), device=DEV)
+    torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, k, 1.702, 7.0, h,
+                                  w["k1"].max_scale)
+    torch.ops.gptoss_ext.moe_mlp2(h if hin is None else hin, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets,
+                                  wts.view(-1), y, w["k2"].max_scale)
+    torch.cuda.synchronize()
+    return h, y
+
+
 @pytest.mark.parametrize("variant", ["p", "q", "r", "h", "b"])
 @pytest.mark.parametrize("T,E,HI", [(1, 32, 2880), (5, 32, 2880), (16, 32, 2880), (8, 128, 2880), (7, 8, 128)])
 def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
@@ -378,14 +391,7 @@ def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
     monkeypatch.setenv("GPTOSS_MOE_DECODE", variant)
     outs = []
     for _ in range(2):
-        h = torch.full((P, HI), float("nan"), dtype=torch.bfloat16, device=DEV)
-        y = torch.full((P, HI), float("nan"), device=DEV)
-        torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, k, 1.702, 7.0, h,
-                                      w["k1"].max_scale)
-        torch.ops.gptoss_ext.moe_mlp2(hin, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wts.view(-1), y,
-                                      w["k2"].max_scale)
-        torch.cuda.synchronize()
-        outs.append((h, y))
+        outs.append(mlp1_then_mlp2(w, x, perm, offsets, wts, k, hin))
     h, y = outs[0]
     assert not h.isnan().any() and not y.isnan().any()
     e1, e2 = rel(h, want1), rel(y, want2)
@@ -416,12 +422,7 @@ def test_moe_experts_matches_reference(T, E, HI):
         torch.cuda.synchronize()
         outs.append((h, y))
     h, y = outs[0]
-    h2 = torch.full((P, HI), float("nan"), dtype=torch.bfloat16, device=DEV)
-    y2 = torch.full((P, HI), float("nan"), device=DEV)
-    torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, k, 1.702, 7.0, h2,
-                                  w["k1"].max_scale)
-    torch.ops.gptoss_ext.moe_mlp2(h2, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wts.view(-1), y2,
-                                  w["k2"].max_scale)
+    h2, y2 = mlp1_then_mlp2(w, x, perm, offsets, wts, k)
     want1, want2 = routed_reference(w, x, h, perm, offsets, wts, k)
     assert not h.isnan().any() and not y.isnan().any()
     e1, e2 = rel(h, want1), rel(y, want2)

@@ -59,55 +59,82 @@ __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// Which (expert, first pair, count, perm index of the first pair) work item `item` is, for tiles of
-// bn pairs; false if the item is past the end. One warp does it (every warp of a CTA gets the same
-// answer): lane l holds experts 8l .. 8l + 7 (E <= 256), a warp prefix sum over their tile counts
-// finds the owner. Offsets that are not a valid grouping of P pairs (not from the router) give
-// false for every item: no out-of-range access.
-__device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int64_t P, int bn, int item,
-                                          int& expert, int& start, int& count, int& base) {
+// Per-lane share of the work-item scan (lane l: experts 8l .. 8l + 7, E <= 256) for items of bn pairs.
+struct ItemScan {
+  int lo[8], n[8], incl, tiles;
+};
+
+// The scan and the number of items (every lane gets it); false if the offsets are not a valid
+// grouping of P pairs (then nothing is computed: no out-of-range access). The offsets are the
+// router's output, so they are plain loads: an __ldg (ld.global.nc, an invariant load to the
+// compiler) of an address known at entry was hoisted above the programmatic-launch wait, and under
+// CUDA-graph replay the kernel read the previous step's routing. (ld.global.cg instead: every warp
+// of 360 CTAs on the same L2 lines, 20b T=1 mlp1 + mlp2 31 -> 40 us.)
+__device__ __forceinline__ bool item_scan(const int32_t* offsets, int E, int64_t P, int bn, ItemScan& s,
+                                          int& total) {
   const int lane = threadIdx.x & 31, e0 = lane * 8;
-  int lo[8], n[8], tiles = 0;
   bool bad = false;
   int prev = e0 <= E ? offsets[e0] : 0;
+  s.tiles = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int e = e0 + i;
     const int hi = e < E ? offsets[e + 1] : prev;
     bad |= prev < 0 || hi < prev || hi > P;
-    lo[i] = prev;
-    n[i] = hi - prev;
-    tiles += (n[i] + bn - 1) / bn;
+    s.lo[i] = prev;
+    s.n[i] = hi - prev;
+    s.tiles += (s.n[i] + bn - 1) / bn;
     prev = hi;
   }
-  if (__any_sync(0xFFFFFFFFu, bad)) return false;
-  int incl = tiles;
+  if (__any_sync(0xFFFFFFFFu, bad)) {
+    s.incl = s.tiles = 0;
+    return false;
+  }
+  s.incl = s.tiles;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
-    if (lane >= o) incl += v;
+    const int v = __shfl_up_sync(0xFFFFFFFFu, s.incl, o);
+    if ((threadIdx.x & 31) >= o) s.incl += v;
   }
-  const unsigned owner = __ballot_sync(0xFFFFFFFFu, item >= incl - tiles && item < incl);
-  if (!owner) return false;
+  total = __shfl_sync(0xFFFFFFFFu, s.incl, 31);
+  return true;
+}
+
+// (expert, pair count, perm index of the first pair) of item `item` (< total), warp-collective.
+__device__ __forceinline__ void item_info(const ItemScan& s, int bn, int item, int& expert, int& count, int& base,
+                                          int* start = nullptr) {
+  const int lane = threadIdx.x & 31;
+  const unsigned owner = __ballot_sync(0xFFFFFFFFu, item >= s.incl - s.tiles && item < s.incl);
   int info[4] = {0, 0, 0, 0};
-  int acc = incl - tiles;
+  int acc = s.incl - s.tiles;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int t = (n[i] + bn - 1) / bn;
+    const int t = (s.n[i] + bn - 1) / bn;
     if (item >= acc && item < acc + t) {
       const int st = (item - acc) * bn;
-      info[0] = e0 + i;
-      info[1] = st;
-      info[2] = min(bn, n[i] - st);
-      info[3] = lo[i] + st;
+      info[0] = lane * 8 + i;
+      info[1] = min(bn, s.n[i] - st);
+      info[2] = s.lo[i] + st;
+      info[3] = st;
     }
     acc += t;
   }
-  const int src = __ffs(owner) - 1;
+  const int src = owner ? __ffs(owner) - 1 : 0;
   expert = __shfl_sync(0xFFFFFFFFu, info[0], src);
-  start = __shfl_sync(0xFFFFFFFFu, info[1], src);
-  count = __shfl_sync(0xFFFFFFFFu, info[2], src);
-  base = __shfl_sync(0xFFFFFFFFu, info[3], src);
+  count = owner ? __shfl_sync(0xFFFFFFFFu, info[1], src) : 0;
+  base = __shfl_sync(0xFFFFFFFFu, info[2], src);
+  if (start) *start = __shfl_sync(0xFFFFFFFFu, info[3], src);
+}
+
+// Which (expert, first pair, count, perm index of the first pair) work item `item` is, for tiles of
+// bn pairs; false if the item is past the end or the offsets are not a valid grouping. One warp
+// does it (every warp of a CTA gets the same answer).
+__device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int64_t P, int bn, int item, int& expert,
+                                          int& start, int& count, int& base) {
+  ItemScan s;
+  int total;
+  if (!item_scan(offsets, E, P, bn, s, total) || item >= total) return false;
+  item_info(s, bn, item, expert, count, base, &start);
   return true;
 }
 
@@ -294,69 +321,6 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
 // CTA's tiles span at most two items).
 constexpr int kDecodeSlots = 2;
 
-// Per-lane share of the work-item scan (lane l: experts 8l .. 8l + 7, E <= 256) for items of bn pairs.
-struct ItemScan {
-  int lo[8], n[8], incl, tiles;
-};
-
-// The scan and the number of items (every lane gets it); false if the offsets are not a valid
-// grouping of P pairs (then nothing is computed: no out-of-range access). The offsets are the
-// router's output, so they are plain loads: an __ldg (ld.global.nc, an invariant load to the
-// compiler) of an address known at entry was hoisted above the programmatic-launch wait, and under
-// CUDA-graph replay the kernel read the previous step's routing. (ld.global.cg instead: every warp
-// of 360 CTAs on the same L2 lines, 20b T=1 mlp1 + mlp2 31 -> 40 us.)
-__device__ __forceinline__ bool item_scan(const int32_t* offsets, int E, int64_t P, int bn, ItemScan& s,
-                                          int& total) {
-  const int lane = threadIdx.x & 31, e0 = lane * 8;
-  bool bad = false;
-  int prev = e0 <= E ? offsets[e0] : 0;
-  s.tiles = 0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int e = e0 + i;
-    const int hi = e < E ? offsets[e + 1] : prev;
-    bad |= prev < 0 || hi < prev || hi > P;
-    s.lo[i] = prev;
-    s.n[i] = hi - prev;
-    s.tiles += (s.n[i] + bn - 1) / bn;
-    prev = hi;
-  }
-  if (__any_sync(0xFFFFFFFFu, bad)) {
-    s.incl = s.tiles = 0;
-    return false;
-  }
-  s.incl = s.tiles;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xFFFFFFFFu, s.incl, o);
-    if ((threadIdx.x & 31) >= o) s.incl += v;
-  }
-  total = __shfl_sync(0xFFFFFFFFu, s.incl, 31);
-  return true;
-}
-
-// (expert, pair count, perm index of the first pair) of item `item` (< total), warp-collective.
-__device__ __forceinline__ void item_info(const ItemScan& s, int bn, int item, int& expert, int& count, int& base) {
-  const int lane = threadIdx.x & 31;
-  const unsigned owner = __ballot_sync(0xFFFFFFFFu, item >= s.incl - s.tiles && item < s.incl);
-  int info[3] = {0, 0, 0};
-  int acc = s.incl - s.tiles;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int t = (s.n[i] + bn - 1) / bn;
-    if (item >= acc && item < acc + t) {
-      const int st = (item - acc) * bn;
-      info[0] = lane * 8 + i;
-      info[1] = min(bn, s.n[i] - st);
-      info[2] = s.lo[i] + st;
-    }
-    acc += t;
-  }
-  const int src = owner ? __ffs(owner) - 1 : 0;
-  expert = __shfl_sync(0xFFFFFFFFu, info[0], src);
-  count = owner ? __shfl_sync(0xFFFFFFFFu, info[1], src) : 0;
-  base = __shfl_sync(0xFFFFFFFFu, info[2], src);
-}
 
 // Per-CTA work of a phase, in shared memory: [0] first tile, [1] end tile, [2] first item, [3] items
 // touched (<= 2), then (expert, pair count, perm index of the first pair) of each.
