@@ -572,3 +572,90 @@ def test_mlp_errors_name_the_argument():
                                       4, 1.702, 7.0, h)
     with pytest.raises(RuntimeError, match="'perm' must have 8 elements"):
         torch.ops.gptoss_ext.moe_mlp1(x, w["k1"].codes, w["k1"].scales, w["bias1"], perm[:5], offs, 4, 1.702, 7.0, h)
+
+
+# ---- the fused decode kernel (mlp1 + mlp2 in one launch, up to 8 pairs) ---------------------------
+
+
+def fused_experts(w, x, perm, offsets, wts, k, scratch):
+    P = perm.numel()
+    h = torch.full((P, w["k1"].shape[0] // 2), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = torch.full((P, w["k2"].shape[0]), float("nan"), device=DEV)
+    torch.ops.gptoss_ext.moe_experts(x, w["k1"].codes, w["k1"].scales, w["bias1"], w["k2"].codes, w["k2"].scales,
+                                     w["bias2"], perm, offsets, wts.view(-1), k, 1.702, 7.0, h, y, w["k1"].max_scale,
+                                     w["k2"].max_scale, scratch)
+    return h, y
+
+
+@pytest.mark.parametrize("T,E,HI,grid", [(1, 32, 2880, None), (1, 128, 2880, None), (2, 32, 2880, None),
+                                         (2, 128, 2880, None), (1, 32, 2880, 77), (1, 128, 2880, 129),
+                                         (2, 8, 256, None), (2, 8, 256, 13), (1, 4, 256, 40), (2, 8, 128, None),
+                                         (2, 4, 128, 9)])
+@pytest.mark.parametrize("skew", [False, True])
+def test_fused_decode_matches_reference(T, E, HI, grid, skew, monkeypatch):
+    """GPTOSS_MOE_FUSED=1 (the fused kernel or an error) on every routed pair against the fp32
+    reference; grids that cut units between CTAs in many places (a unit's mlp1 tiles over several
+    CTAs, its mlp2 blocks read by several); skew: one expert takes both tokens (an item of 2 pairs).
+    Twice with the same bits; the counters are left zero."""
+    w = get_experts(E) if HI == H else experts(E, seed=13, H=HI, I=HI)
+    k = 4
+    x = (torch.randn(T, HI, device=DEV) * 2).bfloat16()
+    logits = torch.nn.functional.linear(x, w["gw"], w["gb"]).float()
+    if skew:
+        logits[:, 1] += 100
+    wts, ids, counts, offsets, perm = ops.route(logits, k)
+    monkeypatch.setenv("GPTOSS_MOE_FUSED", "1")
+    if grid is not None:
+        monkeypatch.setenv("GPTOSS_MOE_FUSED_GRID", str(grid))
+    P = T * k
+    scratch = torch.zeros(P * (HI // 64 + HI // 16) + 5, dtype=torch.int32, device=DEV)
+    outs = [fused_experts(w, x, perm, offsets, wts, k, scratch) for _ in range(2)]
+    torch.cuda.synchronize()
+    h, y = outs[0]
+    want1, want2 = routed_reference(w, x, h, perm, offsets, wts, k)
+    assert not h.isnan().any() and not y.isnan().any()
+    e1, e2 = rel(h, want1), rel(y, want2)
+    print(f"fused T={T} E={E} HI={HI} grid={grid} skew={skew}: mlp1 rel err {e1:.2e}, mlp2 {e2:.2e}")
+    assert e1 < 5e-3 and e2 < 5e-3
+    assert torch.equal(outs[1][0], h) and torch.equal(outs[1][1], y)
+    assert int(scratch.abs().sum()) == 0
+
+
+def test_fused_decode_graph_replay_and_errors(monkeypatch):
+    """The fused kernel captured in a CUDA graph: each replay equals eager on new inputs and routing
+    (the counters come back to zero between launches); a too-small scratch names the argument; with
+    more than 8 pairs GPTOSS_MOE_FUSED=1 refuses instead of running another kernel."""
+    w = get_experts(32)
+    k, T = 4, 1
+    x = torch.randn(T, H, device=DEV).bfloat16()
+    scratch = torch.zeros(T * k * (I // 64 + H // 16), dtype=torch.int32, device=DEV)
+    monkeypatch.setenv("GPTOSS_MOE_FUSED", "1")
+
+    def run():
+        wts, ids, counts, offsets, perm = ops.route(torch.nn.functional.linear(x, w["gw"], w["gb"]), k)
+        return fused_experts(w, x, perm, offsets, wts, k, scratch)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gh, gy = run()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        eh, ey = run()
+        torch.cuda.synchronize()
+        assert torch.equal(gh, eh) and torch.equal(gy, ey)
+    assert int(scratch.abs().sum()) == 0
+    wts, ids, counts, offsets, perm = ops.route(torch.nn.functional.linear(x, w["gw"], w["gb"]), k)
+    with pytest.raises(RuntimeError, match="moe_experts: 'scratch' needs"):
+        fused_experts(w, x, perm, offsets, wts, k, scratch[:10])
+    x3 = torch.randn(3, H, device=DEV).bfloat16()
+    wts, ids, counts, offsets, perm = ops.route(torch.nn.functional.linear(x3, w["gw"], w["gb"]), k)
+    big = torch.zeros(12 * (I // 64 + H // 16), dtype=torch.int32, device=DEV)
+    with pytest.raises(RuntimeError, match="moe_experts: kernel launch failed"):
+        fused_experts(w, x3, perm, offsets, wts, k, big)

@@ -397,8 +397,15 @@ __device__ __forceinline__ uint32_t ld_stream4(const uint32_t* p, uint64_t pol) 
   return v;
 }
 
-template <bool SWIGLU, int NW, int DEPTH>
-__device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeSmem& sm) {
+struct NoHook {
+  __device__ void operator()() const {}
+};
+
+// after_loop: called by every warp right after its main loop (the fused kernel issues its mlp2
+// weight loads there); trigger: pdl_trigger() at that point.
+template <bool SWIGLU, int NW, int DEPTH, typename AfterLoop = NoHook>
+__device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeSmem& sm,
+                                             const AfterLoop& after_loop = AfterLoop{}, bool trigger = true) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const int RT = a.R / 16, C = a.K / 64;
@@ -550,7 +557,8 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
     if (ub + 2 * DEPTH < u1) load_batch(ub + 2 * DEPTH, code_a, sc_a);
     compute_batch(ub + DEPTH, code_b, sc_b);
   }
-  pdl_trigger();
+  after_loop();
+  if (trigger) pdl_trigger();
   __syncthreads();
   // Tiles split between warps: the warp holding a tile's first chunk (but not its last) sums the
   // partials of the warps that cover it, in warp order.
@@ -631,6 +639,339 @@ cudaError_t launch_decode(const MoeGemmArgs& a, cudaStream_t stream) {
   const int64_t tiles = items * (a.R / 16);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(sms, tiles));
   return launch_kernel(kernel, dim3(grid), dim3(NW * 32), smem, stream, a);
+}
+
+// ---- decode, mlp1 + mlp2 in one launch (at most 8 routed pairs: one or two tokens) --------------
+//
+// At T = 1 the two decode launches each carried ~6-8 us of ramp and tail around ~12 and ~6 us of
+// streaming (H100, 20b). Here mlp2 is split along its K (the intermediate dimension) into 64-column
+// chunks: a chunk's mlp2 product needs only the 64 h values of that chunk, which 8 mlp1 row tiles
+// make, so the two GEMMs need no grid-wide barrier between them. The work is the flat list of units
+// (item, chunk), each 8 mlp1 row tiles x C1 blocks then the RT2 mlp2 (row tile, chunk) blocks, every
+// block 544 bytes of the kernel layout; CTA b of G takes blocks [b U / G, (b + 1) U / G) (bounds
+// inside a unit's mlp1 part rounded to a row tile). Phase A: the CTA's mlp1 tiles (decode_phase);
+// h goes to out_h and a per-unit counter counts the tiles published (a unit's tiles may come from
+// two CTAs). Phase B: the CTA's mlp2 blocks, whose first batch is loaded before phase A's last
+// barrier; it waits for its units' h (normally its own or a neighbour's, published at the same
+// time), writes each block's partial sums to ws[chunk][pair], and a per-(item, row tile) counter
+// finds the last of the C2 chunks: that warp sums them in chunk order (deterministic) with the bias
+// and routing weight into y, as mlp2 does. The counters are left zero. Needs every CTA resident
+// at once (grid <= SMs, one CTA an SM): CTAs wait on their neighbours' phase A.
+constexpr int kFusedMaxC2 = 48;    // mlp2 K chunks (I / 64) the last warp sums
+constexpr int kFusedUnits = 4;     // units whose mlp2 blocks one CTA may take
+constexpr int kFusedHStride = 36;  // words a staged h row (32 + 4 pad: conflict-free 16-byte reads)
+
+struct FusedGeom {
+  int C1, RT2, C2, S;  // mlp1 K chunks, mlp2 row tiles, mlp2 K chunks, blocks a unit (8 C1 + RT2)
+  int64_t U;           // blocks in all
+  __host__ __device__ int64_t bound(int b, int G) const {  // first block of CTA b (b = G: U)
+    const int64_t x = static_cast<int64_t>(b) * U / G;
+    const int64_t u = x / S;
+    int o = static_cast<int>(x - u * S);
+    if (o < 8 * C1) o = ((o + C1 / 2) / C1 < 8 ? (o + C1 / 2) / C1 : 8) * C1;
+    return u * S + o;
+  }
+  __host__ __device__ int tile_at(int64_t x) const {  // first flat mlp1 row tile (8 u + j) at or after x
+    const int64_t u = x / S;
+    const int j = static_cast<int>(x - u * S) / C1;
+    return static_cast<int>(8 * u + (j < 8 ? j : 8));
+  }
+  __host__ __device__ int mblk_at(int64_t x) const {  // first flat mlp2 block (u RT2 + t) at or after x
+    const int64_t u = x / S;
+    const int o = static_cast<int>(x - u * S) - 8 * C1;
+    return static_cast<int>(u * RT2 + (o > 0 ? o : 0));
+  }
+};
+
+FusedGeom fused_geom(const MoeGemmArgs& a1, const MoeGemmArgs& a2, int items) {
+  FusedGeom g;
+  g.C1 = a1.K / 64;
+  g.RT2 = a2.R / 16;
+  g.C2 = a2.K / 64;
+  g.S = 8 * g.C1 + g.RT2;
+  g.U = static_cast<int64_t>(items) * g.C2 * g.S;
+  return g;
+}
+
+struct FusedInfo {
+  int a[kCtaInfo];                          // phase A in cta_tiles' format (flat mlp1 tiles, RT1 = 8 C2)
+  int m0, m1, ua, nu;                       // phase B: flat mlp2 blocks [m0, m1) of units ua .. ua + nu - 1
+  int it, expert[2], count[2], base[2];     // phase B's items it, it + 1
+  int ncons[kFusedUnits];                   // CTAs that read each unit's h
+  int64_t ublk[kFusedUnits];                // kernel-layout block of (unit's expert, row tile 0, its chunk)
+};
+
+__device__ __forceinline__ int ld_acquire(const int32_t* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+template <int NW, int DEPTH>
+__global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArgs a1, MoeGemmArgs a2, FusedArgs f) {
+  pdl_wait();  // the routing is the previous kernel's output
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int32_t pair_of[kDecodeSlots][8];
+  __shared__ int32_t pair_b[2][8];
+  __shared__ FusedInfo fi;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int G = gridDim.x;
+  FusedGeom geo;
+  geo.C1 = a1.K / 64;
+  geo.RT2 = a2.R / 16;
+  geo.C2 = a2.K / 64;
+  geo.S = 8 * geo.C1 + geo.RT2;
+  const int RT2 = geo.RT2, C2 = geo.C2, H = a2.R;
+  if (threadIdx.x < 32) {
+    ItemScan scan;
+    int total = 0;
+    const bool ok = item_scan(a1.offsets, a1.E, a1.P, 8, scan, total);
+    geo.U = ok ? static_cast<int64_t>(total) * C2 * geo.S : 0;
+    const int64_t x0 = geo.bound(blockIdx.x, G), x1 = geo.bound(blockIdx.x + 1, G);
+    int v[kCtaInfo];
+    const int RT1 = 8 * C2;
+    v[0] = geo.tile_at(x0);
+    v[1] = geo.tile_at(x1);
+    v[2] = v[0] / RT1;
+    v[3] = v[1] > v[0] ? (v[1] - 1) / RT1 - v[2] + 1 : 0;
+#pragma unroll
+    for (int sl = 0; sl < kDecodeSlots; ++sl) item_info(scan, 8, v[2] + sl, v[4 + 3 * sl], v[5 + 3 * sl], v[6 + 3 * sl]);
+    const int m0 = geo.mblk_at(x0), m1 = geo.mblk_at(x1);
+    const int ua = m0 / RT2, nu = m1 > m0 ? (m1 - 1) / RT2 - ua + 1 : 0;
+    const int it = ua / C2;
+    int e[2], c[2], b[2];
+#pragma unroll
+    for (int sl = 0; sl < 2; ++sl) item_info(scan, 8, it + sl, e[sl], c[sl], b[sl]);
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < kCtaInfo; ++j) fi.a[j] = v[j];
+      fi.m0 = m0;
+      fi.m1 = m1;
+      fi.ua = ua;
+      fi.nu = nu;
+      fi.it = it;
+#pragma unroll
+      for (int sl = 0; sl < 2; ++sl) {
+        fi.expert[sl] = e[sl];
+        fi.count[sl] = c[sl];
+        fi.base[sl] = b[sl];
+      }
+      for (int j = 0; j < nu && j < kFusedUnits; ++j) {
+        const int u = ua + j, lo = u * RT2, hi = lo + RT2;
+        int n = 0;
+        for (int cb = blockIdx.x; cb >= 0; --cb) {
+          const int ms = geo.mblk_at(geo.bound(cb, G)), me = geo.mblk_at(geo.bound(cb + 1, G));
+          if (me <= lo) break;
+          n += ms < me && ms < hi;
+        }
+        for (int cb = blockIdx.x + 1; cb < G; ++cb) {
+          const int ms = geo.mblk_at(geo.bound(cb, G)), me = geo.mblk_at(geo.bound(cb + 1, G));
+          if (ms >= hi) break;
+          n += ms < me;
+        }
+        fi.ncons[j] = n;
+        const int sl = u / C2 - it;
+        fi.ublk[j] = static_cast<int64_t>(sl ? e[1] : e[0]) * RT2 * C2 + u % C2;
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < 16) {
+    const int s = threadIdx.x >> 3, n = threadIdx.x & 7;
+    const int p = n < fi.count[s] ? a2.perm[fi.base[s] + n] : -1;
+    pair_b[s][n] = (p >= 0 && p < a2.P) ? p : -1;   // a pair index out of range is skipped
+  }
+
+  // Phase B's share of this warp and its weight stream.
+  const int mA = fi.m0, NB = fi.m1 - fi.m0, ua = fi.ua, nu = fi.nu;
+  const int w0 = mA + warp * NB / NW, w1 = mA + (warp + 1) * NB / NW;
+  const uint4* codes2 = reinterpret_cast<const uint4*>(a2.codes) + lane;
+  const uint32_t* scales2 = reinterpret_cast<const uint32_t*>(a2.scales) + g;
+  const uint64_t pol = evict_first_policy();
+  uint4 cd_a[DEPTH], cd_b[DEPTH];
+  uint32_t sv_a[DEPTH], sv_b[DEPTH];
+  const auto load_b = [&](int mb, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int m = mb + d;
+      if (m < w1) {
+        const int u = m / RT2;
+        const int64_t idx = fi.ublk[u - ua] + static_cast<int64_t>(m - u * RT2) * C2;
+        cd[d] = ld_stream16(codes2 + idx * 32, pol);
+        sv[d] = ld_stream4(scales2 + idx * 8, pol);
+      }
+    }
+  };
+
+  // Phase A: mlp1 of the CTA's row tiles into out_h; phase B's first batch goes out after its loop.
+  DecodeSmem sm;
+  sm.srows = a1.P < 8 ? static_cast<int>(a1.P) : 8;
+  sm.bs = reinterpret_cast<uint32_t*>(smem_raw);
+  sm.part = reinterpret_cast<float*>(sm.bs + kDecodeSlots * sm.srows * (a1.K / 2 + 4));
+  sm.pair_of = pair_of;
+  sm.info = fi.a;
+  uint32_t* hb = reinterpret_cast<uint32_t*>(sm.part + NW * 2 * 4 * 32);   // [kFusedUnits * 8][kFusedHStride]
+  const bool phase_a = fi.a[0] < fi.a[1];
+  decode_phase<true, NW, DEPTH>(a1, sm, [&] { if (w0 < w1) load_b(w0, cd_a, sv_a); }, false);
+  if (!phase_a && w0 < w1) load_b(w0, cd_a, sv_a);
+  __syncthreads();  // every h of phase A stored
+  if (threadIdx.x == 0) {
+    if (phase_a) {
+      __threadfence();
+      const int t0 = fi.a[0], t1 = fi.a[1];
+      for (int u = t0 / 8; u <= (t1 - 1) / 8; ++u) atomicAdd(f.hcnt + u, min(t1, 8 * u + 8) - max(t0, 8 * u));
+    }
+    for (int j = 0; j < nu; ++j)
+      while (ld_acquire(f.hcnt + ua + j) < 8) __nanosleep(32);
+  }
+  __syncthreads();
+  // Stage the units' h (fp16, the chunk-fragment order of decode_phase's staging).
+  for (int i = threadIdx.x; i < nu * 64; i += NW * 32) {
+    const int j = i >> 6, n = (i >> 3) & 7, c4 = i & 7;
+    const int u = ua + j, sl = u / C2 - fi.it;
+    const int p = pair_b[sl][n];
+    if (p < 0) continue;
+    const uint4 v = __ldcg(reinterpret_cast<const uint4*>(a1.out_h + static_cast<int64_t>(p) * a2.K + (u % C2) * 64) + c4);
+    uint32_t* dst = hb + (j * 8 + n) * kFusedHStride + c4;
+    dst[0] = bf16x2_to_f16x2(v.x);
+    dst[8] = bf16x2_to_f16x2(v.y);
+    dst[16] = bf16x2_to_f16x2(v.z);
+    dst[24] = bf16x2_to_f16x2(v.w);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int j = 0; j < nu; ++j) {  // the last reader leaves the counter zero
+      if (atomicAdd(f.hcnt + ua + j, 1) == 7 + fi.ncons[j]) f.hcnt[ua + j] = 0;
+    }
+  }
+
+  // Phase B: each block (row tile t, chunk c of a unit) -> 16 rows x the item's pairs of ws[c].
+  const auto compute_b = [&](int mb, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int m = mb + d;
+      if (m >= w1) break;
+      const int u = m / RT2, j = u - ua, t = m - u * RT2, sl = u / C2 - fi.it;
+      const int cnt = fi.count[sl];
+      const uint32_t* bp = hb + (j * 8 + min(g, max(cnt, 1) - 1)) * kFusedHStride + q * 8;
+      const uint4 b0 = *reinterpret_cast<const uint4*>(bp);
+      const uint4 b1 = *reinterpret_cast<const uint4*>(bp + 4);
+      const uint32_t words4[4] = {cd[d].x, cd[d].y, cd[d].z, cd[d].w};
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int grp = 0; grp < 2; ++grp) {
+        float pt[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4& b = grp ? b1 : b0;
+#pragma unroll
+        for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
+          uint32_t af[4];
+          fp4x8_to_f16x2(words4[s], af);
+          mma_f16(pt, af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
+        }
+        const float s_lo = grp ? e8m0_byte<2>(sv[d]) : e8m0_byte<0>(sv[d]);   // row g
+        const float s_hi = grp ? e8m0_byte<3>(sv[d]) : e8m0_byte<1>(sv[d]);   // row g + 8
+        acc[0] = fmaf(pt[0], s_lo, acc[0]);
+        acc[1] = fmaf(pt[1], s_lo, acc[1]);
+        acc[2] = fmaf(pt[2], s_hi, acc[2]);
+        acc[3] = fmaf(pt[3], s_hi, acc[3]);
+      }
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int p = pair_b[sl][2 * q + jj];
+        if (p < 0) continue;
+        float* wp = f.ws + (static_cast<int64_t>(u % C2) * a2.P + p) * H + t * 16 + g;
+        wp[0] = acc[jj] * 16384.f;   // the decode's 2^-14
+        wp[8] = acc[2 + jj] * 16384.f;
+      }
+    }
+  };
+  for (int mb = w0; mb < w1; mb += 2 * DEPTH) {
+    if (mb + DEPTH < w1) load_b(mb + DEPTH, cd_b, sv_b);
+    compute_b(mb, cd_a, sv_a);
+    if (mb + DEPTH >= w1) break;
+    if (mb + 2 * DEPTH < w1) load_b(mb + 2 * DEPTH, cd_a, sv_a);
+    compute_b(mb + DEPTH, cd_b, sv_b);
+  }
+  pdl_trigger();
+
+  // Count this warp's blocks in; the warp that writes an (item, row tile)'s last chunk sums it.
+  __threadfence();
+  for (int r0 = w0; r0 < w1; r0 += 32) {
+    const int m = r0 + lane;
+    int key = 0;
+    bool last = false;
+    if (m < w1) {
+      const int u = m / RT2;
+      key = (u / C2) * RT2 + (m - u * RT2);
+      last = atomicAdd(f.ycnt + key, 1) == C2 - 1;
+    }
+    unsigned done = __ballot_sync(0xFFFFFFFFu, last);
+    while (done) {
+      const int src = __ffs(done) - 1;
+      done &= done - 1;
+      const int k2 = __shfl_sync(0xFFFFFFFFu, key, src);
+      __threadfence();
+      const int item = k2 / RT2, t = k2 - item * RT2, sl = item - fi.it;
+      const int cnt = fi.count[sl], e = fi.expert[sl];
+      for (int idx = lane; idx < cnt * 16; idx += 32) {
+        const int p = pair_b[sl][idx >> 4], row = t * 16 + (idx & 15);
+        if (p < 0) continue;
+        const float* src_p = f.ws + static_cast<int64_t>(p) * H + row;
+        const int64_t cstride = a2.P * H;
+        float v[kFusedMaxC2];
+#pragma unroll
+        for (int c = 0; c < kFusedMaxC2; ++c) v[c] = c < C2 ? __ldcg(src_p + c * cstride) : 0.f;
+        float s = v[0];
+#pragma unroll
+        for (int c = 1; c < kFusedMaxC2; ++c)
+          if (c < C2) s += v[c];
+        a2.out_y[static_cast<int64_t>(p) * H + row] =
+            (s + __bfloat162float(a2.bias[static_cast<int64_t>(e) * H + row])) * a2.route_weights[p];
+      }
+      if (lane == 0) f.ycnt[k2] = 0;
+    }
+  }
+}
+
+// Whether the fused kernel's partition serves `items` work items on G CTAs (each CTA's mlp1 tiles
+// within 2 items, its mlp2 blocks within kFusedUnits units of 2 items).
+bool fused_partition_ok(FusedGeom geo, int items, int G) {
+  geo.U = static_cast<int64_t>(items) * geo.C2 * geo.S;
+  const int RT1 = 8 * geo.C2;
+  for (int b = 0; b < G; ++b) {
+    const int64_t x0 = geo.bound(b, G), x1 = geo.bound(b + 1, G);
+    const int t0 = geo.tile_at(x0), t1 = geo.tile_at(x1);
+    if (t1 > t0 && (t1 - 1) / RT1 - t0 / RT1 + 1 > kDecodeSlots) return false;
+    const int m0 = geo.mblk_at(x0), m1 = geo.mblk_at(x1);
+    if (m1 > m0) {
+      const int ua = m0 / geo.RT2, ub = (m1 - 1) / geo.RT2;
+      if (ub - ua + 1 > kFusedUnits || ub / geo.C2 - ua / geo.C2 + 1 > 2) return false;
+    }
+  }
+  return true;
+}
+
+template <int NW, int DEPTH>
+cudaError_t launch_fused(const MoeGemmArgs& a1, const MoeGemmArgs& a2, const FusedArgs& f, cudaStream_t stream) {
+  const int sms = sm_count();
+  int G = sms;
+  if (const char* e = std::getenv("GPTOSS_MOE_FUSED_GRID")) G = std::min(sms, std::max(1, std::atoi(e)));
+  if (sms <= 0 || a1.P > 8 || a1.P != a2.P || a1.R != 2 * a2.K || a2.R != a1.K || a2.K / 64 > kFusedMaxC2 ||
+      !f.hcnt || !f.ycnt || !f.ws)
+    return cudaErrorNotSupported;
+  const FusedGeom geo = fused_geom(a1, a2, 0);
+  const int max_items = static_cast<int>(max_work_items(a1.P, a1.E, 8));
+  for (int items = 1; items <= max_items; ++items)
+    if (!fused_partition_ok(geo, items, G)) return cudaErrorNotSupported;
+  const size_t smem = decode_smem<NW>(a1) + static_cast<size_t>(kFusedUnits) * 8 * kFusedHStride * 4;
+  auto kernel = moe_fused_decode_kernel<NW, DEPTH>;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NW * 32, smem) != cudaSuccess || per_sm < 1)
+    return cudaErrorNotSupported;
+  return launch_kernel(kernel, dim3(G), dim3(NW * 32), smem, stream, a1, a2, f);
 }
 
 // ---- prefill: 128 weight rows x 64 tokens a CTA, scales folded into the fp16 weights -------------
@@ -934,7 +1275,16 @@ __global__ void combine_kernel(const float* __restrict__ y, const bf16* __restri
 cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream) { return launch<true>(a, stream); }
 cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream) { return launch<false>(a, stream); }
 
-cudaError_t launch_moe_experts(const MoeGemmArgs& a1, const MoeGemmArgs& a2, cudaStream_t stream) {
+cudaError_t launch_moe_experts(const MoeGemmArgs& a1, const MoeGemmArgs& a2, cudaStream_t stream,
+                               const FusedArgs* fused) {
+  // GPTOSS_MOE_FUSED=0: never the fused kernel; =1: the fused kernel or an error (tests).
+  const char* env = std::getenv("GPTOSS_MOE_FUSED");
+  const bool off = env && env[0] == '0', required = env && env[0] == '1';
+  if (required && !(fused && a1.P > 0 && a1.P <= 8)) return cudaErrorNotSupported;
+  if (fused && a1.P > 0 && a1.P <= 8 && !off) {
+    const cudaError_t e = launch_fused<24, 4>(a1, a2, *fused, stream);
+    if (e != cudaErrorNotSupported || required) return e;
+  }
   const cudaError_t e1 = launch<true>(a1, stream);
   return e1 != cudaSuccess ? e1 : launch<false>(a2, stream);
 }
