@@ -63,10 +63,13 @@ def main():
                   f"({tf / floor_us:.2f}x the floor {floor_us:.1f} us at the measured copy bandwidth)", flush=True)
             if T * 4 <= 8:
                 os.environ["GPTOSS_MOE_FUSED"] = "1"
-                t1 = time_cuda(one_launch, n)[0] * 1000
+                for shape in ("p", "q"):   # GPTOSS_MOE_FUSED_SHAPE: 24 warps x 4 / 16 x 6
+                    os.environ["GPTOSS_MOE_FUSED_SHAPE"] = shape
+                    t1 = time_cuda(one_launch, n)[0] * 1000
+                    print(f"{name} T={T} moe_experts with scratch (the fused one-launch kernel, shape {shape}): "
+                          f"{t1:6.1f} us ({t1 / floor_us:.2f}x the floor)", flush=True)
                 os.environ.pop("GPTOSS_MOE_FUSED", None)
-                print(f"{name} T={T} moe_experts with scratch (the fused one-launch kernel): {t1:6.1f} us "
-                      f"({t1 / floor_us:.2f}x the floor)", flush=True)
+                os.environ.pop("GPTOSS_MOE_FUSED_SHAPE", None)
             for var in variants:
                 if var == "auto":
                     os.environ.pop("GPTOSS_MOE_DECODE", None)

@@ -783,25 +783,44 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
     pair_b[s][n] = (p >= 0 && p < a2.P) ? p : -1;   // a pair index out of range is skipped
   }
 
-  // Phase B's share of this warp and its weight stream.
-  const int mA = fi.m0, NB = fi.m1 - fi.m0, ua = fi.ua, nu = fi.nu;
-  const int w0 = mA + warp * NB / NW, w1 = mA + (warp + 1) * NB / NW;
-  const uint4* codes2 = reinterpret_cast<const uint4*>(a2.codes) + lane;
-  const uint32_t* scales2 = reinterpret_cast<const uint32_t*>(a2.scales) + g;
-  const uint64_t pol = evict_first_policy();
+  // Phase B's blocks in two rounds: first those of units whose 8 mlp1 tiles were all made here
+  // (ready after this CTA's own phase A), then those of the first unit when part of its h comes
+  // from the CTA before (its phase A has then had this CTA's first round to finish). Each round's
+  // blocks are split evenly over the warps.
+  // (Computed from shared memory where used: few registers live across phase A.)
+  const auto rounds = [&](int (&rb)[4]) {
+    const int t0 = fi.a[0], t1 = fi.a[1], ua = fi.ua;
+    const bool import0 = fi.nu > 0 && !(8 * ua >= t0 && 8 * ua + 8 <= t1);
+    const int split = import0 ? min(fi.m1, (ua + 1) * RT2) : fi.m0;
+    const int N1 = fi.m1 - split, N2 = split - fi.m0;
+    rb[0] = split + warp * N1 / NW;
+    rb[1] = split + (warp + 1) * N1 / NW;
+    rb[2] = fi.m0 + warp * N2 / NW;
+    rb[3] = fi.m0 + (warp + 1) * N2 / NW;
+    return import0;
+  };
   uint4 cd_a[DEPTH], cd_b[DEPTH];
   uint32_t sv_a[DEPTH], sv_b[DEPTH];
-  const auto load_b = [&](int mb, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
+  const auto load_b = [&](int mb, int me, uint4 (&cd)[DEPTH], uint32_t (&sv)[DEPTH]) {
+    const uint4* codes2 = reinterpret_cast<const uint4*>(a2.codes) + lane;
+    const uint32_t* scales2 = reinterpret_cast<const uint32_t*>(a2.scales) + g;
+    const uint64_t pol = evict_first_policy();
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int m = mb + d;
-      if (m < w1) {
+      if (m < me) {
         const int u = m / RT2;
-        const int64_t idx = fi.ublk[u - ua] + static_cast<int64_t>(m - u * RT2) * C2;
+        const int64_t idx = fi.ublk[u - fi.ua] + static_cast<int64_t>(m - u * RT2) * C2;
         cd[d] = ld_stream16(codes2 + idx * 32, pol);
         sv[d] = ld_stream4(scales2 + idx * 8, pol);
       }
     }
+  };
+  const auto first_batch = [&] {
+    int rb[4];
+    rounds(rb);
+    if (rb[0] < rb[1]) load_b(rb[0], rb[1], cd_a, sv_a);
+    else if (rb[2] < rb[3]) load_b(rb[2], rb[3], cd_a, sv_a);
   };
 
   // Phase A: mlp1 of the CTA's row tiles into out_h; phase B's first batch goes out after its loop.
@@ -812,46 +831,47 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
   sm.pair_of = pair_of;
   sm.info = fi.a;
   uint32_t* hb = reinterpret_cast<uint32_t*>(sm.part + NW * 2 * 4 * 32);   // [kFusedUnits * 8][kFusedHStride]
-  const bool phase_a = fi.a[0] < fi.a[1];
-  decode_phase<true, NW, DEPTH>(a1, sm, [&] { if (w0 < w1) load_b(w0, cd_a, sv_a); }, false);
-  if (!phase_a && w0 < w1) load_b(w0, cd_a, sv_a);
+  decode_phase<true, NW, DEPTH>(a1, sm, first_batch, false);
+  const int ua = fi.ua, nu = fi.nu, t0 = fi.a[0], t1 = fi.a[1];
+  const bool phase_a = t0 < t1;
+  if (!phase_a) first_batch();
+  int rb[4];
+  const bool import0 = rounds(rb);
+  const int r1a = rb[0], r1b = rb[1], r2a = rb[2], r2b = rb[3];
   __syncthreads();  // every h of phase A stored
-  if (threadIdx.x == 0) {
-    if (phase_a) {
-      __threadfence();
-      const int t0 = fi.a[0], t1 = fi.a[1];
-      for (int u = t0 / 8; u <= (t1 - 1) / 8; ++u) atomicAdd(f.hcnt + u, min(t1, 8 * u + 8) - max(t0, 8 * u));
+  if (threadIdx.x == 0 && phase_a) {
+    __threadfence();
+    for (int u = t0 / 8; u <= (t1 - 1) / 8; ++u) atomicAdd(f.hcnt + u, min(t1, 8 * u + 8) - max(t0, 8 * u));
+  }
+  // Stages units [j0, j1)'s h (fp16, the chunk-fragment order of decode_phase's staging), then the
+  // last of each unit's readers leaves its counter zero.
+  const auto stage = [&](int j0, int j1) {
+    for (int i = threadIdx.x; i < (j1 - j0) * 64; i += NW * 32) {
+      const int j = j0 + (i >> 6), n = (i >> 3) & 7, c4 = i & 7;
+      const int u = ua + j, sl = u / C2 - fi.it;
+      const int p = pair_b[sl][n];
+      if (p < 0) continue;
+      const uint4 v =
+          __ldcg(reinterpret_cast<const uint4*>(a1.out_h + static_cast<int64_t>(p) * a2.K + (u % C2) * 64) + c4);
+      uint32_t* dst = hb + (j * 8 + n) * kFusedHStride + c4;
+      dst[0] = bf16x2_to_f16x2(v.x);
+      dst[8] = bf16x2_to_f16x2(v.y);
+      dst[16] = bf16x2_to_f16x2(v.z);
+      dst[24] = bf16x2_to_f16x2(v.w);
     }
-    for (int j = 0; j < nu; ++j)
-      while (ld_acquire(f.hcnt + ua + j) < 8) __nanosleep(32);
-  }
-  __syncthreads();
-  // Stage the units' h (fp16, the chunk-fragment order of decode_phase's staging).
-  for (int i = threadIdx.x; i < nu * 64; i += NW * 32) {
-    const int j = i >> 6, n = (i >> 3) & 7, c4 = i & 7;
-    const int u = ua + j, sl = u / C2 - fi.it;
-    const int p = pair_b[sl][n];
-    if (p < 0) continue;
-    const uint4 v = __ldcg(reinterpret_cast<const uint4*>(a1.out_h + static_cast<int64_t>(p) * a2.K + (u % C2) * 64) + c4);
-    uint32_t* dst = hb + (j * 8 + n) * kFusedHStride + c4;
-    dst[0] = bf16x2_to_f16x2(v.x);
-    dst[8] = bf16x2_to_f16x2(v.y);
-    dst[16] = bf16x2_to_f16x2(v.z);
-    dst[24] = bf16x2_to_f16x2(v.w);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int j = 0; j < nu; ++j) {  // the last reader leaves the counter zero
-      if (atomicAdd(f.hcnt + ua + j, 1) == 7 + fi.ncons[j]) f.hcnt[ua + j] = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int j = j0; j < j1; ++j)
+        if (atomicAdd(f.hcnt + ua + j, 1) == 7 + fi.ncons[j]) f.hcnt[ua + j] = 0;
     }
-  }
+  };
 
-  // Phase B: each block (row tile t, chunk c of a unit) -> 16 rows x the item's pairs of ws[c].
-  const auto compute_b = [&](int mb, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
+  // Each block (row tile t, chunk c of a unit) -> 16 rows x the item's pairs of ws[c].
+  const auto compute_b = [&](int mb, int me, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int m = mb + d;
-      if (m >= w1) break;
+      if (m >= me) break;
       const int u = m / RT2, j = u - ua, t = m - u * RT2, sl = u / C2 - fi.it;
       const int cnt = fi.count[sl];
       const uint32_t* bp = hb + (j * 8 + min(g, max(cnt, 1) - 1)) * kFusedHStride + q * 8;
@@ -886,52 +906,74 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
       }
     }
   };
-  for (int mb = w0; mb < w1; mb += 2 * DEPTH) {
-    if (mb + DEPTH < w1) load_b(mb + DEPTH, cd_b, sv_b);
-    compute_b(mb, cd_a, sv_a);
-    if (mb + DEPTH >= w1) break;
-    if (mb + 2 * DEPTH < w1) load_b(mb + 2 * DEPTH, cd_a, sv_a);
-    compute_b(mb + DEPTH, cd_b, sv_b);
+  // Blocks [wa, wb), the first batch already loaded into cd_a / sv_a.
+  const auto stream = [&](int wa, int wb) {
+    for (int mb = wa; mb < wb; mb += 2 * DEPTH) {
+      if (mb + DEPTH < wb) load_b(mb + DEPTH, wb, cd_b, sv_b);
+      compute_b(mb, wb, cd_a, sv_a);
+      if (mb + DEPTH >= wb) break;
+      if (mb + 2 * DEPTH < wb) load_b(mb + 2 * DEPTH, wb, cd_a, sv_a);
+      compute_b(mb + DEPTH, wb, cd_b, sv_b);
+    }
+  };
+  stage(import0 ? 1 : 0, nu);
+  stream(r1a, r1b);
+  if (import0) {
+    if (r1a < r1b && r2a < r2b) load_b(r2a, r2b, cd_a, sv_a);
+    if (threadIdx.x == 0)
+      while (ld_acquire(f.hcnt + ua) < 8) __nanosleep(32);
+    __syncthreads();
+    stage(0, 1);
+    stream(r2a, r2b);
   }
   pdl_trigger();
 
-  // Count this warp's blocks in; the warp that writes an (item, row tile)'s last chunk sums it.
+  // Count this warp's blocks in; the warp that wrote an (item, row tile)'s last chunk sums the C2
+  // partials: lane (row r, half) over half of the chunks, all loads in flight at once, then the
+  // two halves (deterministic order).
   __threadfence();
-  for (int r0 = w0; r0 < w1; r0 += 32) {
-    const int m = r0 + lane;
-    int key = 0;
-    bool last = false;
-    if (m < w1) {
-      const int u = m / RT2;
-      key = (u / C2) * RT2 + (m - u * RT2);
-      last = atomicAdd(f.ycnt + key, 1) == C2 - 1;
-    }
-    unsigned done = __ballot_sync(0xFFFFFFFFu, last);
-    while (done) {
-      const int src = __ffs(done) - 1;
-      done &= done - 1;
-      const int k2 = __shfl_sync(0xFFFFFFFFu, key, src);
-      __threadfence();
-      const int item = k2 / RT2, t = k2 - item * RT2, sl = item - fi.it;
-      const int cnt = fi.count[sl], e = fi.expert[sl];
-      for (int idx = lane; idx < cnt * 16; idx += 32) {
-        const int p = pair_b[sl][idx >> 4], row = t * 16 + (idx & 15);
-        if (p < 0) continue;
-        const float* src_p = f.ws + static_cast<int64_t>(p) * H + row;
-        const int64_t cstride = a2.P * H;
-        float v[kFusedMaxC2];
-#pragma unroll
-        for (int c = 0; c < kFusedMaxC2; ++c) v[c] = c < C2 ? __ldcg(src_p + c * cstride) : 0.f;
-        float s = v[0];
-#pragma unroll
-        for (int c = 1; c < kFusedMaxC2; ++c)
-          if (c < C2) s += v[c];
-        a2.out_y[static_cast<int64_t>(p) * H + row] =
-            (s + __bfloat162float(a2.bias[static_cast<int64_t>(e) * H + row])) * a2.route_weights[p];
+  const int64_t cstride = a2.P * H;
+  const int hc = (C2 + 1) / 2, r = lane & 15, half = lane >> 4;
+  const auto count_in = [&](int wa, int wb) {
+    for (int r0 = wa; r0 < wb; r0 += 32) {
+      const int m = r0 + lane;
+      int key = 0;
+      bool last = false;
+      if (m < wb) {
+        const int u = m / RT2;
+        key = (u / C2) * RT2 + (m - u * RT2);
+        last = atomicAdd(f.ycnt + key, 1) == C2 - 1;
       }
-      if (lane == 0) f.ycnt[k2] = 0;
+      unsigned done = __ballot_sync(0xFFFFFFFFu, last);
+      while (done) {
+        const int src = __ffs(done) - 1;
+        done &= done - 1;
+        const int k2 = __shfl_sync(0xFFFFFFFFu, key, src);
+        __threadfence();
+        const int item = k2 / RT2, t = k2 - item * RT2, sl = item - fi.it;
+        const int cnt = fi.count[sl], e = fi.expert[sl], row = t * 16 + r;
+        for (int n = 0; n < cnt; ++n) {
+          const int p = pair_b[sl][n];
+          if (p < 0) continue;
+          const float* src_p = f.ws + half * hc * cstride + static_cast<int64_t>(p) * H + row;
+          float v[kFusedMaxC2 / 2];
+#pragma unroll
+          for (int c = 0; c < kFusedMaxC2 / 2; ++c)
+            v[c] = c < hc && half * hc + c < C2 ? __ldcg(src_p + c * cstride) : 0.f;
+          float s = v[0];
+#pragma unroll
+          for (int c = 1; c < kFusedMaxC2 / 2; ++c) s += v[c];
+          const float other = __shfl_down_sync(0xFFFFFFFFu, s, 16);
+          if (half == 0)
+            a2.out_y[static_cast<int64_t>(p) * H + row] =
+                (s + other + __bfloat162float(a2.bias[static_cast<int64_t>(e) * H + row])) * a2.route_weights[p];
+        }
+        if (lane == 0) f.ycnt[k2] = 0;
+      }
     }
-  }
+  };
+  count_in(r1a, r1b);
+  count_in(r2a, r2b);
 }
 
 // Whether the fused kernel's partition serves `items` work items on G CTAs (each CTA's mlp1 tiles
@@ -1282,7 +1324,10 @@ cudaError_t launch_moe_experts(const MoeGemmArgs& a1, const MoeGemmArgs& a2, cud
   const bool off = env && env[0] == '0', required = env && env[0] == '1';
   if (required && !(fused && a1.P > 0 && a1.P <= 8)) return cudaErrorNotSupported;
   if (fused && a1.P > 0 && a1.P <= 8 && !off) {
-    const cudaError_t e = launch_fused<24, 4>(a1, a2, *fused, stream);
+    // GPTOSS_MOE_FUSED_SHAPE=q: 16 warps x 6-block batches instead of 24 x 4 (A/B)
+    const char* shape = std::getenv("GPTOSS_MOE_FUSED_SHAPE");
+    const cudaError_t e = shape && shape[0] == 'q' ? launch_fused<16, 6>(a1, a2, *fused, stream)
+                                                   : launch_fused<24, 4>(a1, a2, *fused, stream);
     if (e != cudaErrorNotSupported || required) return e;
   }
   const cudaError_t e1 = launch<true>(a1, stream);
