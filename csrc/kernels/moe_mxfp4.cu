@@ -710,6 +710,14 @@ __device__ __forceinline__ int ld_acquire(const int32_t* p) {
 template <int NW, int DEPTH>
 __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArgs a1, MoeGemmArgs a2, FusedArgs f) {
   pdl_wait();  // the routing is the previous kernel's output
+  const auto trace = [&](int k) {   // diagnostics (GPTOSS_MOE_FUSED_TRACE): global ns timer at point k
+    if (f.trace && (threadIdx.x & 31) == 0 && (k < 6 || threadIdx.x == 0)) {
+      uint64_t tm;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(tm));
+      f.trace[(blockIdx.x * 8 + k) * 32 + (threadIdx.x >> 5)] = static_cast<long long>(tm);
+    }
+  };
+  trace(0);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int32_t pair_of[kDecodeSlots][8];
   __shared__ int32_t pair_b[2][8];
@@ -838,7 +846,9 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
   int rb[4];
   const bool import0 = rounds(rb);
   const int r1a = rb[0], r1b = rb[1], r2a = rb[2], r2b = rb[3];
+  trace(1);
   __syncthreads();  // every h of phase A stored
+  trace(2);
   if (threadIdx.x == 0 && phase_a) {
     __threadfence();
     for (int u = t0 / 8; u <= (t1 - 1) / 8; ++u) atomicAdd(f.hcnt + u, min(t1, 8 * u + 8) - max(t0, 8 * u));
@@ -917,13 +927,16 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
     }
   };
   stage(import0 ? 1 : 0, nu);
+  trace(3);
   stream(r1a, r1b);
+  trace(7);
   if (import0) {
     if (r1a < r1b && r2a < r2b) load_b(r2a, r2b, cd_a, sv_a);
     if (threadIdx.x == 0)
       while (ld_acquire(f.hcnt + ua) < 8) __nanosleep(32);
     __syncthreads();
     stage(0, 1);
+    trace(4);
     stream(r2a, r2b);
   }
   pdl_trigger();
@@ -973,7 +986,9 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
     }
   };
   count_in(r1a, r1b);
+  trace(5);
   count_in(r2a, r2b);
+  trace(6);
 }
 
 // Whether the fused kernel's partition serves `items` work items on G CTAs (each CTA's mlp1 tiles

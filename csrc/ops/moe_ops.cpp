@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "kernels/moe.h"
 #include "ops/checks.h"
@@ -289,6 +290,11 @@ void moe_experts(const at::Tensor& x, const at::Tensor& codes1, const at::Tensor
       fused.hcnt = scratch->data_ptr<int32_t>();
       fused.ycnt = fused.hcnt + P * (I / 64);
       fused.ws = ws.data_ptr<float>();
+      // GPTOSS_MOE_FUSED_TRACE=1 (diagnostics): timestamps after the counters, 8-byte aligned
+      const char* tr = std::getenv("GPTOSS_MOE_FUSED_TRACE");
+      const int64_t off = (need + 1) / 2 * 2;
+      if (tr && tr[0] == '1' && scratch->numel() >= off + 2 * 8 * 32 * 1024)
+        fused.trace = reinterpret_cast<long long*>(fused.hcnt + off);
     }
   }
   GPTOSS_CHECK_LAUNCH(op, launch_moe_experts(a1, a2, c10::cuda::getCurrentCUDAStream(), fused.ws ? &fused : nullptr));
