@@ -50,7 +50,7 @@ def main():
                                                  w["k2"].scales, w["bias2"], perm, offsets, wt.view(-1), 4, 1.702,
                                                  7.0, hs[i], ys[i], w["k1"].max_scale, w["k2"].max_scale)
 
-            scratch = torch.zeros(T * 4 * (I // 64 + H // 16), dtype=torch.int32, device="cuda")
+            scratch = torch.zeros(T * 4 * (I // 64 + H // 16 + 1), dtype=torch.int32, device="cuda")
 
             def one_launch(i):
                 wt, ids, counts, offsets, perm = rts[i]

@@ -662,24 +662,22 @@ constexpr int kFusedUnits = 4;     // units whose mlp2 blocks one CTA may take
 constexpr int kFusedHStride = 36;  // words a staged h row (32 + 4 pad: conflict-free 16-byte reads)
 
 struct FusedGeom {
-  int C1, RT2, C2, S;  // mlp1 K chunks, mlp2 row tiles, mlp2 K chunks, blocks a unit (8 C1 + RT2)
-  int64_t U;           // blocks in all
-  __host__ __device__ int64_t bound(int b, int G) const {  // first block of CTA b (b = G: U)
-    const int64_t x = static_cast<int64_t>(b) * U / G;
-    const int64_t u = x / S;
-    int o = static_cast<int>(x - u * S);
-    if (o < 8 * C1) o = ((o + C1 / 2) / C1 < 8 ? (o + C1 / 2) / C1 : 8) * C1;
+  // 32-bit: U <= 8 items x 48 chunks x (8 x 48 + 192) blocks (host-checked), b U < 2^32.
+  unsigned C1, RT2, C2, S;  // mlp1 K chunks, mlp2 row tiles, mlp2 K chunks, blocks a unit (8 C1 + RT2)
+  unsigned U;               // blocks in all
+  __host__ __device__ unsigned bound(unsigned b, unsigned G) const {  // first block of CTA b (b = G: U)
+    const unsigned x = b * U / G, u = x / S;
+    unsigned o = x - u * S;
+    if (o < 8 * C1) o = min((o + C1 / 2) / C1, 8u) * C1;
     return u * S + o;
   }
-  __host__ __device__ int tile_at(int64_t x) const {  // first flat mlp1 row tile (8 u + j) at or after x
-    const int64_t u = x / S;
-    const int j = static_cast<int>(x - u * S) / C1;
-    return static_cast<int>(8 * u + (j < 8 ? j : 8));
+  __host__ __device__ int tile_at(unsigned x) const {  // first flat mlp1 row tile (8 u + j) at or after x
+    const unsigned u = x / S;
+    return static_cast<int>(8 * u + min((x - u * S) / C1, 8u));
   }
-  __host__ __device__ int mblk_at(int64_t x) const {  // first flat mlp2 block (u RT2 + t) at or after x
-    const int64_t u = x / S;
-    const int o = static_cast<int>(x - u * S) - 8 * C1;
-    return static_cast<int>(u * RT2 + (o > 0 ? o : 0));
+  __host__ __device__ int mblk_at(unsigned x) const {  // first flat mlp2 block (u RT2 + t) at or after x
+    const unsigned u = x / S, o = x - u * S;
+    return static_cast<int>(u * RT2 + (o > 8 * C1 ? o - 8 * C1 : 0u));
   }
 };
 
@@ -689,7 +687,7 @@ FusedGeom fused_geom(const MoeGemmArgs& a1, const MoeGemmArgs& a2, int items) {
   g.RT2 = a2.R / 16;
   g.C2 = a2.K / 64;
   g.S = 8 * g.C1 + g.RT2;
-  g.U = static_cast<int64_t>(items) * g.C2 * g.S;
+  g.U = static_cast<unsigned>(items) * g.C2 * g.S;
   return g;
 }
 
@@ -697,7 +695,6 @@ struct FusedInfo {
   int a[kCtaInfo];                          // phase A in cta_tiles' format (flat mlp1 tiles, RT1 = 8 C2)
   int m0, m1, ua, nu;                       // phase B: flat mlp2 blocks [m0, m1) of units ua .. ua + nu - 1
   int it, expert[2], count[2], base[2];     // phase B's items it, it + 1
-  int ncons[kFusedUnits];                   // CTAs that read each unit's h
   int64_t ublk[kFusedUnits];                // kernel-layout block of (unit's expert, row tile 0, its chunk)
 };
 
@@ -735,8 +732,8 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
     ItemScan scan;
     int total = 0;
     const bool ok = item_scan(a1.offsets, a1.E, a1.P, 8, scan, total);
-    geo.U = ok ? static_cast<int64_t>(total) * C2 * geo.S : 0;
-    const int64_t x0 = geo.bound(blockIdx.x, G), x1 = geo.bound(blockIdx.x + 1, G);
+    geo.U = ok ? static_cast<unsigned>(total) * geo.C2 * geo.S : 0u;
+    const unsigned x0 = geo.bound(blockIdx.x, G), x1 = geo.bound(blockIdx.x + 1, G);
     int v[kCtaInfo];
     const int RT1 = 8 * C2;
     v[0] = geo.tile_at(x0);
@@ -751,9 +748,11 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
     int e[2], c[2], b[2];
 #pragma unroll
     for (int sl = 0; sl < 2; ++sl) item_info(scan, 8, it + sl, e[sl], c[sl], b[sl]);
-    if (lane == 0) {
+    if (lane < kCtaInfo) fi.a[lane] = v[0];
 #pragma unroll
-      for (int j = 0; j < kCtaInfo; ++j) fi.a[j] = v[j];
+    for (int j = 1; j < kCtaInfo; ++j)
+      if (lane == j) fi.a[j] = v[j];
+    if (lane == 0) {
       fi.m0 = m0;
       fi.m1 = m1;
       fi.ua = ua;
@@ -765,23 +764,10 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
         fi.count[sl] = c[sl];
         fi.base[sl] = b[sl];
       }
-      for (int j = 0; j < nu && j < kFusedUnits; ++j) {
-        const int u = ua + j, lo = u * RT2, hi = lo + RT2;
-        int n = 0;
-        for (int cb = blockIdx.x; cb >= 0; --cb) {
-          const int ms = geo.mblk_at(geo.bound(cb, G)), me = geo.mblk_at(geo.bound(cb + 1, G));
-          if (me <= lo) break;
-          n += ms < me && ms < hi;
-        }
-        for (int cb = blockIdx.x + 1; cb < G; ++cb) {
-          const int ms = geo.mblk_at(geo.bound(cb, G)), me = geo.mblk_at(geo.bound(cb + 1, G));
-          if (ms >= hi) break;
-          n += ms < me;
-        }
-        fi.ncons[j] = n;
-        const int sl = u / C2 - it;
-        fi.ublk[j] = static_cast<int64_t>(sl ? e[1] : e[0]) * RT2 * C2 + u % C2;
-      }
+    }
+    if (lane < nu && lane < kFusedUnits) {
+      const int u = ua + lane;
+      fi.ublk[lane] = static_cast<int64_t>(u / C2 - it ? e[1] : e[0]) * RT2 * C2 + u % C2;
     }
   }
   __syncthreads();
@@ -853,8 +839,7 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
     __threadfence();
     for (int u = t0 / 8; u <= (t1 - 1) / 8; ++u) atomicAdd(f.hcnt + u, min(t1, 8 * u + 8) - max(t0, 8 * u));
   }
-  // Stages units [j0, j1)'s h (fp16, the chunk-fragment order of decode_phase's staging), then the
-  // last of each unit's readers leaves its counter zero.
+  // Stages units [j0, j1)'s h (fp16, the chunk-fragment order of decode_phase's staging).
   const auto stage = [&](int j0, int j1) {
     for (int i = threadIdx.x; i < (j1 - j0) * 64; i += NW * 32) {
       const int j = j0 + (i >> 6), n = (i >> 3) & 7, c4 = i & 7;
@@ -870,10 +855,6 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
       dst[24] = bf16x2_to_f16x2(v.w);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int j = j0; j < j1; ++j)
-        if (atomicAdd(f.hcnt + ua + j, 1) == 7 + fi.ncons[j]) f.hcnt[ua + j] = 0;
-    }
   };
 
   // Each block (row tile t, chunk c of a unit) -> 16 rows x the item's pairs of ws[c].
@@ -928,16 +909,19 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
   };
   stage(import0 ? 1 : 0, nu);
   trace(3);
-  stream(r1a, r1b);
-  trace(7);
-  if (import0) {
-    if (r1a < r1b && r2a < r2b) load_b(r2a, r2b, cd_a, sv_a);
-    if (threadIdx.x == 0)
-      while (ld_acquire(f.hcnt + ua) < 8) __nanosleep(32);
-    __syncthreads();
-    stage(0, 1);
-    trace(4);
-    stream(r2a, r2b);
+#pragma unroll 1
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) {
+      trace(7);
+      if (!import0) break;
+      if (r1a < r1b && r2a < r2b) load_b(r2a, r2b, cd_a, sv_a);
+      if (threadIdx.x == 0)
+        while (ld_acquire(f.hcnt + ua) < 8) __nanosleep(32);
+      __syncthreads();
+      stage(0, 1);
+      trace(4);
+    }
+    stream(pass ? r2a : r1a, pass ? r2b : r1b);
   }
   pdl_trigger();
 
@@ -969,35 +953,47 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
           const int p = pair_b[sl][n];
           if (p < 0) continue;
           const float* src_p = f.ws + half * hc * cstride + static_cast<int64_t>(p) * H + row;
-          float v[kFusedMaxC2 / 2];
+          float s = 0.f;
 #pragma unroll
-          for (int c = 0; c < kFusedMaxC2 / 2; ++c)
-            v[c] = c < hc && half * hc + c < C2 ? __ldcg(src_p + c * cstride) : 0.f;
-          float s = v[0];
+          for (int c0 = 0; c0 < kFusedMaxC2 / 2; c0 += kFusedMaxC2 / 4) {   // 12 loads in flight
+            float v[kFusedMaxC2 / 4];
 #pragma unroll
-          for (int c = 1; c < kFusedMaxC2 / 2; ++c) s += v[c];
+            for (int c = 0; c < kFusedMaxC2 / 4; ++c)
+              v[c] = c0 + c < hc && half * hc + c0 + c < C2 ? __ldcg(src_p + (c0 + c) * cstride) : 0.f;
+#pragma unroll
+            for (int c = 0; c < kFusedMaxC2 / 4; ++c) s += v[c];
+          }
           const float other = __shfl_down_sync(0xFFFFFFFFu, s, 16);
           if (half == 0)
             a2.out_y[static_cast<int64_t>(p) * H + row] =
                 (s + other + __bfloat162float(a2.bias[static_cast<int64_t>(e) * H + row])) * a2.route_weights[p];
         }
-        if (lane == 0) f.ycnt[k2] = 0;
+        if (lane == 0) {
+          f.ycnt[k2] = 0;
+          // The item's last row tile: every reader of its units' h has passed its wait (each one's
+          // blocks are in), so its h counters go back to zero, and this one.
+          __threadfence();
+          if (atomicAdd(f.ycnt + a2.P * RT2 + item, 1) == RT2 - 1) {
+            for (int c = 0; c < C2; ++c) f.hcnt[item * C2 + c] = 0;
+            f.ycnt[a2.P * RT2 + item] = 0;
+          }
+        }
       }
     }
   };
-  count_in(r1a, r1b);
   trace(5);
-  count_in(r2a, r2b);
+#pragma unroll 1
+  for (int pass = 0; pass < 2; ++pass) count_in(pass ? r2a : r1a, pass ? r2b : r1b);
   trace(6);
 }
 
 // Whether the fused kernel's partition serves `items` work items on G CTAs (each CTA's mlp1 tiles
 // within 2 items, its mlp2 blocks within kFusedUnits units of 2 items).
 bool fused_partition_ok(FusedGeom geo, int items, int G) {
-  geo.U = static_cast<int64_t>(items) * geo.C2 * geo.S;
+  geo.U = static_cast<unsigned>(items) * geo.C2 * geo.S;
   const int RT1 = 8 * geo.C2;
   for (int b = 0; b < G; ++b) {
-    const int64_t x0 = geo.bound(b, G), x1 = geo.bound(b + 1, G);
+    const unsigned x0 = geo.bound(b, G), x1 = geo.bound(b + 1, G);
     const int t0 = geo.tile_at(x0), t1 = geo.tile_at(x1);
     if (t1 > t0 && (t1 - 1) / RT1 - t0 / RT1 + 1 > kDecodeSlots) return false;
     const int m0 = geo.mblk_at(x0), m1 = geo.mblk_at(x1);
@@ -1014,8 +1010,10 @@ cudaError_t launch_fused(const MoeGemmArgs& a1, const MoeGemmArgs& a2, const Fus
   const int sms = sm_count();
   int G = sms;
   if (const char* e = std::getenv("GPTOSS_MOE_FUSED_GRID")) G = std::min(sms, std::max(1, std::atoi(e)));
-  if (sms <= 0 || a1.P > 8 || a1.P != a2.P || a1.R != 2 * a2.K || a2.R != a1.K || a2.K / 64 > kFusedMaxC2 ||
-      !f.hcnt || !f.ycnt || !f.ws)
+  // At most 8 pairs, <= 2 a work item (the tokens: top-k experts are distinct), the shapes of one
+  // SwiGLU MoE, 32-bit partition arithmetic.
+  if (sms <= 0 || a1.P > 8 || a1.P != a2.P || a1.P / a1.top_k > 2 || a1.R != 2 * a2.K || a2.R != a1.K ||
+      a2.K / 64 > kFusedMaxC2 || a1.K / 64 > 48 || a2.R / 16 > 192 || G > 1024 || !f.hcnt || !f.ycnt || !f.ws)
     return cudaErrorNotSupported;
   const FusedGeom geo = fused_geom(a1, a2, 0);
   const int max_items = static_cast<int>(max_work_items(a1.P, a1.E, 8));
