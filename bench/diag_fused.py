@@ -19,7 +19,7 @@ def main():
     w = make(32)
     xs = [torch.randn(T, H, device="cuda").bfloat16() for _ in range(8)]
     rts = [routing(w, x) for x in xs]
-    need = T * 4 * (I // 64 + H // 16 + 1)
+    need = T * 4 * (I // 64) + 2
     off = (need + 1) // 2 * 2
     scratch = torch.zeros(off + 2 * 8 * 32 * 1024, dtype=torch.int32, device="cuda")
     h = torch.empty(T * 4, I, dtype=torch.bfloat16, device="cuda")

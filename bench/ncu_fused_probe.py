@@ -5,7 +5,7 @@ w = make(32)
 T = 1
 xs = [torch.randn(T, H, device="cuda").bfloat16() for _ in range(8)]
 rts = [routing(w, x) for x in xs]
-scratch = torch.zeros(T * 4 * (I // 64 + H // 16 + 1), dtype=torch.int32, device="cuda")
+scratch = torch.zeros(T * 4 * (I // 64) + 2, dtype=torch.int32, device="cuda")
 h = torch.empty(T * 4, I, dtype=torch.bfloat16, device="cuda")
 y = torch.empty(T * 4, H, device="cuda")
 for it in range(6):

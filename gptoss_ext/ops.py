@@ -503,7 +503,7 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         # mlp1 then mlp2 (mlp2 launched as routing_ready: its first weight loads overlap mlp1's tail);
         # up to 8 pairs, both in one launch (the fused decode kernel, counting in its scratch)
         P = T * k
-        scratch = _scratch_ints("moe_fused", x.device, P * (I // 64 + H // 16 + 1)) if P <= 8 else None
+        scratch = _scratch_ints("moe_fused", x.device, P * (I // 64) + 2) if P <= 8 else None
         torch.ops.gptoss_ext.moe_experts(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias,
                                          mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
                                          weights.view(-1), k, swiglu_alpha, swiglu_limit, h, y,

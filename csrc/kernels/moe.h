@@ -84,12 +84,12 @@ cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream);
 // Scratch of the fused decode kernel (launch_moe_experts with `fused`), for P pairs, intermediate
 // size I (mlp2's K) and hidden size H (mlp2's rows).
 struct FusedArgs {
-  int32_t* hcnt;  // [P * I/64] then ycnt [P * H/16 + P]: int32, zero before the first use (left
-  int32_t* ycnt;  //   zero); one scratch per stream (launches sharing it must not overlap)
+  int32_t* hcnt;  // [P * I/64 + 2] int32 (h counters, then a grid barrier's two), zero before the
+                  // first use (left zero); one per stream (launches sharing it must not overlap)
   float* ws;      // [I/64, P, H] fp32 partial sums (overwritten)
   long long* trace = nullptr;  // diagnostics: [grid, 8, 32] global timer (ns) at 8 points of each warp
 };
-inline int64_t moe_fused_scratch_ints(int64_t P, int64_t I, int64_t H) { return P * (I / 64 + H / 16 + 1); }
+inline int64_t moe_fused_scratch_ints(int64_t P, int64_t I, int64_t) { return P * (I / 64) + 2; }
 inline int64_t moe_fused_ws_floats(int64_t P, int64_t I, int64_t H) { return (I / 64) * P * H; }
 
 // mlp1 then mlp2 (a2: h as x, routing_ready) of one MoE block. With `fused` and at most 8 pairs

@@ -696,6 +696,8 @@ struct FusedInfo {
   int m0, m1, ua, nu;                       // phase B: flat mlp2 blocks [m0, m1) of units ua .. ua + nu - 1
   int it, expert[2], count[2], base[2];     // phase B's items it, it + 1
   int64_t ublk[kFusedUnits];                // kernel-layout block of (unit's expert, row tile 0, its chunk)
+  int r0, r1, rit, rexpert[2], rcount[2], rbase[2];   // the final sums: (item, row tile) keys [r0, r1), items rit, rit + 1
+  int items;
 };
 
 __device__ __forceinline__ int ld_acquire(const int32_t* p) {
@@ -718,6 +720,7 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int32_t pair_of[kDecodeSlots][8];
   __shared__ int32_t pair_b[2][8];
+  __shared__ int32_t pair_r[2][8];
   __shared__ FusedInfo fi;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -765,16 +768,38 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
         fi.base[sl] = b[sl];
       }
     }
+    {
+      const unsigned nt = ok ? static_cast<unsigned>(total) * geo.RT2 : 0u;
+      const int r0 = static_cast<int>(blockIdx.x * nt / G), r1 = static_cast<int>((blockIdx.x + 1) * nt / G);
+      const int rit = r0 / RT2;
+      int re[2], rc[2], rb[2];
+#pragma unroll
+      for (int sl = 0; sl < 2; ++sl) item_info(scan, 8, rit + sl, re[sl], rc[sl], rb[sl]);
+      if (lane == 0) {
+        fi.r0 = r0;
+        fi.r1 = r1;
+        fi.rit = rit;
+        fi.items = ok ? total : 0;
+#pragma unroll
+        for (int sl = 0; sl < 2; ++sl) {
+          fi.rexpert[sl] = re[sl];
+          fi.rcount[sl] = rc[sl];
+          fi.rbase[sl] = rb[sl];
+        }
+      }
+    }
     if (lane < nu && lane < kFusedUnits) {
       const int u = ua + lane;
       fi.ublk[lane] = static_cast<int64_t>(u / C2 - it ? e[1] : e[0]) * RT2 * C2 + u % C2;
     }
   }
   __syncthreads();
-  if (threadIdx.x < 16) {
-    const int s = threadIdx.x >> 3, n = threadIdx.x & 7;
-    const int p = n < fi.count[s] ? a2.perm[fi.base[s] + n] : -1;
-    pair_b[s][n] = (p >= 0 && p < a2.P) ? p : -1;   // a pair index out of range is skipped
+  if (threadIdx.x < 32) {
+    const int s = (threadIdx.x >> 3) & 1, n = threadIdx.x & 7;
+    const bool red = threadIdx.x >= 16;
+    const int cnt = red ? fi.rcount[s] : fi.count[s], base = red ? fi.rbase[s] : fi.base[s];
+    const int p = n < cnt ? a2.perm[base + n] : -1;
+    (red ? pair_r : pair_b)[s][n] = (p >= 0 && p < a2.P) ? p : -1;   // a pair index out of range is skipped
   }
 
   // Phase B's blocks in two rounds: first those of units whose 8 mlp1 tiles were all made here
@@ -925,65 +950,56 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_fused_decode_kernel(MoeGemmArg
   }
   pdl_trigger();
 
-  // Count this warp's blocks in; the warp that wrote an (item, row tile)'s last chunk sums the C2
-  // partials: lane (row r, half) over half of the chunks, all loads in flight at once, then the
-  // two halves (deterministic order).
-  __threadfence();
-  const int64_t cstride = a2.P * H;
-  const int hc = (C2 + 1) / 2, r = lane & 15, half = lane >> 4;
-  const auto count_in = [&](int wa, int wb) {
-    for (int r0 = wa; r0 < wb; r0 += 32) {
-      const int m = r0 + lane;
-      int key = 0;
-      bool last = false;
-      if (m < wb) {
-        const int u = m / RT2;
-        key = (u / C2) * RT2 + (m - u * RT2);
-        last = atomicAdd(f.ycnt + key, 1) == C2 - 1;
-      }
-      unsigned done = __ballot_sync(0xFFFFFFFFu, last);
-      while (done) {
-        const int src = __ffs(done) - 1;
-        done &= done - 1;
-        const int k2 = __shfl_sync(0xFFFFFFFFu, key, src);
-        __threadfence();
-        const int item = k2 / RT2, t = k2 - item * RT2, sl = item - fi.it;
-        const int cnt = fi.count[sl], e = fi.expert[sl], row = t * 16 + r;
-        for (int n = 0; n < cnt; ++n) {
-          const int p = pair_b[sl][n];
-          if (p < 0) continue;
-          const float* src_p = f.ws + half * hc * cstride + static_cast<int64_t>(p) * H + row;
-          float s = 0.f;
-#pragma unroll
-          for (int c0 = 0; c0 < kFusedMaxC2 / 2; c0 += kFusedMaxC2 / 4) {   // 12 loads in flight
-            float v[kFusedMaxC2 / 4];
-#pragma unroll
-            for (int c = 0; c < kFusedMaxC2 / 4; ++c)
-              v[c] = c0 + c < hc && half * hc + c0 + c < C2 ? __ldcg(src_p + (c0 + c) * cstride) : 0.f;
-#pragma unroll
-            for (int c = 0; c < kFusedMaxC2 / 4; ++c) s += v[c];
-          }
-          const float other = __shfl_down_sync(0xFFFFFFFFu, s, 16);
-          if (half == 0)
-            a2.out_y[static_cast<int64_t>(p) * H + row] =
-                (s + other + __bfloat162float(a2.bias[static_cast<int64_t>(e) * H + row])) * a2.route_weights[p];
-        }
-        if (lane == 0) {
-          f.ycnt[k2] = 0;
-          // The item's last row tile: every reader of its units' h has passed its wait (each one's
-          // blocks are in), so its h counters go back to zero, and this one.
-          __threadfence();
-          if (atomicAdd(f.ycnt + a2.P * RT2 + item, 1) == RT2 - 1) {
-            for (int c = 0; c < C2; ++c) f.hcnt[item * C2 + c] = 0;
-            f.ycnt[a2.P * RT2 + item] = 0;
-          }
-        }
-      }
-    }
-  };
+  // Every CTA's partial sums are in: a grid barrier (all CTAs are resident), then CTA b sums its
+  // share of the (item, row tile) keys, 4 threads a (key, pair, row) over every 4th chunk, the four
+  // added in a fixed order (deterministic), with the bias and routing weight, into y.
+  __syncthreads();
+  int32_t* bar = f.hcnt + a2.P * C2;   // [0] arrivals, [1] departures
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(bar, 1);
+    while (ld_acquire(bar) < static_cast<int>(gridDim.x)) __nanosleep(64);
+  }
+  __syncthreads();
   trace(5);
-#pragma unroll 1
-  for (int pass = 0; pass < 2; ++pass) count_in(pass ? r2a : r1a, pass ? r2b : r1b);
+  {
+    const int r0 = fi.r0, nkeys = fi.r1 - fi.r0, part = threadIdx.x & 3;
+    const int64_t cstride = a2.P * H;
+    for (int i0 = 0; i0 < nkeys * 32; i0 += NW * 8) {   // (key, pair n < 2, row) groups, 4 threads each
+      const int i = i0 + (threadIdx.x >> 2);
+      const int key = r0 + (i >> 5), n = (i >> 4) & 1, row_in = i & 15;
+      const int item = key / RT2, t = key - item * RT2, sl = item - fi.rit;
+      const int p = i < nkeys * 32 && n < fi.rcount[sl] ? pair_r[sl][n] : -1;
+      const int row = t * 16 + row_in;
+      float sum = 0.f;
+      if (p >= 0) {
+        const float* src = f.ws + static_cast<int64_t>(p) * H + row;
+        float v[kFusedMaxC2 / 4];
+#pragma unroll
+        for (int j = 0; j < kFusedMaxC2 / 4; ++j) {
+          const int c = part + 4 * j;
+          v[j] = c < C2 ? __ldcg(src + c * cstride) : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < kFusedMaxC2 / 4; ++j) sum += v[j];
+      }
+      const float s1 = __shfl_down_sync(0xFFFFFFFFu, sum, 1);
+      const float s2 = __shfl_down_sync(0xFFFFFFFFu, sum, 2);
+      const float s3 = __shfl_down_sync(0xFFFFFFFFu, sum, 3);
+      if (part == 0 && p >= 0)
+        a2.out_y[static_cast<int64_t>(p) * H + row] =
+            (((sum + s1) + s2) + s3 + __bfloat162float(a2.bias[static_cast<int64_t>(fi.rexpert[sl]) * H + row])) *
+            a2.route_weights[p];
+    }
+  }
+  // Leave the scratch zero: CTA 0 clears the h counters (every wait is past), the last CTA to leave
+  // the barrier clears it.
+  if (blockIdx.x == 0)
+    for (int u = threadIdx.x; u < fi.items * C2; u += NW * 32) f.hcnt[u] = 0;
+  if (threadIdx.x == 0 && atomicAdd(bar + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+    bar[0] = 0;
+    bar[1] = 0;
+  }
   trace(6);
 }
 
@@ -1013,7 +1029,7 @@ cudaError_t launch_fused(const MoeGemmArgs& a1, const MoeGemmArgs& a2, const Fus
   // At most 8 pairs, <= 2 a work item (the tokens: top-k experts are distinct), the shapes of one
   // SwiGLU MoE, 32-bit partition arithmetic.
   if (sms <= 0 || a1.P > 8 || a1.P != a2.P || a1.P / a1.top_k > 2 || a1.R != 2 * a2.K || a2.R != a1.K ||
-      a2.K / 64 > kFusedMaxC2 || a1.K / 64 > 48 || a2.R / 16 > 192 || G > 1024 || !f.hcnt || !f.ycnt || !f.ws)
+      a2.K / 64 > kFusedMaxC2 || a1.K / 64 > 48 || a2.R / 16 > 192 || G > 1024 || !f.hcnt || !f.ws)
     return cudaErrorNotSupported;
   const FusedGeom geo = fused_geom(a1, a2, 0);
   const int max_items = static_cast<int>(max_work_items(a1.P, a1.E, 8));
@@ -1337,10 +1353,14 @@ cudaError_t launch_moe_experts(const MoeGemmArgs& a1, const MoeGemmArgs& a2, cud
   const bool off = env && env[0] == '0', required = env && env[0] == '1';
   if (required && !(fused && a1.P > 0 && a1.P <= 8)) return cudaErrorNotSupported;
   if (fused && a1.P > 0 && a1.P <= 8 && !off) {
-    // GPTOSS_MOE_FUSED_SHAPE=q: 16 warps x 6-block batches instead of 24 x 4 (A/B)
+    // GPTOSS_MOE_FUSED_SHAPE (A/B): s 16 warps x 4-block batches (default, no spills at 128
+    // registers), p 24 x 4, q 16 x 6, t 20 x 4
     const char* shape = std::getenv("GPTOSS_MOE_FUSED_SHAPE");
-    const cudaError_t e = shape && shape[0] == 'q' ? launch_fused<16, 6>(a1, a2, *fused, stream)
-                                                   : launch_fused<24, 4>(a1, a2, *fused, stream);
+    const char sh = shape ? shape[0] : 's';
+    const cudaError_t e = sh == 'q'   ? launch_fused<16, 6>(a1, a2, *fused, stream)
+                          : sh == 's' ? launch_fused<16, 4>(a1, a2, *fused, stream)
+                          : sh == 't' ? launch_fused<20, 4>(a1, a2, *fused, stream)
+                                      : launch_fused<24, 4>(a1, a2, *fused, stream);
     if (e != cudaErrorNotSupported || required) return e;
   }
   const cudaError_t e1 = launch<true>(a1, stream);

@@ -288,7 +288,6 @@ void moe_experts(const at::Tensor& x, const at::Tensor& codes1, const at::Tensor
     if (P > 0 && P <= 8) {
       ws = at::empty({moe_fused_ws_floats(P, I, H)}, x.options().dtype(at::kFloat));
       fused.hcnt = scratch->data_ptr<int32_t>();
-      fused.ycnt = fused.hcnt + P * (I / 64);
       fused.ws = ws.data_ptr<float>();
       // GPTOSS_MOE_FUSED_TRACE=1 (diagnostics): timestamps after the counters, 8-byte aligned
       const char* tr = std::getenv("GPTOSS_MOE_FUSED_TRACE");
