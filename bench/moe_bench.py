@@ -77,14 +77,11 @@ def run(l2: int) -> list[Row]:
             distinct = sum(int((r[2] > 0).sum()) for r in rts) / n
             nbytes = distinct * BYTES_PER_EXPERT
 
-            scratch = ops._scratch_ints("moe_fused", torch.device("cuda"), T * 4 * (I // 64) + 2)
-
-            def ours(i):   # what ops.moe runs: mlp1 then mlp2 in one op (one launch up to 8 pairs)
+            def ours(i):   # what ops.moe runs: mlp1 then mlp2 in one op
                 wt, ids, counts, offsets, perm = rts[i]
                 torch.ops.gptoss_ext.moe_experts(xs[i], w["k1"].codes, w["k1"].scales, w["bias1"], w["k2"].codes,
                                                  w["k2"].scales, w["bias2"], perm, offsets, wt.view(-1), 4, 1.702,
-                                                 7.0, hs[i], ys[i], w["k1"].max_scale, w["k2"].max_scale,
-                                                 scratch if T * 4 <= 8 else None)
+                                                 7.0, hs[i], ys[i], w["k1"].max_scale, w["k2"].max_scale)
 
             ids_l = [r[1].long() for r in rts]
             wts = [r[0] for r in rts]

@@ -50,26 +50,9 @@ def main():
                                                  w["k2"].scales, w["bias2"], perm, offsets, wt.view(-1), 4, 1.702,
                                                  7.0, hs[i], ys[i], w["k1"].max_scale, w["k2"].max_scale)
 
-            scratch = torch.zeros(T * 4 * (I // 64) + 2, dtype=torch.int32, device="cuda")
-
-            def one_launch(i):
-                wt, ids, counts, offsets, perm = rts[i]
-                torch.ops.gptoss_ext.moe_experts(xs[i], w["k1"].codes, w["k1"].scales, w["bias1"], w["k2"].codes,
-                                                 w["k2"].scales, w["bias2"], perm, offsets, wt.view(-1), 4, 1.702,
-                                                 7.0, hs[i], ys[i], w["k1"].max_scale, w["k2"].max_scale, scratch)
-
             tf = time_cuda(fused, n)[0] * 1000
             print(f"{name} T={T} moe_experts (default kernels, mlp2 routing_ready): {tf:6.1f} us "
                   f"({tf / floor_us:.2f}x the floor {floor_us:.1f} us at the measured copy bandwidth)", flush=True)
-            if T * 4 <= 8:
-                os.environ["GPTOSS_MOE_FUSED"] = "1"
-                for shape in ("s", "p", "q", "t"):   # GPTOSS_MOE_FUSED_SHAPE: 16 x 4, 24 x 4, 16 x 6, 20 x 4
-                    os.environ["GPTOSS_MOE_FUSED_SHAPE"] = shape
-                    t1 = time_cuda(one_launch, n)[0] * 1000
-                    print(f"{name} T={T} moe_experts with scratch (the fused one-launch kernel, shape {shape}): "
-                          f"{t1:6.1f} us ({t1 / floor_us:.2f}x the floor)", flush=True)
-                os.environ.pop("GPTOSS_MOE_FUSED", None)
-                os.environ.pop("GPTOSS_MOE_FUSED_SHAPE", None)
             for var in variants:
                 if var == "auto":
                     os.environ.pop("GPTOSS_MOE_DECODE", None)

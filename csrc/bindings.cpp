@@ -41,11 +41,10 @@ TORCH_LIBRARY(gptoss_ext, m) {
   m.def("moe_mlp2(Tensor h, Tensor codes, Tensor scales, Tensor bias, Tensor perm, Tensor offsets, "
         "Tensor route_weights, Tensor(a!) out, int max_scale=255, bool routing_ready=False) -> ()");
   // moe_mlp1 into h, then moe_mlp2 of h into y (routing_ready, so mlp2's first weight loads overlap
-  // mlp1's tail), as one op. With scratch (int32, zeroed once, left zero; P * (I/64) + 2
-  // elements) and at most 8 pairs: both GEMMs in one launch (the fused decode kernel).
+  // mlp1's tail), as one op
   m.def("moe_experts(Tensor x, Tensor codes1, Tensor scales1, Tensor bias1, Tensor codes2, Tensor scales2, "
         "Tensor bias2, Tensor perm, Tensor offsets, Tensor route_weights, int top_k, float alpha, float limit, "
-        "Tensor(a!) h, Tensor(b!) y, int max_scale1=255, int max_scale2=255, Tensor(c!)? scratch=None) -> ()");
+        "Tensor(a!) h, Tensor(b!) y, int max_scale1=255, int max_scale2=255) -> ()");
   // out[t] = residual[t] + sum over the token's top_k rows of y
   m.def("moe_combine(Tensor y, Tensor? residual, int top_k, Tensor(a!) out) -> ()");
   // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer).

@@ -500,14 +500,11 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         H, I = mlp2_weight.shape
         h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
         y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
-        # mlp1 then mlp2 (mlp2 launched as routing_ready: its first weight loads overlap mlp1's tail);
-        # up to 8 pairs, both in one launch (the fused decode kernel, counting in its scratch)
-        P = T * k
-        scratch = _scratch_ints("moe_fused", x.device, P * (I // 64) + 2) if P <= 8 else None
+        # mlp1 then mlp2 (mlp2 launched as routing_ready: its first weight loads overlap mlp1's tail)
         torch.ops.gptoss_ext.moe_experts(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias,
                                          mlp2_weight.codes, mlp2_weight.scales, mlp2_bias, perm, offsets,
                                          weights.view(-1), k, swiglu_alpha, swiglu_limit, h, y,
-                                         mlp1_weight.max_scale, mlp2_weight.max_scale, scratch)
+                                         mlp1_weight.max_scale, mlp2_weight.max_scale)
         if not combine and residual is None:
             return y.view(T, k, H)
         out = torch.empty(T, H, dtype=torch.bfloat16, device=x.device)
@@ -576,7 +573,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gptoss_ext::moe_experts")
     def _(x, codes1, scales1, bias1, codes2, scales2, bias2, perm, offsets, route_weights, top_k, alpha, limit, h, y,
-          max_scale1=255, max_scale2=255, scratch=None):
+          max_scale1=255, max_scale2=255):
         return None
 
     @torch.library.register_fake("gptoss_ext::moe_combine")

@@ -81,22 +81,8 @@ struct MoeGemmArgs {
 cudaError_t launch_moe_mlp1(const MoeGemmArgs& a, cudaStream_t stream);
 cudaError_t launch_moe_mlp2(const MoeGemmArgs& a, cudaStream_t stream);
 
-// Scratch of the fused decode kernel (launch_moe_experts with `fused`), for P pairs, intermediate
-// size I (mlp2's K) and hidden size H (mlp2's rows).
-struct FusedArgs {
-  int32_t* hcnt;  // [P * I/64 + 2] int32 (h counters, then a grid barrier's two), zero before the
-                  // first use (left zero); one per stream (launches sharing it must not overlap)
-  float* ws;      // [I/64, P, H] fp32 partial sums (overwritten)
-  long long* trace = nullptr;  // diagnostics: [grid, 8, 32] global timer (ns) at 8 points of each warp
-};
-inline int64_t moe_fused_scratch_ints(int64_t P, int64_t I, int64_t) { return P * (I / 64) + 2; }
-inline int64_t moe_fused_ws_floats(int64_t P, int64_t I, int64_t H) { return (I / 64) * P * H; }
-
-// mlp1 then mlp2 (a2: h as x, routing_ready) of one MoE block. With `fused` and at most 8 pairs
-// (one or two tokens at top-4), one launch does both where it can (moe_mxfp4.cu, "mlp1 + mlp2 in
-// one launch"; GPTOSS_MOE_FUSED=0 turns it off); else launch_moe_mlp1, then launch_moe_mlp2.
-cudaError_t launch_moe_experts(const MoeGemmArgs& a1, const MoeGemmArgs& a2, cudaStream_t stream,
-                               const FusedArgs* fused = nullptr);
+// mlp1 then mlp2 (a2: h as x, routing_ready) of one MoE block: launch_moe_mlp1, launch_moe_mlp2.
+cudaError_t launch_moe_experts(const MoeGemmArgs& a1, const MoeGemmArgs& a2, cudaStream_t stream);
 
 // Prefill on Hopper (moe_mxfp4_sm90.cu, built when sm_90a is in the architecture list): wgmma with
 // the decoded weights as the register A operand, 128 weight rows x bn tokens a CTA (bn = 64, 128 or

@@ -1,10 +1,8 @@
 // Host wrappers for the MoE kernels: router, MXFP4 grouped GEMMs (mlp1 + SwiGLU, mlp2), combine.
 #include <c10/cuda/CUDAGuard.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "kernels/moe.h"
 #include "ops/checks.h"
@@ -263,8 +261,7 @@ void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& sc
 void moe_experts(const at::Tensor& x, const at::Tensor& codes1, const at::Tensor& scales1, const at::Tensor& bias1,
                  const at::Tensor& codes2, const at::Tensor& scales2, const at::Tensor& bias2, const at::Tensor& perm,
                  const at::Tensor& offsets, const at::Tensor& route_weights, int64_t top_k, double alpha,
-                 double limit, at::Tensor& h, at::Tensor& y, int64_t max_scale1, int64_t max_scale2,
-                 const std::optional<at::Tensor>& scratch) {
+                 double limit, at::Tensor& h, at::Tensor& y, int64_t max_scale1, int64_t max_scale2) {
   const char* op = "moe_experts";
   const MoeGemmArgs a1 = mlp1_args(op, x, codes1, scales1, bias1, perm, offsets, top_k, alpha, limit, h, max_scale1, "h",
                                    "codes1", "scales1", "bias1");
@@ -272,31 +269,7 @@ void moe_experts(const at::Tensor& x, const at::Tensor& codes1, const at::Tensor
                                    "y", "codes2", "scales2", "bias2");
   TORCH_CHECK(a2.E == a1.E, "gptoss_ext.", op, ": mlp1 has ", a1.E, " experts, mlp2 ", a2.E);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  // One or two tokens: the fused decode kernel, with its counters in `scratch` and its partial sums
-  // in a workspace of this call.
-  FusedArgs fused{};
-  at::Tensor ws;
-  const int64_t P = a1.P, I = a2.K, H = a2.R;
-  if (scratch.has_value()) {
-    check_cuda(op, "scratch", *scratch);
-    check_same_device(op, "scratch", *scratch, x);
-    check_dtype(op, "scratch", *scratch, at::kInt);
-    check_contiguous(op, "scratch", *scratch);
-    const int64_t need = moe_fused_scratch_ints(P, I, H);
-    TORCH_CHECK(scratch->numel() >= need, "gptoss_ext.", op, ": 'scratch' needs ", need, " int32 elements for ", P,
-                " pairs, got ", scratch->numel());
-    if (P > 0 && P <= 8) {
-      ws = at::empty({moe_fused_ws_floats(P, I, H)}, x.options().dtype(at::kFloat));
-      fused.hcnt = scratch->data_ptr<int32_t>();
-      fused.ws = ws.data_ptr<float>();
-      // GPTOSS_MOE_FUSED_TRACE=1 (diagnostics): timestamps after the counters, 8-byte aligned
-      const char* tr = std::getenv("GPTOSS_MOE_FUSED_TRACE");
-      const int64_t off = (need + 1) / 2 * 2;
-      if (tr && tr[0] == '1' && scratch->numel() >= off + 2 * 8 * 32 * 1024)
-        fused.trace = reinterpret_cast<long long*>(fused.hcnt + off);
-    }
-  }
-  GPTOSS_CHECK_LAUNCH(op, launch_moe_experts(a1, a2, c10::cuda::getCurrentCUDAStream(), fused.ws ? &fused : nullptr));
+  GPTOSS_CHECK_LAUNCH(op, launch_moe_experts(a1, a2, c10::cuda::getCurrentCUDAStream()));
 }
 
 void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out) {

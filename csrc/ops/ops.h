@@ -36,8 +36,7 @@ void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& sc
 void moe_experts(const at::Tensor& x, const at::Tensor& codes1, const at::Tensor& scales1, const at::Tensor& bias1,
                  const at::Tensor& codes2, const at::Tensor& scales2, const at::Tensor& bias2, const at::Tensor& perm,
                  const at::Tensor& offsets, const at::Tensor& route_weights, int64_t top_k, double alpha,
-                 double limit, at::Tensor& h, at::Tensor& y, int64_t max_scale1, int64_t max_scale2,
-                 const std::optional<at::Tensor>& scratch);
+                 double limit, at::Tensor& h, at::Tensor& y, int64_t max_scale1, int64_t max_scale2);
 void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual, int64_t top_k, at::Tensor& out);
 
 void attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
