@@ -368,7 +368,7 @@ def mlp1_then_mlp2(w, x, perm, offsets, wts, k, hin=None):
     return h, y
 
 
-@pytest.mark.parametrize("variant", ["p", "q", "r", "h", "b", "x", "y", "z"])
+@pytest.mark.parametrize("variant", ["p", "q", "r", "h", "b"])
 @pytest.mark.parametrize("T,E,HI", [(1, 32, 2880), (5, 32, 2880), (16, 32, 2880), (8, 128, 2880), (7, 8, 128)])
 def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
     """The decode kernels (GPTOSS_MOE_DECODE: p/q/r the persistent one at 24/16/32 warps, h/b the

@@ -375,8 +375,6 @@ struct DecodeSmem {
   int32_t (*pair_of)[8];        // [slots][8]
   const int* info;              // kCtaInfo ints (cta_tiles)
   int srows;
-  uint8_t* ring;                // RING > 0: [NW][RING][DEPTH * kBlockBytes] weight stages (codes, then scales)
-  uint64_t* bars;               //           [NW][RING] mbarriers
 };
 
 // Weight loads: read once, so marked first to go from L2 and not kept in L1.
@@ -399,56 +397,7 @@ __device__ __forceinline__ uint32_t ld_stream4(const uint32_t* p, uint64_t pol) 
   return v;
 }
 
-// Bulk copies (sm_90): global -> this CTA's shared memory, completion counted in bytes on an
-// mbarrier. A warp streams its weights through its own ring of stages this way (decode_phase, RING
-// > 0): the bytes in flight are not held in registers, so a warp can run several stages ahead.
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  unsigned done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-#endif
-}
-
-__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t pol) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
-          smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(pol)
-      : "memory");
-#endif
-}
-
-// Orders this thread's (and, after a __syncwarp, its warp's) shared-memory reads before the bulk
-// copies it issues next into the same bytes.
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-
-constexpr int kBlockBytes = 512 + 32;   // one 16 x 64 tile-chunk: codes + scales
-
-template <bool SWIGLU, int NW, int DEPTH, int RING = 0>
+template <bool SWIGLU, int NW, int DEPTH>
 __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeSmem& sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -498,34 +447,7 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
       }
     }
   };
-  // RING > 0 (sm_90): the warp's blocks come through its ring of RING stages of DEPTH blocks, filled
-  // by lane 0's bulk copies RING stages ahead (codes and scales of a stage are contiguous runs, two
-  // if the stage crosses into the second item).
-  constexpr int kStage = DEPTH * kBlockBytes;
-  uint8_t* ring = RING > 0 ? sm.ring + static_cast<size_t>(warp) * RING * kStage : nullptr;
-  uint64_t* bars = RING > 0 ? sm.bars + warp * RING : nullptr;
-  const int nst = (u1 - u0 + DEPTH - 1) / DEPTH;
-  const auto fill = [&](int k) {   // lane 0: stage k of this warp
-    const int b0 = u0 + k * DEPTH, b1 = min(b0 + DEPTH, u1);
-    uint8_t* st = ring + (k % RING) * kStage;
-    uint64_t* bar = bars + k % RING;
-    mbar_expect_tx(bar, static_cast<unsigned>((b1 - b0) * kBlockBytes));
-    for (int s0 = b0; s0 < b1;) {
-      const int s1 = s0 < uB ? min(b1, uB) : b1;
-      const int64_t ci = (s0 < uB ? woff0 : woff1) + s0;
-      bulk_g2s(st + (s0 - b0) * 512, a.codes + ci * 512, static_cast<unsigned>((s1 - s0) * 512), bar, pol);
-      bulk_g2s(st + DEPTH * 512 + (s0 - b0) * 32, a.scales + ci * 32, static_cast<unsigned>((s1 - s0) * 32), bar, pol);
-      s0 = s1;
-    }
-  };
-  if constexpr (RING > 0) {
-    if (lane == 0) {
-      for (int j = 0; j < RING; ++j) mbar_init(bars + j, 1);
-      for (int k = 0; k < RING && k < nst; ++k) fill(k);
-    }
-  } else {
-    if (u0 < u1) load_batch(u0, code_a, sc_a);
-  }
+  if (u0 < u1) load_batch(u0, code_a, sc_a);
 
   int32_t (*pair_of)[8] = sm.pair_of;
   if (threadIdx.x < kDecodeSlots * 8) {
@@ -621,32 +543,12 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
       }
     }
   };
-  if constexpr (RING > 0) {
-    for (int k = 0; k < nst; ++k) {
-      mbar_wait(bars + k % RING, static_cast<unsigned>((k / RING) & 1));
-      const uint8_t* st = ring + (k % RING) * kStage;
-      uint4 cd[DEPTH];
-      uint32_t sv[DEPTH];
-#pragma unroll
-      for (int d = 0; d < DEPTH; ++d) {
-        cd[d] = *reinterpret_cast<const uint4*>(st + d * 512 + lane * 16);
-        sv[d] = *reinterpret_cast<const uint32_t*>(st + DEPTH * 512 + d * 32 + g * 4);
-      }
-      __syncwarp();
-      if (lane == 0 && k + RING < nst) {   // the stage's bytes are in registers: refill it
-        fence_proxy_async();
-        fill(k + RING);
-      }
-      compute_batch(u0 + k * DEPTH, cd, sv);
-    }
-  } else {
-    for (int ub = u0; ub < u1; ub += 2 * DEPTH) {
-      if (ub + DEPTH < u1) load_batch(ub + DEPTH, code_b, sc_b);
-      compute_batch(ub, code_a, sc_a);
-      if (ub + DEPTH >= u1) break;
-      if (ub + 2 * DEPTH < u1) load_batch(ub + 2 * DEPTH, code_a, sc_a);
-      compute_batch(ub + DEPTH, code_b, sc_b);
-    }
+  for (int ub = u0; ub < u1; ub += 2 * DEPTH) {
+    if (ub + DEPTH < u1) load_batch(ub + DEPTH, code_b, sc_b);
+    compute_batch(ub, code_a, sc_a);
+    if (ub + DEPTH >= u1) break;
+    if (ub + 2 * DEPTH < u1) load_batch(ub + 2 * DEPTH, code_a, sc_a);
+    compute_batch(ub + DEPTH, code_b, sc_b);
   }
   pdl_trigger();
   __syncthreads();
@@ -672,7 +574,7 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
   }
 }
 
-template <bool SWIGLU, int NW, int DEPTH, int RING = 0>
+template <bool SWIGLU, int NW, int DEPTH>
 __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
   if (!a.routing_ready) pdl_wait();     // see moe_gemm_kernel and kernels/pdl.h
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -684,8 +586,6 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
   sm.part = reinterpret_cast<float*>(sm.bs + kDecodeSlots * sm.srows * (a.K / 2 + 4));
   sm.pair_of = pair_of;
   sm.info = info;
-  sm.ring = reinterpret_cast<uint8_t*>(sm.part + NW * 2 * 4 * 32);
-  sm.bars = reinterpret_cast<uint64_t*>(sm.ring + static_cast<size_t>(NW) * RING * DEPTH * kBlockBytes);
   // Warp 0 finds the CTA's tiles and the (at most two) work items they belong to; the others wait
   // at the barrier instead of repeating the scan (24 warps doing it cost more than it saved).
   if (threadIdx.x < 32) {
@@ -695,14 +595,13 @@ __global__ void __launch_bounds__(NW * 32, 1) moe_decode_kernel(MoeGemmArgs a) {
     cta_tiles(scan, total, ok, a.R / 16, info);
   }
   __syncthreads();
-  decode_phase<SWIGLU, NW, DEPTH, RING>(a, sm);
+  decode_phase<SWIGLU, NW, DEPTH>(a, sm);
 }
 
-template <int NW, int DEPTH = 0, int RING = 0>
+template <int NW>
 size_t decode_smem(const MoeGemmArgs& a) {
   const int64_t srows = std::min<int64_t>(8, a.P);
-  return static_cast<size_t>(kDecodeSlots * srows) * (a.K / 2 + 4) * 4 + static_cast<size_t>(NW) * 2 * 4 * 32 * 4 +
-         static_cast<size_t>(NW) * RING * (DEPTH * kBlockBytes + 8);
+  return static_cast<size_t>(kDecodeSlots * srows) * (a.K / 2 + 4) * 4 + static_cast<size_t>(NW) * 2 * 4 * 32 * 4;
 }
 
 int sm_count() {
@@ -719,15 +618,14 @@ int sm_count() {
 
 // Whether the persistent decode kernel serves this call (items <= SMs, activations fit), and
 // launches it. Returns cudaErrorNotSupported (nothing launched) where it does not.
-template <bool SWIGLU, int NW, int DEPTH, int RING = 0>
+template <bool SWIGLU, int NW, int DEPTH>
 cudaError_t launch_decode(const MoeGemmArgs& a, cudaStream_t stream) {
   const int sms = sm_count();
   const int64_t items = max_work_items(a.P, a.E, 8);
-  const size_t smem = decode_smem<NW, DEPTH, RING>(a);
-  if (sms <= 0 || items > sms || smem > (RING > 0 ? 225 : 200) * 1024 ||
-      static_cast<int64_t>(sms) * items * (a.R / 16) >= INT32_MAX || (RING > 0 && !device_is_sm90()))
+  const size_t smem = decode_smem<NW>(a);
+  if (sms <= 0 || items > sms || smem > 200 * 1024 || static_cast<int64_t>(sms) * items * (a.R / 16) >= INT32_MAX)
     return cudaErrorNotSupported;
-  auto kernel = moe_decode_kernel<SWIGLU, NW, DEPTH, RING>;
+  auto kernel = moe_decode_kernel<SWIGLU, NW, DEPTH>;
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   const int64_t tiles = items * (a.R / 16);
@@ -974,14 +872,6 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
     // The grid-of-tiles kernel: 8 warps a CTA, K split over 2 (mlp1) / 4 (mlp2) warps, 4-chunk
     // batches, registers capped for 3 CTAs an SM: twice the warps of the 4-warp, 8-chunk version
     // (GPTOSS_MOE_DECODE=a). H200, 20b: T=1 28.1 vs 28.8 us, T=8 133 vs 136 us.
-    if (v && (v[0] == 'x' || v[0] == 'y' || v[0] == 'z')) {
-      // The persistent kernel fed by per-warp bulk-copy rings (sm_90): 'x' 16 warps x 4 stages of 4
-      // blocks, 'y' 12 warps x 6 stages of 4, 'z' 16 warps x 3 stages of 6.
-      const cudaError_t e = v[0] == 'x'   ? launch_decode<SWIGLU, 16, 4, 4>(a, stream)
-                            : v[0] == 'y' ? launch_decode<SWIGLU, 12, 4, 6>(a, stream)
-                                          : launch_decode<SWIGLU, 16, 6, 3>(a, stream);
-      if (e != cudaErrorNotSupported) return e;
-    }
     if ((!v && a.P >= 16) || (v && (v[0] == 'p' || v[0] == 'q' || v[0] == 'r'))) {
       const bool q16 = v && v[0] == 'q';
       const cudaError_t e = q16                    ? launch_decode<SWIGLU, 16, 6>(a, stream)
