@@ -138,18 +138,6 @@ __device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int64_t
   return true;
 }
 
-// One chunk's codes (16 bytes a lane) and scale word of the kernel layout, when p. Predicated in
-// the asm: with a C++ `if` around __ldg the compiler re-derived each load's 64-bit address under its
-// own predicate (reloading the base from the parameters: ~17 instructions a chunk in the decode
-// loop instead of ~4).
-__device__ __forceinline__ void ld_weights_if(bool p, const uint4* c, const uint32_t* s, uint4& cd, uint32_t& sv) {
-  asm volatile(
-      "{\n .reg .pred q;\n setp.ne.b32 q, %6, 0;\n"
-      " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%5];\n @q ld.global.nc.u32 %4, [%7];\n}\n"
-      : "+r"(cd.x), "+r"(cd.y), "+r"(cd.z), "+r"(cd.w), "+r"(sv)
-      : "l"(c), "r"(static_cast<int>(p)), "l"(s));
-}
-
 template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
 __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab) {
   // routing_ready (mlp2 after mlp1): the routing was complete before the previous kernel started,
@@ -190,7 +178,12 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
     const uint32_t* sp = scales + static_cast<int64_t>(c0) * 8;
     const int left = c_end - c0;
 #pragma unroll
-    for (int d = 0; d < DEPTH; ++d) ld_weights_if(d * WK < left, cp + d * WK * 32, sp + d * WK * 8, cd[d], sv[d]);
+    for (int d = 0; d < DEPTH; ++d) {
+      if (d * WK < left) {
+        cd[d] = __ldg(cp + d * WK * 32);
+        sv[d] = __ldg(sp + d * WK * 8);
+      }
+    }
   };
   if (tile_ok) load_batch(wk, slab / 64, code_a, sc_a);
 
@@ -398,17 +391,6 @@ __device__ __forceinline__ uint4 ld_stream16(const uint4* p, uint64_t pol) {
   return v;
 }
 
-// ld_stream16 + ld_stream4 of one chunk when p, predicated in the asm (as ld_weights_if).
-__device__ __forceinline__ void ld_stream_if(bool p, const uint4* c, const uint32_t* s, uint64_t pol, uint4& cd,
-                                             uint32_t& sv) {
-  asm volatile(
-      "{\n .reg .pred q;\n setp.ne.b32 q, %6, 0;\n"
-      " @q ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%5], %8;\n"
-      " @q ld.global.nc.L1::no_allocate.L2::cache_hint.u32 %4, [%7], %8;\n}\n"
-      : "+r"(cd.x), "+r"(cd.y), "+r"(cd.z), "+r"(cd.w), "+r"(sv)
-      : "l"(c), "r"(static_cast<int>(p)), "l"(s), "l"(pol));
-}
-
 __device__ __forceinline__ uint32_t ld_stream4(const uint32_t* p, uint64_t pol) {
   uint32_t v;
   asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.u32 %0, [%1], %2;\n" : "=r"(v) : "l"(p), "l"(pol));
@@ -447,7 +429,12 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
       const uint4* cp = codes + ci * 32;
       const uint32_t* sp = scales + ci * 8;
 #pragma unroll
-      for (int d = 0; d < DEPTH; ++d) ld_stream_if(ub + d < u1, cp + d * 32, sp + d * 8, pol, cd[d], sv[d]);
+      for (int d = 0; d < DEPTH; ++d) {
+        if (ub + d < u1) {
+          cd[d] = ld_stream16(cp + d * 32, pol);
+          sv[d] = ld_stream4(sp + d * 8, pol);
+        }
+      }
     } else {
 #pragma unroll
       for (int d = 0; d < DEPTH; ++d) {
