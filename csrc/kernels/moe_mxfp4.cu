@@ -138,55 +138,6 @@ __device__ __forceinline__ bool find_work(const int32_t* offsets, int E, int64_t
   return true;
 }
 
-// Stages rows [0, nrows) of the activations (row n: pair pair_of[n], i.e. x row p / top_k for mlp1,
-// row p for mlp2; a row whose pair is -1 is skipped), columns [k0, k0 + 8 vecs), as fp16 into
-// dst + n * stride in the chunk-fragment order: within each 64-column chunk, word q + 4i (the B
-// fragment word i of lane quad q) goes to q * 8 + i, so a lane's 8 words of a chunk are two 16-byte
-// loads. Each thread loads 2 vectors before converting either (one L2 round trip per 2, where the
-// loop that converted each vector as it came waited once per vector), walking (row, vector) with
-// counters instead of a division per vector, and only over the rows that have pairs. Call with all
-// threads; pair_of and nrows the same for all.
-template <bool SWIGLU>
-__device__ __forceinline__ void stage_rows(const MoeGemmArgs& a, const int32_t* pair_of, int nrows, int k0, int vecs,
-                                           uint32_t* dst, int stride) {
-  const int nt = blockDim.x;
-  int n = 0, c4 = threadIdx.x;
-  while (c4 >= vecs && n < nrows) {
-    c4 -= vecs;
-    ++n;
-  }
-  while (n < nrows) {
-    uint4 v[2];
-    int vn[2], vc[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      vn[j] = n;
-      vc[j] = c4;
-      const int p = n < nrows ? pair_of[n] : -1;
-      if (p >= 0) {
-        const int64_t row = SWIGLU ? p / a.top_k : p;
-        v[j] = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K + k0) + c4);   // address from smem after the wait
-      } else {
-        vn[j] = nrows;   // nothing to store
-      }
-      c4 += nt;
-      while (c4 >= vecs && n < nrows) {
-        c4 -= vecs;
-        ++n;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      if (vn[j] >= nrows) continue;
-      uint32_t* d = dst + vn[j] * stride + (vc[j] >> 3) * 32 + (vc[j] & 7);
-      d[0] = bf16x2_to_f16x2(v[j].x);
-      d[8] = bf16x2_to_f16x2(v[j].y);
-      d[16] = bf16x2_to_f16x2(v[j].z);
-      d[24] = bf16x2_to_f16x2(v[j].w);
-    }
-  }
-}
-
 template <int WM, int NT, int DEPTH, bool SWIGLU, int NW = kWarps, int MINB = 1>
 __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, int slab) {
   // routing_ready (mlp2 after mlp1): the routing was complete before the previous kernel started,
@@ -255,10 +206,23 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
   for (int k0 = 0; k0 < a.K; k0 += slab) {
     const int c_begin = k0 / 64, c_end = (k0 + slab) / 64;
     if (k0 > 0 && tile_ok) load_batch(c_begin + wk, c_end, code_a, sc_a);
-    // Stage the slab of activations for the tile's tokens (fp16; rows past `count` only feed
-    // accumulator columns that are never stored).
+    // Stage the slab of activations for the tile's tokens (fp16). Within each 64-column chunk, word
+    // q + 4i (the B fragment word i of lane quad q) goes to q * 8 + i, so a lane's 8 words of a
+    // chunk are two 16-byte loads.
     __syncthreads();
-    stage_rows<SWIGLU>(a, pair_of, min(count, rows), k0, slab / 8, bs, stride);
+    const int vecs = slab / 8;                                       // 16-byte vectors a row
+    for (int i = threadIdx.x; i < rows * vecs; i += NW * 32) {
+      const int n = i / vecs, c4 = i % vecs;
+      const int p = pair_of[n];
+      if (p < 0) continue;  // rows past `count` only feed accumulator columns that are never stored
+      const int64_t row = SWIGLU ? p / a.top_k : p;
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.x + row * a.K + k0) + c4);   // address from smem after the wait
+      uint32_t* dst = bs + n * stride + (c4 >> 3) * 32 + (c4 & 7);
+      dst[0] = bf16x2_to_f16x2(v.x);
+      dst[8] = bf16x2_to_f16x2(v.y);
+      dst[16] = bf16x2_to_f16x2(v.z);
+      dst[24] = bf16x2_to_f16x2(v.w);
+    }
     __syncthreads();
     if (!tile_ok) continue;
     const auto compute_batch = [&](int c0, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
@@ -496,9 +460,22 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
   __syncthreads();
   // Stage the items' activations (fp16), chunk-fragment order as in moe_gemm_kernel. The address
   // comes from shared memory after the wait, so the __ldg cannot move above it.
-  for (int sl = 0; sl < nslots; ++sl)
-    stage_rows<SWIGLU>(a, pair_of[sl], min(sl ? count[1] : count[0], srows), 0, a.K / 8, sm.bs + sl * srows * stride,
-                       stride);
+  {
+    const int vecs = a.K / 8;
+    for (int i = threadIdx.x; i < nslots * srows * vecs; i += NW * 32) {
+      const int r = i / vecs, c4 = i % vecs;
+      const int p = pair_of[r / srows][r % srows];
+      if (p < 0) continue;
+      const int64_t row = SWIGLU ? p / a.top_k : p;
+      const uint4* src = reinterpret_cast<const uint4*>(a.x + row * a.K) + c4;
+      const uint4 v = __ldg(src);
+      uint32_t* dst = sm.bs + r * stride + (c4 >> 3) * 32 + (c4 & 7);
+      dst[0] = bf16x2_to_f16x2(v.x);
+      dst[8] = bf16x2_to_f16x2(v.y);
+      dst[16] = bf16x2_to_f16x2(v.z);
+      dst[24] = bf16x2_to_f16x2(v.w);
+    }
+  }
   __syncthreads();
 
   int brow[kDecodeSlots];
