@@ -1,7 +1,7 @@
 // Micro-benchmark (diagnostics, not part of the package): read-only streaming of N MB spread over 8
 // rotated buffers (beyond L2) with the access patterns of the MoE decode kernels, one CTA an SM,
 // 24 warps, 4 x 16-byte loads in flight a lane (two register sets). Prints TB/s per pattern.
-// nvcc -O3 -arch=sm_90a -o /tmp/sp bench/micro/stream_patterns.cu && /tmp/sp 35
+// nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/sp bench/micro/stream_patterns.cu && /tmp/sp 35
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
@@ -108,41 +108,33 @@ int main(int argc, char** argv) {
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
-  const char* names[] = {"warp stretches", "CTA-contiguous 4-block runs", "CTA-contiguous 1 block", "512B pieces stride 45", "512B pieces stride 2"};
-  for (int pat = 0; pat < 5; ++pat) {
-    const int p = pat < 4 ? pat : 3, stride = pat == 4 ? 2 : 45;
-    for (int it = 0; it < 16; ++it) stream<<<sms, NW * 32>>>(buf[it % 8], nblk, p, stride, sink);
-    cudaEventRecord(e0);
-    const int reps = 80;
-    for (int it = 0; it < reps; ++it) stream<<<sms, NW * 32>>>(buf[it % 8], nblk, p, stride, sink);
-    cudaEventRecord(e1);
-    cudaEventSynchronize(e1);
-    float ms;
-    cudaEventElapsedTime(&ms, e0, e1);
-    const double us = ms * 1e3 / reps;
-    printf("%-30s %.1f MB: %7.2f us  %.2f TB/s\n", names[pat], bytes / 1e6, us, bytes / (us * 1e-6) / 1e12);
-  }
-  unsigned* sc[8];
-  for (int i = 0; i < 8; ++i) { cudaMalloc(&sc[i], nblk * 32); cudaMemset(sc[i], i, nblk * 32); }
-  const char* hn[] = {"stretches + evict_first hint", "stretches + scale words", "stretches + hint + scales"};
-  for (int v = 0; v < 3; ++v) {
-    auto run = [&](int it) {
-      if (v == 0) stream_hs<true, false><<<sms, NW * 32>>>(buf[it % 8], sc[it % 8], nblk, sink);
-      if (v == 1) stream_hs<false, true><<<sms, NW * 32>>>(buf[it % 8], sc[it % 8], nblk, sink);
-      if (v == 2) stream_hs<true, true><<<sms, NW * 32>>>(buf[it % 8], sc[it % 8], nblk, sink);
-    };
+  // Time one launch of run(it) (it: the rotated buffer), after 16 warm-up launches; print TB/s.
+  const auto report = [&](const char* name, double total_bytes, auto run) {
     for (int it = 0; it < 16; ++it) run(it);
-    cudaEventRecord(e0);
     const int reps = 80;
+    cudaEventRecord(e0);
     for (int it = 0; it < reps; ++it) run(it);
     cudaEventRecord(e1);
     cudaEventSynchronize(e1);
     float ms;
     cudaEventElapsedTime(&ms, e0, e1);
     const double us = ms * 1e3 / reps;
-    const double tot = bytes + (v ? nblk * 32.0 : 0.0);
-    printf("%-30s %.1f MB: %7.2f us  %.2f TB/s\n", hn[v], tot / 1e6, us, tot / (us * 1e-6) / 1e12);
+    printf("%-30s %.1f MB: %7.2f us  %.2f TB/s\n", name, total_bytes / 1e6, us, total_bytes / (us * 1e-6) / 1e12);
+  };
+  const char* names[] = {"warp stretches", "CTA-contiguous 4-block runs", "CTA-contiguous 1 block", "512B pieces stride 45", "512B pieces stride 2"};
+  for (int pat = 0; pat < 5; ++pat) {
+    const int p = pat < 4 ? pat : 3, stride = pat == 4 ? 2 : 45;
+    report(names[pat], bytes, [&](int it) { stream<<<sms, NW * 32>>>(buf[it % 8], nblk, p, stride, sink); });
   }
+  unsigned* sc[8];
+  for (int i = 0; i < 8; ++i) { cudaMalloc(&sc[i], nblk * 32); cudaMemset(sc[i], i, nblk * 32); }
+  const double with_scales = bytes + nblk * 32.0;
+  report("stretches + evict_first hint", bytes,
+         [&](int it) { stream_hs<true, false><<<sms, NW * 32>>>(buf[it % 8], sc[it % 8], nblk, sink); });
+  report("stretches + scale words", with_scales,
+         [&](int it) { stream_hs<false, true><<<sms, NW * 32>>>(buf[it % 8], sc[it % 8], nblk, sink); });
+  report("stretches + hint + scales", with_scales,
+         [&](int it) { stream_hs<true, true><<<sms, NW * 32>>>(buf[it % 8], sc[it % 8], nblk, sink); });
   printf("%s\n", cudaGetErrorString(cudaGetLastError()));
   return 0;
 }
