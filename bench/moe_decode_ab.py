@@ -2,7 +2,8 @@
 rotated so the experts' weights stream from DRAM, CUDA-graph timing (bench/common.py), mlp1 and mlp2
 alone and together, 20b (E = 32) and 120b (E = 128) shapes, T = 1 and 8.
 Usage: python bench/moe_decode_ab.py [--tokens 1,8] [variants, default: auto p q r b h; auto = the
-built-in choice]"""
+built-in choice; a variant with '=' sets GPTOSS_MOE_<KEY>=<VALUE> for each '+'-joined KEY=VALUE, e.g.
+L2PF=3+L2PF_MB=1000]"""
 import os
 import sys
 
@@ -54,7 +55,10 @@ def main():
             print(f"{name} T={T} moe_experts (default kernels, mlp2 routing_ready): {tf:6.1f} us "
                   f"({tf / floor_us:.2f}x the floor {floor_us:.1f} us at the measured copy bandwidth)", flush=True)
             for var in variants:
-                if var == "auto":
+                envs = dict(kv.split("=", 1) for kv in var.split("+")) if "=" in var else {}
+                for k, v in envs.items():
+                    os.environ["GPTOSS_MOE_" + k] = v
+                if var == "auto" or envs:
                     os.environ.pop("GPTOSS_MOE_DECODE", None)
                 else:
                     os.environ["GPTOSS_MOE_DECODE"] = var
@@ -65,6 +69,8 @@ def main():
                 print(f"{name} T={T} variant={var}: mlp1 {t1:6.1f} us  mlp2 {t2:6.1f} us  both {tb:6.1f} us "
                       f"({tb / floor_us:.2f}x the floor {floor_us:.1f} us at the measured copy bandwidth); "
                       f"as moe_experts {te:6.1f} us ({te / floor_us:.2f}x)", flush=True)
+                for k in envs:
+                    os.environ.pop("GPTOSS_MOE_" + k, None)
             os.environ.pop("GPTOSS_MOE_DECODE", None)
         del w
         torch.cuda.empty_cache()
