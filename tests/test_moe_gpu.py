@@ -400,6 +400,29 @@ def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
     assert torch.equal(outs[1][0], h) and torch.equal(outs[1][1], y)
 
 
+@pytest.mark.parametrize("variant", ["p", "q", "r"])
+@pytest.mark.parametrize("T,E,HI", [(1, 32, 2880), (8, 32, 2880), (8, 128, 2880), (7, 8, 128)])
+def test_decode_fast_batches_same_bits(variant, T, E, HI, monkeypatch):
+    """The persistent decode kernel's branch-free path for batches inside one tile
+    (GPTOSS_MOE_FAST_BATCH=0 sends every batch through the per-unit path instead): the same
+    operations in the same order, so the same bits."""
+    w = get_experts(E) if HI == H else experts(E, seed=11, H=HI, I=HI)
+    k = 4
+    x = (torch.randn(T, HI, device=DEV) * 2).bfloat16()
+    logits = torch.nn.functional.linear(x, w["gw"], w["gb"]).float()
+    logits[:, 2] += 100
+    wts, ids, counts, offsets, perm = ops.route(logits, k)
+    hin = (torch.randn(T * k, HI, device=DEV) * 3).bfloat16()
+    monkeypatch.setenv("GPTOSS_MOE_DECODE", variant)
+    h_fast, y_fast = mlp1_then_mlp2(w, x, perm, offsets, wts, k, hin)
+    monkeypatch.setenv("GPTOSS_MOE_FAST_BATCH", "0")
+    h_slow, y_slow = mlp1_then_mlp2(w, x, perm, offsets, wts, k, hin)
+    assert not h_fast.isnan().any() and not y_fast.isnan().any()
+    assert torch.equal(h_fast, h_slow) and torch.equal(y_fast, y_slow)
+    want1, want2 = routed_reference(w, x, hin, perm, offsets, wts, k)
+    assert rel(h_fast, want1) < 5e-3 and rel(y_fast, want2) < 5e-3
+
+
 @pytest.mark.parametrize("T,E,HI", [(1, 32, 2880), (2, 128, 2880), (8, 32, 2880), (16, 32, 2880), (7, 8, 128),
                                     (64, 32, 2880)])
 def test_moe_experts_matches_reference(T, E, HI):

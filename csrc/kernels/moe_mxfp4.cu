@@ -20,7 +20,8 @@
 // 50 us; v4 (4 row tiles a CTA, pipelined 8-chunk batches) 36 us; v6 (11-op bit layout, warp-parallel
 // work lookup, LDS.128 B fragments) 35 us (120b: 61 -> 35 us); v7 (8 warps, K split, 80 registers)
 // 28.5 us; v8 (session 6, moe_decode_kernel: persistent, one CTA an SM, balanced to a tile) T=8
-// 132 -> 115 us (H100). See bench/NOTES.md. On Hopper, prefill runs the wgmma kernel of moe_mxfp4_sm90.cu; this
+// 132 -> 115 us (H100); v9 (session 8: batches inside one tile take a branch-free path) T=8 114 -> 110 us,
+// T=4 78 -> 75 us. See bench/NOTES.md. On Hopper, prefill runs the wgmma kernel of moe_mxfp4_sm90.cu; this
 // file's prefill kernel serves other GPUs (and GPTOSS_MOE_PREFILL=mma).
 #include <algorithm>
 #include <cstdlib>
@@ -506,32 +507,46 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int c = u0 % C, lt = first_lt;
   bool whole = c == 0;
+  // One 16x64 block (unit) of the tile: two 32-column scale groups, each two mma into a partial sum
+  // scaled into acc.
+  const auto unit_mma = [&](const uint32_t* bp, const uint4& cw, uint32_t scw) {
+    const uint32_t words4[4] = {cw.x, cw.y, cw.z, cw.w};
+    const uint4 b0 = *reinterpret_cast<const uint4*>(bp);
+    const uint4 b1 = *reinterpret_cast<const uint4*>(bp + 4);
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+      float pt[4] = {0.f, 0.f, 0.f, 0.f};
+      const uint4& b = grp ? b1 : b0;
+#pragma unroll
+      for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
+        uint32_t af[4];
+        fp4x8_to_f16x2(words4[s], af);
+        mma_f16(pt, af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
+      }
+      const float s_lo = grp ? e8m0_byte<2>(scw) : e8m0_byte<0>(scw);   // row g
+      const float s_hi = grp ? e8m0_byte<3>(scw) : e8m0_byte<1>(scw);   // row g + 8
+      acc[0] = fmaf(pt[0], s_lo, acc[0]);
+      acc[1] = fmaf(pt[1], s_lo, acc[1]);
+      acc[2] = fmaf(pt[2], s_hi, acc[2]);
+      acc[3] = fmaf(pt[3], s_hi, acc[3]);
+    }
+  };
   const auto compute_batch = [&](int ub, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
+    // Most batches (all but ~DEPTH / C of them) lie inside one tile of one slot and end before the
+    // warp's last unit: no per-unit bookkeeping there, so the DEPTH units form one basic block the
+    // compiler can interleave (loads of B, decode, mma of neighbouring units).
+    if (!a.slow_batches && ub + DEPTH < u1 && c + DEPTH < C && (ub + DEPTH <= uB || ub >= uB)) {
+      const uint32_t* bp = sm.bs + (ub < uB ? brow[0] : brow[1]) + c * 32 + q * 8;
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) unit_mma(bp + d * 32, cd[d], sv[d]);
+      c += DEPTH;
+      return;
+    }
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int u = ub + d;
       if (u >= u1) break;
-      const uint32_t words4[4] = {cd[d].x, cd[d].y, cd[d].z, cd[d].w};
-      const uint32_t* bp = sm.bs + (u < uB ? brow[0] : brow[1]) + c * 32 + q * 8;
-      const uint4 b0 = *reinterpret_cast<const uint4*>(bp);
-      const uint4 b1 = *reinterpret_cast<const uint4*>(bp + 4);
-#pragma unroll
-      for (int grp = 0; grp < 2; ++grp) {
-        float pt[4] = {0.f, 0.f, 0.f, 0.f};
-        const uint4& b = grp ? b1 : b0;
-#pragma unroll
-        for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
-          uint32_t af[4];
-          fp4x8_to_f16x2(words4[s], af);
-          mma_f16(pt, af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
-        }
-        const float s_lo = grp ? e8m0_byte<2>(sv[d]) : e8m0_byte<0>(sv[d]);   // row g
-        const float s_hi = grp ? e8m0_byte<3>(sv[d]) : e8m0_byte<1>(sv[d]);   // row g + 8
-        acc[0] = fmaf(pt[0], s_lo, acc[0]);
-        acc[1] = fmaf(pt[1], s_lo, acc[1]);
-        acc[2] = fmaf(pt[2], s_hi, acc[2]);
-        acc[3] = fmaf(pt[3], s_hi, acc[3]);
-      }
+      unit_mma(sm.bs + (u < uB ? brow[0] : brow[1]) + c * 32 + q * 8, cd[d], sv[d]);
       const bool tile_end = c == C - 1;
       if (tile_end || u == u1 - 1) finish_tile(lt, whole && tile_end, acc);
       if (tile_end) {
@@ -849,8 +864,9 @@ int wgmma_bn(int64_t per_expert) {
 #endif
 
 template <bool SWIGLU>
-cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
-  if (a.P == 0) return cudaSuccess;
+cudaError_t launch(const MoeGemmArgs& args, cudaStream_t stream) {
+  if (args.P == 0) return cudaSuccess;
+  MoeGemmArgs a = args;
   if (a.R % 16 != 0 || a.K % 64 != 0 || a.E < 1 || a.E > kMaxExperts || a.top_k < 1 || a.P > INT32_MAX)
     return cudaErrorInvalidValue;
   const int64_t per_expert = a.P / std::max<int64_t>(1, std::min<int64_t>(a.E, a.P));
@@ -862,6 +878,8 @@ cudaError_t launch(const MoeGemmArgs& a, cudaStream_t stream) {
   // latency-bound; see bench/NOTES.md.)
   if (per_expert <= 8) {
     const char* v = std::getenv("GPTOSS_MOE_DECODE");
+    const char* fb = std::getenv("GPTOSS_MOE_FAST_BATCH");   // A/B: 0 = every batch on the per-unit path
+    a.slow_batches = fb && fb[0] == '0';
     // The persistent kernel (default; 'p' 24 warps x 4-chunk batches, 'q' 16 x 6, 'r' 32 x 3) where
     // it serves the call (work items <= SMs); else the grid-of-tiles kernel below. H100, 20b
     // (bench/moe_decode_ab.py): T=8 117 vs 132 us (h), 120b 153 vs 172; T=1 35 vs 36 us.
