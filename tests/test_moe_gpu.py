@@ -400,12 +400,12 @@ def test_decode_kernels_match_reference(variant, T, E, HI, monkeypatch):
     assert torch.equal(outs[1][0], h) and torch.equal(outs[1][1], y)
 
 
-@pytest.mark.parametrize("variant", ["p", "q", "r"])
+@pytest.mark.parametrize("variant", ["p", "q", "r", "b", "h"])
 @pytest.mark.parametrize("T,E,HI", [(1, 32, 2880), (8, 32, 2880), (8, 128, 2880), (7, 8, 128)])
 def test_decode_fast_batches_same_bits(variant, T, E, HI, monkeypatch):
-    """The persistent decode kernel's branch-free path for batches inside one tile
-    (GPTOSS_MOE_FAST_BATCH=0 sends every batch through the per-unit path instead): the same
-    operations in the same order, so the same bits."""
+    """The decode kernels' branch-free path for full batches (persistent kernel: inside one tile;
+    grid of tiles: before the slab's end; GPTOSS_MOE_FAST_BATCH=0 sends every batch through the
+    per-chunk path instead): the same operations in the same order, so the same bits."""
     w = get_experts(E) if HI == H else experts(E, seed=11, H=HI, I=HI)
     k = 4
     x = (torch.randn(T, HI, device=DEV) * 2).bfloat16()

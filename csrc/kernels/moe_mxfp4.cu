@@ -178,6 +178,14 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
     const uint4* cp = codes + static_cast<int64_t>(c0) * 32;
     const uint32_t* sp = scales + static_cast<int64_t>(c0) * 8;
     const int left = c_end - c0;
+    if (NT == 1 && !a.slow_batches && (DEPTH - 1) * WK < left) {   // a full batch: no per-load predicate
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        cd[d] = __ldg(cp + d * WK * 32);
+        sv[d] = __ldg(sp + d * WK * 8);
+      }
+      return;
+    }
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       if (d * WK < left) {
@@ -226,12 +234,9 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
     }
     __syncthreads();
     if (!tile_ok) continue;
-    const auto compute_batch = [&](int c0, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
-#pragma unroll
-      for (int d = 0; d < DEPTH; ++d) {
-        const int c = c0 + d * WK;
-        if (c >= c_end) break;
-        const uint32_t words4[4] = {cd[d].x, cd[d].y, cd[d].z, cd[d].w};
+    // One 64-column chunk c of the tile (its codes cw, scales scw) into acc.
+    const auto chunk_mma = [&](int c, const uint4& cw, uint32_t scw) {
+        const uint32_t words4[4] = {cw.x, cw.y, cw.z, cw.w};
         const int kw = (c - c_begin) * 32 + q * 8;                   // this lane's 8 B words of the chunk
         uint4 bv[NT][2];
 #pragma unroll
@@ -254,8 +259,8 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
               mma_f16(part[n], af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
             }
           }
-          const float s_lo = grp ? e8m0_byte<2>(sv[d]) : e8m0_byte<0>(sv[d]);   // row g
-          const float s_hi = grp ? e8m0_byte<3>(sv[d]) : e8m0_byte<1>(sv[d]);   // row g + 8
+          const float s_lo = grp ? e8m0_byte<2>(scw) : e8m0_byte<0>(scw);   // row g
+          const float s_hi = grp ? e8m0_byte<3>(scw) : e8m0_byte<1>(scw);   // row g + 8
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
             acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
@@ -264,6 +269,20 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
             acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
           }
         }
+    };
+    // A full batch (every chunk before c_end, the common case) has no per-chunk exit, so its DEPTH
+    // chunks are one basic block the compiler interleaves (as in moe_decode_kernel). Decode shapes
+    // only (NT == 1): with more n-tiles the larger block spilled.
+    const auto compute_batch = [&](int c0, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
+      if (NT == 1 && !a.slow_batches && c0 + (DEPTH - 1) * WK < c_end) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) chunk_mma(c0 + d * WK, cd[d], sv[d]);
+        return;
+      }
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        if (c0 + d * WK >= c_end) break;
+        chunk_mma(c0 + d * WK, cd[d], sv[d]);
       }
     };
     constexpr int kStep = WK * DEPTH;
