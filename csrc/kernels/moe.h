@@ -73,8 +73,8 @@ struct MoeGemmArgs {
                                 // kernel reads them before its programmatic-launch wait
   int max_scale;                // largest E8M0 scale byte of the weights (255 if unknown): <= 128
                                 // lets prefill fold the scales into fp16 weights
-  bool slow_batches;            // set by the launcher (A/B, GPTOSS_MOE_FAST_BATCH=0): the persistent decode
-                                // kernel takes its per-unit path for every batch
+  bool slow_batches;            // set by the launcher (A/B, GPTOSS_MOE_FAST_BATCH=0): the decode kernels
+                                // take their per-chunk path for every batch (no one-block fast path)
 };
 
 // mlp1 (with the SwiGLU epilogue) and mlp2 (bias and routing weight in the epilogue).

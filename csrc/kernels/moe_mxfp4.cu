@@ -236,39 +236,39 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
     if (!tile_ok) continue;
     // One 64-column chunk c of the tile (its codes cw, scales scw) into acc.
     const auto chunk_mma = [&](int c, const uint4& cw, uint32_t scw) {
-        const uint32_t words4[4] = {cw.x, cw.y, cw.z, cw.w};
-        const int kw = (c - c_begin) * 32 + q * 8;                   // this lane's 8 B words of the chunk
-        uint4 bv[NT][2];
+      const uint32_t words4[4] = {cw.x, cw.y, cw.z, cw.w};
+      const int kw = (c - c_begin) * 32 + q * 8;                   // this lane's 8 B words of the chunk
+      uint4 bv[NT][2];
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          bv[n][0] = *reinterpret_cast<const uint4*>(bs + brow_of[n] + kw);
-          bv[n][1] = *reinterpret_cast<const uint4*>(bs + brow_of[n] + kw + 4);
-        }
+      for (int n = 0; n < NT; ++n) {
+        bv[n][0] = *reinterpret_cast<const uint4*>(bs + brow_of[n] + kw);
+        bv[n][1] = *reinterpret_cast<const uint4*>(bs + brow_of[n] + kw + 4);
+      }
 #pragma unroll
-        for (int grp = 0; grp < 2; ++grp) {
-          float part[NT][4];
+      for (int grp = 0; grp < 2; ++grp) {
+        float part[NT][4];
 #pragma unroll
-          for (int n = 0; n < NT; ++n) part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
+        for (int n = 0; n < NT; ++n) part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
 #pragma unroll
-          for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
-            uint32_t af[4];
-            fp4x8_to_f16x2(words4[s], af);
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-              const uint4& b = bv[n][grp];
-              mma_f16(part[n], af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
-            }
-          }
-          const float s_lo = grp ? e8m0_byte<2>(scw) : e8m0_byte<0>(scw);   // row g
-          const float s_hi = grp ? e8m0_byte<3>(scw) : e8m0_byte<1>(scw);   // row g + 8
+        for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
+          uint32_t af[4];
+          fp4x8_to_f16x2(words4[s], af);
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
-            acc[n][1] = fmaf(part[n][1], s_lo, acc[n][1]);
-            acc[n][2] = fmaf(part[n][2], s_hi, acc[n][2]);
-            acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
+            const uint4& b = bv[n][grp];
+            mma_f16(part[n], af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
           }
         }
+        const float s_lo = grp ? e8m0_byte<2>(scw) : e8m0_byte<0>(scw);   // row g
+        const float s_hi = grp ? e8m0_byte<3>(scw) : e8m0_byte<1>(scw);   // row g + 8
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
+          acc[n][1] = fmaf(part[n][1], s_lo, acc[n][1]);
+          acc[n][2] = fmaf(part[n][2], s_hi, acc[n][2]);
+          acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
+        }
+      }
     };
     // A full batch (every chunk before c_end, the common case) has no per-chunk exit, so its DEPTH
     // chunks are one basic block the compiler interleaves (as in moe_decode_kernel). Decode shapes
