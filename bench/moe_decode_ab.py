@@ -3,7 +3,7 @@ rotated so the experts' weights stream from DRAM, CUDA-graph timing (bench/commo
 alone and together, 20b (E = 32) and 120b (E = 128) shapes, T = 1 and 8.
 Usage: python bench/moe_decode_ab.py [--tokens 1,8] [variants, default: auto p q r b h; auto = the
 built-in choice; a variant with '=' sets GPTOSS_MOE_<KEY>=<VALUE> for each '+'-joined KEY=VALUE, e.g.
-L2PF=3+L2PF_MB=1000]"""
+FAST_BATCH=0 or DECODE=p+FAST_BATCH=0]"""
 import os
 import sys
 
@@ -58,9 +58,9 @@ def main():
                 envs = dict(kv.split("=", 1) for kv in var.split("+")) if "=" in var else {}
                 for k, v in envs.items():
                     os.environ["GPTOSS_MOE_" + k] = v
-                if var == "auto" or envs:
+                if var == "auto" or (envs and "DECODE" not in envs):
                     os.environ.pop("GPTOSS_MOE_DECODE", None)
-                else:
+                elif not envs:
                     os.environ["GPTOSS_MOE_DECODE"] = var
                 t1 = time_cuda(m1, n)[0] * 1000
                 t2 = time_cuda(m2, n)[0] * 1000
