@@ -18,10 +18,11 @@ from gptoss_ext.generate import decode_runner
 
 
 def kernel_events(prof):
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        ev = json.load(f)["traceEvents"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            ev = json.load(f)["traceEvents"]
     return sorted(((e["ts"], e["dur"], e["name"]) for e in ev if e.get("cat") == "kernel"), key=lambda e: e[0])
 
 

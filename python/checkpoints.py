@@ -4,6 +4,8 @@
 """
 
 import argparse
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,10 +15,14 @@ import gptoss_ext
 
 p = argparse.ArgumentParser()
 p.add_argument("--preset", default="tiny")
-p.add_argument("--out", help="folder to write into (default: a temporary one)")
+p.add_argument("--out", help="folder to write into (default: a temporary one, removed at exit)")
 args = p.parse_args()
 
-root = Path(args.out or tempfile.mkdtemp())
+if args.out:
+    root = Path(args.out)
+else:  # a temporary folder, removed when the script ends (a tiny checkpoint is ~200 MB a layout)
+    root = Path(tempfile.mkdtemp(prefix="gptoss_ckpt_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
 original = gptoss_ext.make_checkpoint(args.preset, root / "original", layout="original", seed=0, overwrite=True)
 hf = gptoss_ext.make_checkpoint(args.preset, root / "hf", layout="hf", seed=0, overwrite=True)
 print(f"wrote {original} and {hf}")
