@@ -141,7 +141,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["gptoss_ext", "gptoss_ext.*"]),
     install_requires=["torch>=2.4", "safetensors>=0.4", "tiktoken>=0.7"],
-    extras_require={"test": ["pytest>=7", "transformers>=4.55", "openai-harmony>=0.0.4"], "hf": ["transformers>=4.55"]},
+    extras_require={"test": ["pytest>=7.3", "transformers>=4.55", "openai-harmony>=0.0.4"], "hf": ["transformers>=4.55"]},
     ext_modules=[Extension("gptoss_ext._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["gptoss-ext=gptoss_ext.__main__:main"]},
