@@ -54,6 +54,40 @@ __device__ __forceinline__ float e8m0_byte(uint32_t sc) {
   return __uint_as_float((k < 3 ? sc << (23 - 8 * k) : sc >> 1) & 0x7F800000u);
 }
 
+// One 16x64 block of MXFP4 weights (this lane's code word cw and scale word scw) times NT n-tiles
+// of B (bv[n][grp]: the lane's fp16 fragments of the two 32-column scale groups), into acc[n]: per
+// scale group, two mma into a partial sum, which is scaled and added. Both decode kernels use it.
+template <int NT>
+__device__ __forceinline__ void block_mma(const uint4& cw, uint32_t scw, const uint4 (&bv)[NT][2],
+                                          float (&acc)[NT][4]) {
+  const uint32_t words4[4] = {cw.x, cw.y, cw.z, cw.w};
+#pragma unroll
+  for (int grp = 0; grp < 2; ++grp) {
+    float part[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
+#pragma unroll
+    for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
+      uint32_t af[4];
+      fp4x8_to_f16x2(words4[s], af);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const uint4& b = bv[n][grp];
+        mma_f16(part[n], af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
+      }
+    }
+    const float s_lo = grp ? e8m0_byte<2>(scw) : e8m0_byte<0>(scw);   // row g
+    const float s_hi = grp ? e8m0_byte<3>(scw) : e8m0_byte<1>(scw);   // row g + 8
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
+      acc[n][1] = fmaf(part[n][1], s_lo, acc[n][1]);
+      acc[n][2] = fmaf(part[n][2], s_hi, acc[n][2]);
+      acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
+    }
+  }
+}
+
 __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
   const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
   const __half2 h = __floats2half2_rn(f.x, f.y);
@@ -236,7 +270,6 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
     if (!tile_ok) continue;
     // One 64-column chunk c of the tile (its codes cw, scales scw) into acc.
     const auto chunk_mma = [&](int c, const uint4& cw, uint32_t scw) {
-      const uint32_t words4[4] = {cw.x, cw.y, cw.z, cw.w};
       const int kw = (c - c_begin) * 32 + q * 8;                   // this lane's 8 B words of the chunk
       uint4 bv[NT][2];
 #pragma unroll
@@ -244,31 +277,7 @@ __global__ void __launch_bounds__(NW * 32, MINB) moe_gemm_kernel(MoeGemmArgs a, 
         bv[n][0] = *reinterpret_cast<const uint4*>(bs + brow_of[n] + kw);
         bv[n][1] = *reinterpret_cast<const uint4*>(bs + brow_of[n] + kw + 4);
       }
-#pragma unroll
-      for (int grp = 0; grp < 2; ++grp) {
-        float part[NT][4];
-#pragma unroll
-        for (int n = 0; n < NT; ++n) part[n][0] = part[n][1] = part[n][2] = part[n][3] = 0.f;
-#pragma unroll
-        for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
-          uint32_t af[4];
-          fp4x8_to_f16x2(words4[s], af);
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            const uint4& b = bv[n][grp];
-            mma_f16(part[n], af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
-          }
-        }
-        const float s_lo = grp ? e8m0_byte<2>(scw) : e8m0_byte<0>(scw);   // row g
-        const float s_hi = grp ? e8m0_byte<3>(scw) : e8m0_byte<1>(scw);   // row g + 8
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          acc[n][0] = fmaf(part[n][0], s_lo, acc[n][0]);
-          acc[n][1] = fmaf(part[n][1], s_lo, acc[n][1]);
-          acc[n][2] = fmaf(part[n][2], s_hi, acc[n][2]);
-          acc[n][3] = fmaf(part[n][3], s_hi, acc[n][3]);
-        }
-      }
+      block_mma<NT>(cw, scw, bv, acc);
     };
     // A full batch (every chunk before c_end, the common case) has no per-chunk exit, so its DEPTH
     // chunks are one basic block the compiler interleaves (as in moe_decode_kernel). Decode shapes
@@ -523,32 +532,13 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
     for (int j = 0; j < 4; ++j) acc[j] = 0.f;
   };
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int c = u0 % C, lt = first_lt;
   bool whole = c == 0;
-  // One 16x64 block (unit) of the tile: two 32-column scale groups, each two mma into a partial sum
-  // scaled into acc.
+  // One 16x64 block (unit) of the tile into acc; bp: this lane's B fragments in shared memory.
   const auto unit_mma = [&](const uint32_t* bp, const uint4& cw, uint32_t scw) {
-    const uint32_t words4[4] = {cw.x, cw.y, cw.z, cw.w};
-    const uint4 b0 = *reinterpret_cast<const uint4*>(bp);
-    const uint4 b1 = *reinterpret_cast<const uint4*>(bp + 4);
-#pragma unroll
-    for (int grp = 0; grp < 2; ++grp) {
-      float pt[4] = {0.f, 0.f, 0.f, 0.f};
-      const uint4& b = grp ? b1 : b0;
-#pragma unroll
-      for (int s = 2 * grp; s < 2 * grp + 2; ++s) {
-        uint32_t af[4];
-        fp4x8_to_f16x2(words4[s], af);
-        mma_f16(pt, af, s & 1 ? b.z : b.x, s & 1 ? b.w : b.y);
-      }
-      const float s_lo = grp ? e8m0_byte<2>(scw) : e8m0_byte<0>(scw);   // row g
-      const float s_hi = grp ? e8m0_byte<3>(scw) : e8m0_byte<1>(scw);   // row g + 8
-      acc[0] = fmaf(pt[0], s_lo, acc[0]);
-      acc[1] = fmaf(pt[1], s_lo, acc[1]);
-      acc[2] = fmaf(pt[2], s_hi, acc[2]);
-      acc[3] = fmaf(pt[3], s_hi, acc[3]);
-    }
+    const uint4 bv[1][2] = {{*reinterpret_cast<const uint4*>(bp), *reinterpret_cast<const uint4*>(bp + 4)}};
+    block_mma<1>(cw, scw, bv, acc);
   };
   const auto compute_batch = [&](int ub, const uint4 (&cd)[DEPTH], const uint32_t (&sv)[DEPTH]) {
     // Most batches (all but ~DEPTH / C of them) lie inside one tile of one slot and end before the
@@ -567,7 +557,7 @@ __device__ __forceinline__ void decode_phase(const MoeGemmArgs& a, const DecodeS
       if (u >= u1) break;
       unit_mma(sm.bs + (u < uB ? brow[0] : brow[1]) + c * 32 + q * 8, cd[d], sv[d]);
       const bool tile_end = c == C - 1;
-      if (tile_end || u == u1 - 1) finish_tile(lt, whole && tile_end, acc);
+      if (tile_end || u == u1 - 1) finish_tile(lt, whole && tile_end, acc[0]);
       if (tile_end) {
         c = 0;
         ++lt;
