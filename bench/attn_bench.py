@@ -87,7 +87,7 @@ def bench_prefill() -> list[Row]:
             case = f"T={T} {'causal' if window == 0 else 'window 128'}"
 
             def ours(i, window=window):
-                torch.ops.gptoss_ext.attn_prefill(q, kc, vc, sinks, cu, st, T, window, SCALE, out)
+                torch.ops.gptoss_ext.attention_prefill(q, kc, vc, sinks, cu, st, T, window, SCALE, out)
 
             t_end = time.perf_counter() + 0.3          # clocks up before the first timed row
             while time.perf_counter() < t_end:
@@ -154,7 +154,7 @@ def bench_decode(l2: int) -> list[Row]:
                 ws_ml = torch.empty(B, HQ, S, 2, device="cuda")
                 o = torch.empty(B, HQ, D, device="cuda", dtype=torch.bfloat16)
                 ms, p10, p90, mode = time_cuda(
-                    lambda i, w=w, c=c, ws_o=ws_o, ws_ml=ws_ml, o=o: torch.ops.gptoss_ext.attn_decode(
+                    lambda i, w=w, c=c, ws_o=ws_o, ws_ml=ws_ml, o=o: torch.ops.gptoss_ext.attention_decode(
                         q, caches[i][0], caches[i][1], sinks, lens, 0, SCALE, c, w, ws_o, ws_ml, tickets, o), n)
                 rows.append(Row("attention decode", case, f"gptoss_ext, {w}-warp CTAs, chunk {c} ({S} splits)", ms,
                                 p10, p90, bytes=nbytes, timing=mode))

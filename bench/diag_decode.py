@@ -27,18 +27,18 @@ class Fp32Unembedding(torch.nn.Module):
 
 def router_gaps(model, tokens, first):
     gaps = []
-    route = g.ops.route
+    route = g.ops.moe_router
 
     def spy(logits, k):
         top = logits.float().topk(k + 1, dim=-1).values
         gaps.append(top[:, k - 1] - top[:, k])
         return route(logits, k)
 
-    g.ops.route = spy
+    g.ops.moe_router = spy
     try:
         model(tokens)
     finally:
-        g.ops.route = route
+        g.ops.moe_router = route
     return torch.stack(gaps).min(0).values[first:-1]
 
 

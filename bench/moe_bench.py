@@ -41,7 +41,7 @@ def bf16_weights(E, seed=1):
 
 def routing(w, x, k=4):
     logits = torch.nn.functional.linear(x, w["gw"], w["gb"])
-    return ops.route(logits, k)
+    return ops.moe_router(logits, k)
 
 
 def run(l2: int) -> list[Row]:
@@ -51,7 +51,7 @@ def run(l2: int) -> list[Row]:
         # router alone
         for T in (1, 4096):
             logits = torch.randn(T, E, device="cuda").bfloat16()
-            ms, p10, p90, mode = time_cuda(lambda i: ops.route(logits, 4))
+            ms, p10, p90, mode = time_cuda(lambda i: ops.moe_router(logits, 4))
             rows.append(Row("moe_router", f"{name} E={E} T={T}", "gptoss_ext", ms, p10, p90, timing=mode,
                             target="<=10 us, 1 launch" if T == 1 else "1 launch"))
         # gate linear + router: one fused launch (decode) against the two launches
@@ -64,7 +64,7 @@ def run(l2: int) -> list[Row]:
             # the fused op itself (ops.gate_route dispatches to it for 1-2 tokens only)
             for impl, fn in (("gptoss_ext fused gate+router",
                               lambda i: torch.ops.gptoss_ext.moe_gate_router(xg, w["gw"], w["gb"], 4, *bufs)),
-                             ("gptoss_ext linear + router", lambda i: ops.route(ops.linear(xg, w["gw"], w["gb"]), 4))):
+                             ("gptoss_ext linear + router", lambda i: ops.moe_router(ops.linear(xg, w["gw"], w["gb"]), 4))):
                 ms, p10, p90, mode = time_cuda(fn)
                 rows.append(Row("moe gate+router", f"{name} E={E} T={T}", impl, ms, p10, p90, timing=mode))
         W1, W2 = bf16_weights(E)

@@ -14,7 +14,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gptoss_ext as g
-from gptoss_ext.generate import decode_runner
 
 
 def kernel_events(prof):
@@ -59,7 +58,7 @@ def main():
     prompt = torch.randint(0, 200000, (2048,))
     out = {"preset": args.preset, "device": torch.cuda.get_device_name()}
     for mode in (("graph", "eager") if args.eager else ("graph",)):
-        r = decode_runner(m, 1, 3000, use_graph=mode == "graph")
+        r = m.decode_runner(1, 3000, use_graph=mode == "graph")
         m.prefill([prompt], r.cache)
         r.begin(r.cache.lengths[:1])
         tok = torch.zeros(1, dtype=torch.long, device="cuda")

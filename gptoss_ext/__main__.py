@@ -8,56 +8,8 @@ import os
 import sys
 import time
 
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return name
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
-def load_or_embedded(args):
-    """The model named by --model, or the embedded random tiny model (and say so)."""
-    import gptoss_ext as g
-
-    device = _device(args.device)
-    if args.model:
-        t0 = time.perf_counter()
-        model = g.load_model(args.model, device=device, dtype=_dtype(args.dtype))
-        info = model.checkpoint_info
-        print(f"[loaded {info.path} ({info.layout} layout) on {device} in {time.perf_counter() - t0:.1f} s]",
-              file=sys.stderr)
-    else:
-        model = g.random_model(args.preset, seed=args.weights_seed, device=device, dtype=_dtype(args.dtype))
-        print(f"[no --model given: using the built-in random '{args.preset}' model (seed {args.weights_seed}); "
-              "its output is meaningless text. Point --model at a gpt-oss checkpoint folder for real output]",
-              file=sys.stderr)
-    return model
-
-
-def _add_model_args(p):
-    p.add_argument("--model", help="checkpoint folder (original/ or Hugging Face layout); default: built-in random model")
-    p.add_argument("--preset", default="tiny", help="preset of the built-in random model (default tiny)")
-    p.add_argument("--weights-seed", type=int, default=0, help="seed of the built-in random model's weights")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-
-
-def _add_sampling_args(p):
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+from . import cli_chat
+from .cli_common import add_model_args, add_sampling_args, load_or_embedded
 
 
 def cmd_generate(args) -> int:
@@ -167,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt, streaming text to stdout")
     g.add_argument("prompt", help="prompt text ('-' reads stdin); special tokens like <|start|> are honoured")
-    _add_model_args(g)
-    _add_sampling_args(g)
+    add_model_args(g)
+    add_sampling_args(g)
     g.add_argument("--stop", nargs="*", help="stop token ids (default: <|return|> <|call|> <|endoftext|>)")
     g.add_argument("--no-special", action="store_true", help="treat special-token text in the prompt as plain text")
     g.set_defaults(fn=cmd_generate)
@@ -200,11 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results as JSON here")
     b.set_defaults(fn=cmd_bench)
 
-    try:
-        from . import cli_chat
-        cli_chat.add_parser(sub, _add_model_args, _add_sampling_args)
-    except ImportError:
-        pass
+    cli_chat.add_parser(sub)
     return p
 
 

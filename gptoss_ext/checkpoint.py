@@ -307,7 +307,7 @@ def load_model(path, device="cpu", dtype=torch.bfloat16):
         raise CheckpointError(f"failed to load {info.path}: {type(e).__name__}: {e}") from None
     state.clear()          # the model holds the tensors now: the relayout below frees each packed original
     model.eval()
-    model.checkpoint_info = info
+    model.set_checkpoint_info(info)
     try:
         model.prepare_kernels()
     except torch.cuda.OutOfMemoryError as e:

@@ -10,7 +10,10 @@ from pathlib import Path
 MAX_TOOL_ROUNDS = 8
 
 
-def add_parser(sub, add_model_args, add_sampling_args) -> None:
+from .cli_common import add_model_args, add_sampling_args, load_or_embedded
+
+
+def add_parser(sub) -> None:
     c = sub.add_parser("chat", help="chat in the harmony format (interactive, or --message for one shot)")
     c.add_argument("--message", help="one user message: answer it and exit")
     c.add_argument("--system", help="instructions (rendered into the developer message)")
@@ -21,9 +24,6 @@ def add_parser(sub, add_model_args, add_sampling_args) -> None:
     add_model_args(c)
     add_sampling_args(c)
     c.set_defaults(max_new_tokens=1024)
-    c.add_argument("--scripted-replies", metavar="FILE",
-                   help="testing aid: a JSON list of assistant outputs in harmony text (what follows "
-                        "<|start|>assistant), replayed one per reply instead of running a model")
     c.set_defaults(fn=cmd_chat)
 
 
@@ -44,18 +44,6 @@ def load_tools(path: str) -> list:
     return data
 
 
-def scripted_model(path: str):
-    try:
-        replies = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--scripted-replies {path}: {e}") from None
-    if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
-        raise ValueError(f"--scripted-replies {path}: expected a JSON list of strings")
-    from .harmony import ReplayModel
-
-    return ReplayModel(replies)
-
-
 def _read_line(prompt: str) -> str | None:
     if sys.stdin.isatty():
         print(prompt, end="", file=sys.stderr, flush=True)
@@ -71,14 +59,10 @@ def cmd_chat(args) -> int:
 
     check_sampling(args.temperature, args.top_p, args.top_k)
     tools = load_tools(args.tools) if args.tools else None
-    if args.scripted_replies:
-        model = scripted_model(args.scripted_replies)
-    else:
-        from .__main__ import load_or_embedded
-        from . import tokenizer as tok
+    from . import tokenizer as tok
 
-        tok.get_tokenizer()
-        model = load_or_embedded(args)
+    tok.get_tokenizer()
+    model = load_or_embedded(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, seed=args.seed)

@@ -10,6 +10,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from .reference import ROPE_DEFAULTS
+
 # MXFP4: 32 four-bit values (16 bytes) + one E8M0 scale byte per block = 4.25 bits per weight.
 MXFP4_BLOCK = 32
 MXFP4_BYTES_PER_WEIGHT = 17 / 32
@@ -29,11 +31,11 @@ class ModelConfig:
     num_attention_heads: int = 64
     num_key_value_heads: int = 8
     sliding_window: int = 128
-    initial_context_length: int = 4096
-    rope_theta: float = 150000.0
-    rope_scaling_factor: float = 32.0
-    rope_ntk_alpha: float = 1.0
-    rope_ntk_beta: float = 32.0
+    initial_context_length: int = ROPE_DEFAULTS["original_context"]
+    rope_theta: float = ROPE_DEFAULTS["theta"]
+    rope_scaling_factor: float = ROPE_DEFAULTS["factor"]
+    rope_ntk_alpha: float = ROPE_DEFAULTS["ntk_alpha"]
+    rope_ntk_beta: float = ROPE_DEFAULTS["ntk_beta"]
     rms_norm_eps: float = 1e-5
     # Which layers use the sliding window; None means the released pattern (even layers).
     layer_types: tuple[str, ...] | None = field(default=None)
@@ -262,7 +264,7 @@ class ModelConfig:
             raise ValueError(f"unsupported rope type {rope.get('rope_type')!r}: gpt-oss uses yarn")
         if rope.get("truncate", False):
             raise ValueError("rope 'truncate: true' is not the gpt-oss YaRN variant")
-        theta = rope.get("rope_theta", d.get("rope_theta", 150000.0))
+        theta = rope.get("rope_theta", d.get("rope_theta", ROPE_DEFAULTS["theta"]))
         layer_types = d.get("layer_types")
         kwargs = dict(
             num_hidden_layers=d["num_hidden_layers"],
@@ -278,11 +280,11 @@ class ModelConfig:
             num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
             sliding_window=d.get("sliding_window") or 0,
             initial_context_length=int(rope.get("original_max_position_embeddings",
-                                                d.get("initial_context_length", 4096))),
+                                                d.get("initial_context_length", ROPE_DEFAULTS["original_context"]))),
             rope_theta=float(theta),
-            rope_scaling_factor=float(rope.get("factor", 32.0)),
-            rope_ntk_alpha=float(rope.get("beta_slow", 1.0)),
-            rope_ntk_beta=float(rope.get("beta_fast", 32.0)),
+            rope_scaling_factor=float(rope.get("factor", ROPE_DEFAULTS["factor"])),
+            rope_ntk_alpha=float(rope.get("beta_slow", ROPE_DEFAULTS["ntk_alpha"])),
+            rope_ntk_beta=float(rope.get("beta_fast", ROPE_DEFAULTS["ntk_beta"])),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             layer_types=tuple(layer_types) if layer_types else None,
         )

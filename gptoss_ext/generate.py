@@ -178,34 +178,6 @@ class DecodeRunner:
         self.graph = graph
 
 
-def decode_runner(model, batch: int, max_len: int, use_graph: bool | None = None) -> DecodeRunner:
-    """The model's decode runner for `batch` rows (rounded up to a power of two) and at least
-    `max_len` positions (rounded up to 1024, capped at the context length). One is kept on the model
-    and reused while it fits; a different shape replaces it (its cache and graph are freed);
-    model.release_decode_state() frees it."""
-    from . import ops
-
-    cuda = model.device.type == "cuda"
-    if use_graph is None:
-        use_graph = cuda and ops.kernels_available() and model.dtype == torch.bfloat16
-    if use_graph and not cuda:
-        raise ValueError("CUDA-graph decode needs the model on a CUDA device")
-    rows = 1 << max(0, (batch - 1).bit_length())
-    limit = model.config.context_length + 1
-    r = getattr(model, "_decode_runner", None)
-    if r is not None and r.batch == rows and r.max_len >= max_len and r.use_graph == use_graph:
-        r.cache.reset()
-        return r
-    model._decode_runner = None
-    del r
-    if cuda:
-        torch.cuda.empty_cache()
-    length = min(limit, -(-max_len // 1024) * 1024)
-    r = DecodeRunner(model, rows, max(length, max_len), use_graph)
-    model._decode_runner = r
-    return r
-
-
 def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stops, use_graph) -> Iterator:
     if max_new_tokens == 0:
         return
@@ -214,7 +186,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, s
     B = len(prompts)
     limits = [min(max_new_tokens, config.context_length - len(p)) for p in prompts]
     # +1: a step is launched before the previous tokens are read, so a row may write one more.
-    runner = decode_runner(model, B, max(len(p) + n for p, n in zip(prompts, limits)) + 1, use_graph)
+    runner = model.decode_runner(B, max(len(p) + n for p, n in zip(prompts, limits)) + 1, use_graph)
     cache = runner.cache
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else secrets.randbits(63))

@@ -135,6 +135,8 @@ class MLP(nn.Module):
         self.mlp2_bias = nn.Parameter(torch.empty(E, H, device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, t: torch.Tensor, routing=None) -> torch.Tensor:
+        """The experts' outputs of normed t [T, H]: uncombined fp32 [T, k, H] on the kernel path
+        (the next norm sums them, ops.moe_combine_add_rms_norm), combined [T, H] otherwise."""
         c = self.config
         return ops.moe(t, self.gate.weight, self.gate.bias, self.mlp1_weight.packed, self.mlp1_bias,
                        self.mlp2_weight.packed, self.mlp2_bias, experts_per_token=c.experts_per_token,
@@ -143,12 +145,10 @@ class MLP(nn.Module):
     def norm_route(self, delta: torch.Tensor, x: torch.Tensor):
         """The residual add + this block's RMSNorm, and the routing when the MoE kernels will run
         (one launch for decode): (normed, new residual, routing or None)."""
-        from .mxfp4 import KernelMXFP4
-
         c = self.config
-        if isinstance(self.mlp1_weight.packed, KernelMXFP4) and ops._use_kernel("moe", x):
-            return ops.add_rms_norm_route(delta, x, self.norm.scale, c.rms_norm_eps, self.gate.weight,
-                                          self.gate.bias, c.experts_per_token)
+        if ops.uses_moe_kernels(x, self.mlp1_weight.packed):
+            return ops.moe_add_norm_gate_router(delta, x, self.norm.scale, c.rms_norm_eps, self.gate.weight,
+                                                self.gate.bias, c.experts_per_token)
         t, x = ops.add_rms_norm(delta, x, self.norm.scale, c.rms_norm_eps)
         return t, x, None
 
@@ -223,6 +223,12 @@ class GptOss(nn.Module):
         self.block = nn.ModuleList(Block(c, i, device, dtype, quantized) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, device, dtype)
         self.unembedding = Linear(c.hidden_size, c.vocab_size, False, device, dtype)
+        self.checkpoint_info = None     # where the weights came from (set by load_model: set_checkpoint_info)
+        self._decode_runner = None      # batched decode state kept between generate() calls (decode_runner)
+
+    def set_checkpoint_info(self, info) -> None:
+        """Record where the weights came from (gptoss_ext.checkpoint.CheckpointInfo)."""
+        self.checkpoint_info = info
 
     @property
     def device(self) -> torch.device:
@@ -240,17 +246,25 @@ class GptOss(nn.Module):
         (float_logits=False: in the model's dtype, as the unembedding gives them)."""
         c = self.config
         x = self.embedding(tokens)                                           # [T, H] residual stream
-        delta = None
+        moe_out = None                                                       # the previous block's MoE output
         for blk in self.block:
-            t, x = ops.add_rms_norm(delta, x, blk.attn.norm.scale, c.rms_norm_eps)
+            t, x = self._moe_residual_norm(moe_out, x, blk.attn.norm.scale)
             delta = blk.attn(t, step)
             t, x, routing = blk.mlp.norm_route(delta, x)
-            delta = blk.mlp(t, routing)
-        t, x = ops.add_rms_norm(delta, x, self.norm.scale, c.rms_norm_eps)
+            moe_out = blk.mlp(t, routing)
+        t, x = self._moe_residual_norm(moe_out, x, self.norm.scale)
         if select is not None:
             t = t[select]
         logits = self.unembedding(t)
         return logits.float() if float_logits else logits
+
+    def _moe_residual_norm(self, moe_out, x: torch.Tensor, scale: torch.Tensor):
+        """The MoE output added to the residual stream (combined in the same launch) and the next
+        RMSNorm: (normed, new residual). Before the first block there is nothing to add."""
+        eps = self.config.rms_norm_eps
+        if moe_out is None:
+            return ops.add_rms_norm(None, x, scale, eps)
+        return ops.moe_combine_add_rms_norm(moe_out, x, scale, eps)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
@@ -367,9 +381,35 @@ class GptOss(nn.Module):
                 blk.mlp.mlp2_weight.to_kernel_layout(swiglu=False)
         return True
 
+    def decode_runner(self, batch: int, max_len: int, use_graph: bool | None = None):
+        """The batched decode state (gptoss_ext.generate.DecodeRunner: its KV cache and CUDA graph) for
+        `batch` rows (rounded up to a power of two) and at least `max_len` positions (rounded up to
+        1024, capped at the context length). The model owns it: one is kept and reused while it fits
+        (its cache reset); a different shape replaces it (the old cache and graph are freed first);
+        release_decode_state() frees it."""
+        from .generate import DecodeRunner
+
+        cuda = self.device.type == "cuda"
+        if use_graph is None:
+            use_graph = cuda and ops.kernels_available() and self.dtype == torch.bfloat16
+        if use_graph and not cuda:
+            raise ValueError("CUDA-graph decode needs the model on a CUDA device")
+        rows = 1 << max(0, (batch - 1).bit_length())
+        r = self._decode_runner
+        if r is not None and r.batch == rows and r.max_len >= max_len and r.use_graph == use_graph:
+            r.cache.reset()
+            return r
+        self._decode_runner = None
+        del r
+        if cuda:
+            torch.cuda.empty_cache()
+        length = min(self.config.context_length + 1, -(-max_len // 1024) * 1024)
+        self._decode_runner = DecodeRunner(self, rows, max(length, max_len), use_graph)
+        return self._decode_runner
+
     def release_decode_state(self) -> None:
-        """Free the KV cache and CUDA graph that generate() keeps between calls (see
-        gptoss_ext.generate.decode_runner); the next generate() allocates them again."""
+        """Free the KV cache and CUDA graph that generate() keeps between calls (decode_runner); the
+        next generate() allocates them again."""
         self._decode_runner = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,5 +1,7 @@
 """Plain-PyTorch version of every op: the oracle for the CUDA kernels and the CPU path.
 
+Each op of `gptoss_ext.ops` that has a kernel has its reference here under the same name (the
+roads: rms_norm, rope, kv_cache, attention, linear, moe_router, moe_experts, moe_combine).
 Written for clarity, not speed. Every op computes in float32 (float64 where cheap and it matters,
 e.g. RoPE angles) and returns the input's dtype, so on bf16 inputs the only error is the final
 rounding. Shapes use T = tokens, H = hidden, E = experts, Hq / Hkv = query / key-value heads,
@@ -22,7 +24,7 @@ E8M0_BIAS = 127
 # [E, rows, cols/32] uint8) tuple, or as a dense floating tensor [E, rows, cols].
 
 
-# ---- normalisation ---------------------------------------------------------------------------
+# ---- rms_norm -----------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * scale, statistics in fp32."""
@@ -39,16 +41,31 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor,
     return rms_norm(r, scale, eps), r
 
 
-# ---- YaRN rotary embedding ---------------------------------------------------------------------
+# ---- rope: YaRN rotary embedding ----------------------------------------------------------------
 
-def yarn_inv_freq(head_dim: int, theta: float = 150000.0, factor: float = 32.0,
-                  original_context: int = 4096, ntk_alpha: float = 1.0,
-                  ntk_beta: float = 32.0) -> tuple[torch.Tensor, float]:
+# gpt-oss's YaRN parameters: the one definition of the defaults (ModelConfig's rope fields, every
+# rope function here and in ops take them from this dict).
+ROPE_DEFAULTS = {"theta": 150000.0, "factor": 32.0, "original_context": 4096, "ntk_alpha": 1.0, "ntk_beta": 32.0}
+
+
+def rope_params(**rope) -> dict:
+    """ROPE_DEFAULTS with the given overrides; an unknown name is an error."""
+    bad = sorted(set(rope) - set(ROPE_DEFAULTS))
+    if bad:
+        raise TypeError(f"unknown RoPE parameter(s) {bad}; known: {sorted(ROPE_DEFAULTS)}")
+    return {**ROPE_DEFAULTS, **rope}
+
+
+def yarn_inv_freq(head_dim: int, **rope) -> tuple[torch.Tensor, float]:
     """YaRN inverse frequencies [head_dim/2] (float64) and the concentration factor.
 
     Dims faster than beta rotations per original context keep their frequency (extrapolation);
     dims slower than alpha rotations are divided by `factor` (interpolation); a linear ramp
-    blends the ones between. cos/sin are then scaled by 0.1*ln(factor) + 1."""
+    blends the ones between. cos/sin are then scaled by 0.1*ln(factor) + 1. `rope`: overrides
+    of ROPE_DEFAULTS (theta, factor, original_context, ntk_alpha, ntk_beta)."""
+    r = rope_params(**rope)
+    theta, factor, original_context = r["theta"], r["factor"], r["original_context"]
+    ntk_alpha, ntk_beta = r["ntk_alpha"], r["ntk_beta"]
     half = head_dim // 2
     freq = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if factor <= 1.0:
@@ -61,12 +78,10 @@ def yarn_inv_freq(head_dim: int, theta: float = 150000.0, factor: float = 32.0,
     return inv_freq, concentration
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 150000.0,
-                 factor: float = 32.0, original_context: int = 4096, ntk_alpha: float = 1.0,
-                 ntk_beta: float = 32.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, **rope) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, head_dim/2] float32 for integer positions [T], concentration included.
     Angles are formed in float64 so long positions stay exact."""
-    inv_freq, conc = yarn_inv_freq(head_dim, theta, factor, original_context, ntk_alpha, ntk_beta)
+    inv_freq, conc = yarn_inv_freq(head_dim, **rope)
     angles = positions.to(torch.float64).reshape(-1, 1).cpu() * inv_freq
     cos = (angles.cos() * conc).to(torch.float32)
     sin = (angles.sin() * conc).to(torch.float32)
@@ -79,6 +94,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = xf.chunk(2, dim=-1)
     c, s = cos[:, None, :].float(), sin[:, None, :].float()
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, **rope_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """YaRN RoPE of q [T, Hq, D] and k [T, Hkv, D] at positions [T] (new tensors)."""
+    cos, sin = rope_cos_sin(positions, q.shape[-1], **rope_kw)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def rope_kv_write(q, k, v, positions, k_cache, v_cache, slots, **rope_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope` then `kv_write` of the rotated k and v; returns the rotated (q, k)."""
+    q, k = rope(q, k, positions, **rope_kw)
+    kv_write(k, v, k_cache, v_cache, slots)
+    return q, k
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -154,6 +182,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+# ---- kv_cache ----------------------------------------------------------------------------------
+
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
     """Cache rows slots[t] (= b * max_len + pos) of k_cache / v_cache [B, max_len, Hkv, D] <- k[t], v[t];
@@ -166,7 +196,16 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     vf.index_copy_(0, slots[keep], v[keep].to(v_cache.dtype))
 
 
-# ---- router -------------------------------------------------------------------------------------
+def decode_prep(seq_lens: torch.Tensor, active: torch.Tensor, row0: torch.Tensor, positions: torch.Tensor,
+                slots: torch.Tensor) -> None:
+    """A decode step's bookkeeping, in place: seq_lens += active; positions = seq_lens - 1;
+    slots = where(active > 0, row0 + positions, -1)."""
+    seq_lens += active
+    positions.copy_((seq_lens - 1).long())
+    slots.copy_(torch.where(active > 0, row0 + positions, torch.full_like(positions, -1)))
+
+
+# ---- moe_router ---------------------------------------------------------------------------------
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """[T, H] x [E, H] + [E] -> [T, E] float32."""
@@ -193,7 +232,26 @@ def group_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     return counts.int(), offsets.int(), perm.int()
 
 
-# ---- MXFP4 and the expert MLP --------------------------------------------------------------------
+def moe_router(logits: torch.Tensor, k: int):
+    """Top-k routing of logits [T, E] and the grouping by expert, as the kernel returns it:
+    (weights [T, k] fp32, ids [T, k] int32, counts [E], offsets [E + 1], perm [T * k]) int32."""
+    weights, ids = route(logits, k)
+    counts, offsets, perm = group_by_expert(ids, logits.shape[-1])
+    return weights, ids.int(), counts, offsets, perm
+
+
+def moe_gate_router(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None, k: int):
+    """`moe_router` of the gate linear's logits (rounded to x's dtype, as a linear in that dtype gives them)."""
+    return moe_router(linear(x, gate_weight, gate_bias), k)
+
+
+def moe_add_norm_gate_router(x, residual, scale, eps, gate_weight, gate_bias, k):
+    """`add_rms_norm` then `moe_gate_router` on its output: (normed, new residual, routing)."""
+    t, r = add_rms_norm(x, residual, scale, eps)
+    return t, r, moe_gate_router(t, gate_weight, gate_bias, k)
+
+
+# ---- moe_experts: MXFP4 and the expert MLP --------------------------------------------------------
 
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -231,22 +289,27 @@ def swiglu(u: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.T
     return gate * torch.sigmoid(alpha * gate) * (lin + 1)
 
 
-def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, mlp1_weight, mlp1_bias: torch.Tensor,
-            mlp2_weight, mlp2_bias: torch.Tensor, *, swiglu_alpha: float = 1.702,
-            swiglu_limit: float = 7.0) -> torch.Tensor:
-    """Weighted sum over each token's chosen experts of mlp2(swiglu(mlp1(x))).
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, mlp1_weight, mlp1_bias: torch.Tensor,
+                mlp2_weight, mlp2_bias: torch.Tensor, *, swiglu_alpha: float = 1.702,
+                swiglu_limit: float = 7.0, combine: bool = True) -> torch.Tensor:
+    """Each token's chosen experts' mlp2(swiglu(mlp1(x))) times its routing weight, summed over the
+    token's experts (combine=False: uncombined, [T, k, H], as the kernels return them).
     x [T, H]; weights [T, k] float32; ids [T, k]; biases [E, 2I] and [E, H]. Returns float32 [T, H].
     Each used expert is dequantized once, transiently."""
     T, H = x.shape
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    y = torch.zeros(T, ids.shape[1], H, dtype=torch.float32, device=x.device) if not combine else None
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device) if combine else None
     xf = x.float()
     for e in torch.unique(ids).tolist():
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         u = xf[tok] @ expert_weight(mlp1_weight, e).T + mlp1_bias[e].float()     # [n, 2I]
         h = swiglu(u, swiglu_alpha, swiglu_limit)                                # [n, I]
-        y = h @ expert_weight(mlp2_weight, e).T + mlp2_bias[e].float()          # [n, H]
-        out.index_add_(0, tok, y * weights[tok, slot, None])
-    return out
+        o = (h @ expert_weight(mlp2_weight, e).T + mlp2_bias[e].float()) * weights[tok, slot, None]   # [n, H]
+        if combine:
+            out.index_add_(0, tok, o)
+        else:
+            y[tok, slot] = o
+    return out if combine else y
 
 
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight,
@@ -254,11 +317,47 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> torch.Tensor:
     """The MoE block on normed activations x [T, H]: router, top-k softmax, experts. Returns x's dtype."""
     weights, ids = route(router_logits(x, gate_weight, gate_bias), experts_per_token)
-    out = experts(x, weights, ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
-                  swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    out = moe_experts(x, weights, ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
+                      swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
     return out.to(x.dtype)
 
+
+# ---- moe_combine --------------------------------------------------------------------------------
+
+def moe_combine(y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's expert outputs summed: y [T, k, H] (fp32, already weighted) -> [T, H], plus
+    residual when given, rounded once to the residual's dtype (bf16 without one)."""
+    s = y.float().sum(1)
+    if residual is None:
+        return s.to(torch.bfloat16)
+    return (residual.float() + s).to(residual.dtype)
+
+
+def moe_combine_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor,
+                             eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """r = moe_combine(y, residual); returns (rms_norm(r) * scale, r)."""
+    r = moe_combine(y, residual)
+    return rms_norm(r, scale, eps), r
+
+
+# ---- linear -------------------------------------------------------------------------------------
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b in x's dtype (PyTorch accumulates in fp32)."""
     return F.linear(x, weight, bias)
+
+
+def linear_rope_kv(x, weight, bias, positions, k_cache, v_cache, slots, n_heads: int, n_kv_heads: int,
+                   **rope_kw) -> torch.Tensor:
+    """The fused qkv projection of decode: qkv = linear(x, weight, bias) [T, (Hq + 2 Hkv) D], its q
+    and k heads rotated (in the returned tensor) and the rotated k and v written to cache rows slots."""
+    T = x.shape[0]
+    D = k_cache.shape[-1]
+    qkv = linear(x, weight, bias)
+    q = qkv[:, :n_heads * D].view(T, n_heads, D)
+    k = qkv[:, n_heads * D:(n_heads + n_kv_heads) * D].view(T, n_kv_heads, D)
+    v = qkv[:, (n_heads + n_kv_heads) * D:].view(T, n_kv_heads, D)
+    q2, k2 = rope_kv_write(q, k, v, positions, k_cache, v_cache, slots, **rope_kw)
+    q.copy_(q2)
+    k.copy_(k2)
+    return qkv

@@ -39,13 +39,23 @@ def _uniform(shape, lo, hi, seed, name, device) -> torch.Tensor:
     return torch.rand(shape, generator=_gen(seed, name, device), device=device) * (hi - lo) + lo
 
 
-def _mxfp4(rows_shape, cols, seed, name, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random MXFP4 (blocks, scales) for a weight [..., cols] with entries of std ~ 1/sqrt(cols)."""
+def random_mxfp4(rows_shape, cols: int, *, seed: int = 0, name: str = "mxfp4", device="cpu",
+                 scale_bytes: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 (blocks [*rows_shape, cols/32, 16], scales [*rows_shape, cols/32], uint8) for a
+    weight [*rows_shape, cols]: codes uniform over all 16 values; E8M0 scale bytes uniform in
+    [lo, hi) = scale_bytes, by default the two around 1/sqrt(cols) / rms(FP4) (entries of std
+    ~ 1/sqrt(cols), so a layer keeps its input's scale). The one maker of random experts: synthetic
+    checkpoints, tests and benchmarks all draw from it (seeded by (seed, name), see _gen)."""
+    if cols % 32:
+        raise ValueError(f"MXFP4 columns must be a multiple of 32, got {cols}")
     g = _gen(seed, name, device)
     blocks = torch.randint(0, 256, (*rows_shape, cols // 32, 16), generator=g, device=device, dtype=torch.uint8)
-    fp4_rms = math.sqrt(sum(v * v for v in FP4_VALUES) / 16)
-    e = math.floor(math.log2(1.0 / (math.sqrt(cols) * fp4_rms))) + 127
-    scales = torch.randint(e, e + 2, (*rows_shape, cols // 32), generator=g, device=device, dtype=torch.uint8)
+    if scale_bytes is None:
+        fp4_rms = math.sqrt(sum(v * v for v in FP4_VALUES) / 16)
+        e = math.floor(math.log2(1.0 / (math.sqrt(cols) * fp4_rms))) + 127
+        scale_bytes = (e, e + 2)
+    scales = torch.randint(scale_bytes[0], scale_bytes[1], (*rows_shape, cols // 32), generator=g, device=device,
+                           dtype=torch.uint8)
     return blocks, scales
 
 
@@ -71,12 +81,12 @@ def random_tensors(config: ModelConfig, seed: int = 0, dtype=torch.bfloat16,
         yield f"{m}.norm.scale", f(_uniform((H,), 0.8, 1.2, seed, f"{m}.norm.scale", d))
         yield f"{m}.gate.weight", f(_normal((E, H), H ** -0.5, seed, f"{m}.gate.weight", d))
         yield f"{m}.gate.bias", f(_normal((E,), 0.1, seed, f"{m}.gate.bias", d))
-        b, s = _mxfp4((E, 2 * I), H, seed, f"{m}.mlp1_weight", d)
+        b, s = random_mxfp4((E, 2 * I), H, seed=seed, name=f"{m}.mlp1_weight", device=d)
         yield f"{m}.mlp1_weight.blocks", b
         yield f"{m}.mlp1_weight.scales", s
         del b, s
         yield f"{m}.mlp1_bias", f(_normal((E, 2 * I), 0.1, seed, f"{m}.mlp1_bias", d))
-        b, s = _mxfp4((E, H), I, seed, f"{m}.mlp2_weight", d)
+        b, s = random_mxfp4((E, H), I, seed=seed, name=f"{m}.mlp2_weight", device=d)
         yield f"{m}.mlp2_weight.blocks", b
         yield f"{m}.mlp2_weight.scales", s
         del b, s

@@ -1,6 +1,6 @@
 """A tool-calling loop: the model asks for the weather, a local Python function answers, the model
-replies. With --model it runs a real gpt-oss checkpoint; without one it replays a canned gpt-oss
-reply (the random built-in model never calls tools) so the loop itself is shown.
+replies. With --model it runs a real gpt-oss checkpoint; without one a scripted stand-in replays what
+gpt-oss answers (the random built-in model never calls tools), so the loop itself is shown.
 
     python python/tool_calling.py [--model /path/to/gpt-oss-20b/original]
 """
@@ -9,7 +9,7 @@ import argparse
 import json
 
 import gptoss_ext
-from gptoss_ext.harmony import ReplayModel
+from gptoss_ext import tokenizer
 
 
 def get_current_weather(location: str, format: str = "celsius") -> dict:
@@ -26,13 +26,24 @@ TOOLS = [{"type": "function", "function": {
         "required": ["location"]}}}]
 FUNCTIONS = {"get_current_weather": get_current_weather}
 
+class ScriptedModel:
+    """Stands in for a model without --model: each generate() returns the next canned reply."""
+
+    def __init__(self, replies):
+        self.replies = [tokenizer.encode(r) for r in replies]
+
+    def generate(self, prompt, stream=False, **kwargs):
+        reply = self.replies.pop(0)
+        return iter(reply) if stream else reply
+
+
 p = argparse.ArgumentParser()
 p.add_argument("--model")
 args = p.parse_args()
 if args.model:
     model = gptoss_ext.load_model(args.model, device="cuda")
 else:
-    model = ReplayModel([
+    model = ScriptedModel([
         "<|channel|>analysis<|message|>The user wants the weather in Tokyo; call the tool.<|end|>"
         "<|start|>assistant to=functions.get_current_weather<|channel|>commentary <|constrain|>json"
         '<|message|>{"location": "Tokyo, Japan"}<|call|>',

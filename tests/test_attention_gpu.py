@@ -3,21 +3,15 @@ fp32 reference on fresh random inputs: lengths around the 64-key tiles and the 1
 offsets, window on/off, sinks, GQA ratios, mixed batches, NaN beyond the valid cache rows, CUDA
 graphs, and argument errors. Error is held to ~2x that of a plain bf16 PyTorch attention."""
 
-import math
-
 import pytest
 import torch
 
 from gptoss_ext import ops
 from gptoss_ext import reference as ref
+from gpu_helpers import D, make_cache, rand
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-D = 64
-
-
-def rand(shape, g, scale=1.0):
-    return (torch.randn(shape, device=DEV, generator=g) * scale).bfloat16()
 
 
 def bf16_attention(q, k, v, sinks, start, window):
@@ -46,14 +40,6 @@ def check_close(got, want32, yard):
     err_yard = (yard.float() - want32).abs().max().item()
     floor = 2e-3 * max(want32.abs().max().item(), 1e-3)
     assert err <= 2 * err_yard + floor, f"error {err:.3e} vs bf16 PyTorch {err_yard:.3e}"
-
-
-def make_cache(B, L, Hkv, g, poison=True):
-    """A cache [B, L, Hkv, D]; with poison, NaN everywhere (rows the kernels must never read)."""
-    if poison:
-        kc = torch.full((B, L, Hkv, D), float("nan"), dtype=torch.bfloat16, device=DEV)
-        return kc, kc.clone()
-    return rand((B, L, Hkv, D), g), rand((B, L, Hkv, D), g)
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -87,7 +73,7 @@ def test_prefill_gqa_ratios(Hq, Hkv):
         check_close(got, want, bf16_attention(q, k, v, sinks, start, window))
 
 
-def test_window_is_not_ignored(monkeypatch):
+def test_window_is_not_ignored():
     """Beyond twice the window, windowed and full attention must differ, and each match its reference."""
     T, Hq, Hkv = 600, 16, 2
     g = torch.Generator(device=DEV).manual_seed(5)
@@ -95,12 +81,8 @@ def test_window_is_not_ignored(monkeypatch):
     sinks = torch.zeros(Hq, device=DEV)
     win = ops.attention(q, k, v, sinks, sliding_window=128)
     full = ops.attention(q, k, v, sinks, sliding_window=0)
-    # The first 128 queries see the same keys: with the same 64-key tiles the full-attention launch
-    # gives the window launch's bits there; its default 128-key tiles round differently, so those
-    # (and the window's) must meet the full reference.
-    monkeypatch.setenv("GPTOSS_ATTN_PREFILL_TILE", "64")
-    assert torch.equal(win[:128], ops.attention(q, k, v, sinks, sliding_window=0)[:128])
-    monkeypatch.delenv("GPTOSS_ATTN_PREFILL_TILE")
+    # The first 128 queries see the same keys: the window launch (64-row blocks) and the full one
+    # (128-row blocks, 128-key tiles) round differently, so each must meet the full reference there.
     want_full = ref.attention(q[:128].float(), k[:128].float(), v[:128].float(), sinks)
     yard = bf16_attention(q[:128], k[:128], v[:128], sinks, 0, 0)
     check_close(win[:128], want_full, yard)
@@ -238,7 +220,7 @@ def test_decode_split_layouts(warps, chunk):
     outs = []
     for kv_ready in (False, True):
         out = torch.empty(B, Hq, D, device=DEV, dtype=torch.bfloat16)
-        torch.ops.gptoss_ext.attn_decode(q, kc, vc, sinks, lens_t, 0, D ** -0.5, chunk, warps, ws_o, ws_ml, tickets,
+        torch.ops.gptoss_ext.attention_decode(q, kc, vc, sinks, lens_t, 0, D ** -0.5, chunk, warps, ws_o, ws_ml, tickets,
                                          out, kv_ready)
         outs.append(out)
         assert int(tickets.abs().sum()) == 0
@@ -255,7 +237,7 @@ def test_decode_plan_shapes():
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     for B, L, window in ((1, 8192, 0), (1, 65536, 0), (1, 2048, 0), (1, 8192, 128), (32, 8192, 0), (32, 8192, 128),
                          (3, 100, 0), (1, 1, 0)):
-        chunk, splits, warps = ops._decode_plan(B, 64, 8, L, window, torch.cuda.current_device())
+        chunk, splits, warps = ops.attention_decode_plan(B, 64, 8, L, window)
         rng = min(L, window) if window else L
         assert chunk * splits >= rng and chunk * (splits - 1) < rng
         assert warps == ((4 if rng <= 128 else 8) if B * 8 * 2 <= sms else 1)
@@ -277,66 +259,6 @@ def test_decode_equals_prefill_last_row():
 
 
 # ---- KV-cache write -----------------------------------------------------------------------------
-
-def test_kv_write():
-    g = torch.Generator(device=DEV).manual_seed(3)
-    B, L, Hkv, T = 3, 50, 8, 20
-    qkv = rand((T, (64 + 2 * Hkv) * D), g)
-    k = qkv[:, 64 * D:(64 + Hkv) * D].view(T, Hkv, D)          # strided views of a fused qkv buffer
-    v = qkv[:, (64 + Hkv) * D:].view(T, Hkv, D)
-    kc, vc = make_cache(B, L, Hkv, g, poison=False)
-    kc2, vc2 = kc.clone(), vc.clone()
-    slots = torch.randperm(B * L, device=DEV, generator=g)[:T]
-    slots[5] = -1                                               # skipped
-    ops.kv_write(k, v, kc, vc, slots)
-    keep = slots >= 0
-    ref.kv_write(k[keep], v[keep], kc2, vc2, slots[keep])
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
-
-
-@pytest.mark.parametrize("T", [1, 20, 300])
-def test_rope_kv_write_fused_equals_rope_then_kv_write(T):
-    """One launch (rope_kv_) == rope_ then kv_write, bit for bit: q and k rotated in place, the
-    rotated k and the untouched v in the cache rows of the slots, invalid slots skipped."""
-    g = torch.Generator(device=DEV).manual_seed(T)
-    B, L, Hkv = 3, 200, 8
-    qkv = rand((T, (64 + 2 * Hkv) * D), g)
-    pos = torch.randint(0, 100000, (T,), device=DEV, generator=g)
-    slots = torch.randperm(B * L, device=DEV, generator=g)[:T]
-    if T > 1:
-        slots[0] = -1                                           # skipped
-        slots[-1] = B * L + 7                                   # out of range: skipped
-    kc, vc = make_cache(B, L, Hkv, g, poison=False)
-    outs = []
-    for fused in (True, False):
-        buf, kc_, vc_ = qkv.clone(), kc.clone(), vc.clone()
-        q = buf[:, :64 * D].view(T, 64, D)
-        k = buf[:, 64 * D:(64 + Hkv) * D].view(T, Hkv, D)
-        v = buf[:, (64 + Hkv) * D:].view(T, Hkv, D)
-        if fused:
-            ops.rope_kv_write(q, k, v, pos, kc_, vc_, slots)
-        else:
-            ops.rope(q, k, pos)
-            ops.kv_write(k, v, kc_, vc_, slots)
-        outs.append((buf, kc_, vc_))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
-    assert not torch.equal(outs[0][1], kc)                    # something was written
-
-
-def test_rope_kv_write_rejects_bad_shapes():
-    g = torch.Generator(device=DEV).manual_seed(0)
-    T, Hkv = 4, 8
-    qkv = rand((T, (64 + 2 * Hkv) * D), g)
-    q = qkv[:, :64 * D].view(T, 64, D)
-    k = qkv[:, 64 * D:(64 + Hkv) * D].view(T, Hkv, D)
-    kc, vc = make_cache(2, 16, Hkv, g, poison=False)
-    pos = torch.arange(T, device=DEV)
-    with pytest.raises(RuntimeError, match="rope_kv_.*'v'"):
-        ops.rope_kv_write(q, k, k[:, :4], pos, kc, vc, torch.arange(T, device=DEV))
-    with pytest.raises(RuntimeError, match="rope_kv_.*slots"):
-        ops.rope_kv_write(q, k, k, pos, kc, vc, torch.arange(T + 1, device=DEV))
-
 
 # ---- CUDA graphs --------------------------------------------------------------------------------
 
@@ -389,7 +311,7 @@ def test_opcheck():
     cu = torch.tensor([0, 10], dtype=torch.int32, device=DEV)
     st = torch.tensor([3], dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
-    torch.library.opcheck(torch.ops.gptoss_ext.attn_prefill, (q, kc, vc, None, cu, st, 10, 0, 0.125, out))
+    torch.library.opcheck(torch.ops.gptoss_ext.attention_prefill, (q, kc, vc, None, cu, st, 10, 0, 0.125, out))
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -401,7 +323,7 @@ def test_argument_errors():
     cu = torch.tensor([0, 10], dtype=torch.int32, device=DEV)
     st = torch.tensor([0], dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
-    op = torch.ops.gptoss_ext.attn_prefill
+    op = torch.ops.gptoss_ext.attention_prefill
     with pytest.raises(RuntimeError, match="head_dim 64"):
         op(rand((10, 8, 128), g), kc, vc, None, cu, st, 10, 0, 0.125, out)
     with pytest.raises(RuntimeError, match="multiple of the cache's key/value heads"):
@@ -424,7 +346,7 @@ def test_argument_errors():
     ml = torch.empty(2, 8, 1, 2, device=DEV)
     tickets = torch.zeros(16, dtype=torch.int32, device=DEV)
     ones = torch.ones(2, dtype=torch.int32, device=DEV)
-    dec = torch.ops.gptoss_ext.attn_decode
+    dec = torch.ops.gptoss_ext.attention_decode
     with pytest.raises(RuntimeError, match="chunk must be a positive multiple of 64"):
         dec(q[:2], kc, vc, None, ones, 0, 0.125, 32, 1, ws, ml, tickets, torch.empty_like(q[:2]))
     with pytest.raises(RuntimeError, match="chunk must be a positive multiple of 128 .with 4 warps"):

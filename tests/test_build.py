@@ -17,7 +17,7 @@ needs_lib = pytest.mark.skipif(LIB is None, reason="the CUDA extension is not bu
 def test_build_record_matches_running_torch():
     b = _extension.build_info()
     assert b is not None and b["torch"] == torch.__version__
-    assert b["archs"] and set(b["kernels"]) >= {"rmsnorm", "rope"}
+    assert b["archs"] and set(b["kernels"]) >= {"rms_norm", "rope", "attention", "moe_experts"}
     assert info()["kernels_built"]
 
 

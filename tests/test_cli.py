@@ -88,15 +88,29 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
           "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}]
 
 
-def test_chat_piped_multi_turn_with_tool_call(tokenizer_file, tmp_path):
-    (tmp_path / "r.json").write_text(json.dumps(REPLIES))
+def run_chat_in_process(monkeypatch, capsys, replies, *args, stdin=""):
+    """`python -m gptoss_ext chat ...` in this process with the model replaced by canned replies
+    (everything else as the CLI runs it): (exit code, stdout, stderr)."""
+    import io
+
+    from gptoss_ext import __main__ as cli, cli_chat
+    from replay import ReplayModel
+
+    monkeypatch.setattr(cli_chat, "load_or_embedded", lambda a: ReplayModel(list(replies)))
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    rc = cli.main(["chat", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_chat_piped_multi_turn_with_tool_call(tokenizer_file, tmp_path, monkeypatch, capsys):
     (tmp_path / "t.json").write_text(json.dumps(TOOLS))
-    r = run("chat", "--tools", str(tmp_path / "t.json"), "--scripted-replies", str(tmp_path / "r.json"),
-            "--show-reasoning", stdin='Weather in Paris?\n{"temp": 20}\nThanks!\n')
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "It is 20 degrees in Paris.\nYou are welcome.\n"
-    assert "[reasoning] Need the weather." in r.stderr
-    assert '[tool call] get_weather({"location": "Paris"})' in r.stderr
+    rc, out, err = run_chat_in_process(monkeypatch, capsys, REPLIES, "--tools", str(tmp_path / "t.json"),
+                                       "--show-reasoning", stdin='Weather in Paris?\n{"temp": 20}\nThanks!\n')
+    assert rc == 0, err
+    assert out == "It is 20 degrees in Paris.\nYou are welcome.\n"
+    assert "[reasoning] Need the weather." in err
+    assert '[tool call] get_weather({"location": "Paris"})' in err
 
 
 def test_chat_one_shot_with_embedded_model(tokenizer_file):
@@ -105,10 +119,9 @@ def test_chat_one_shot_with_embedded_model(tokenizer_file):
     assert "built-in random" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_chat_tool_result_missing(tokenizer_file, tmp_path):
-    (tmp_path / "r.json").write_text(json.dumps(REPLIES[:1]))
-    r = run("chat", "--scripted-replies", str(tmp_path / "r.json"), stdin="Weather?\n")
-    assert r.returncode == 2 and "tool result was expected" in r.stderr
+def test_chat_tool_result_missing(tokenizer_file, monkeypatch, capsys):
+    rc, out, err = run_chat_in_process(monkeypatch, capsys, REPLIES[:1], stdin="Weather?\n")
+    assert rc == 2 and "tool result was expected" in err
 
 
 @pytest.mark.parametrize("content,match", [("not json", "not valid JSON"), ('{"x": 1}', "expected a list"),

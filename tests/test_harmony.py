@@ -9,6 +9,7 @@ import pytest
 
 from gptoss_ext import harmony as h
 from gptoss_ext import tokenizer as tok
+from replay import ReplayModel
 
 pytestmark = pytest.mark.usefixtures("tokenizer_file")
 
@@ -292,8 +293,8 @@ def test_streaming_equals_one_shot_and_reference(oracle):
 
 # ---- chat() --------------------------------------------------------------------------------------
 
-class Scripted(h.ReplayModel):
-    """The demo stand-in model, also recording the prompts it is given."""
+class Scripted(ReplayModel):
+    """The stand-in model, also recording the prompts it is given."""
 
     def __init__(self, *replies):
         super().__init__(list(replies))

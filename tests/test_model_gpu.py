@@ -10,7 +10,7 @@ import torch
 
 import gptoss_ext as g
 from gptoss_ext import ops
-from gptoss_ext.generate import decode_runner, generate
+from gptoss_ext.generate import generate
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -70,7 +70,7 @@ def test_cache_path_matches_whole_forward(models):
     assert cache.length == 200
     assert rel(part, want[:200]) <= 2 * rel(yard[:200], want[:200]) + 1e-3
     for use_graph in (False, True):
-        r = decode_runner(gpu, 1, 512, use_graph=use_graph)
+        r = gpu.decode_runner(1, 512, use_graph=use_graph)
         gpu.prefill([toks[:200]], r.cache)
         r.begin(r.cache.lengths[:1])
         steps = torch.cat([r.step(toks[200 + i:201 + i].to(DEV))[:1].cpu() for i in range(60)])
@@ -102,7 +102,7 @@ def test_programmatic_launch_equals_plain_launches(models):
             gpu.release_decode_state()
             out = [gpu(toks.to(DEV)).cpu()]
             for use_graph in (False, True):
-                r = decode_runner(gpu, 1, 512, use_graph=use_graph)
+                r = gpu.decode_runner(1, 512, use_graph=use_graph)
                 gpu.prefill([toks[:250]], r.cache)
                 r.begin(r.cache.lengths[:1])
                 out.append(torch.cat([r.step(toks[250 + i:251 + i].to(DEV))[:1].cpu() for i in range(50)]))
@@ -119,18 +119,18 @@ def greedy_margins(model, prompt, new):
     router gap over the layers: k-th minus (k+1)-th expert logit at the position that predicts it)
     from a whole-sequence forward of prompt + new (teacher forcing)."""
     router_gaps = []
-    route = ops.route
+    route = ops.moe_router
 
     def spy(logits, k):
         top = logits.float().topk(k + 1, dim=-1).values
         router_gaps.append(top[:, k - 1] - top[:, k])
         return route(logits, k)
 
-    ops.route = spy
+    ops.moe_router = spy
     try:
         logits = model(torch.tensor(prompt + new, device=DEV))[len(prompt) - 1:-1].float()
     finally:
-        ops.route = route
+        ops.moe_router = route
     assert len(router_gaps) == model.config.num_hidden_layers
     rgap = torch.stack(router_gaps).min(0).values[len(prompt) - 1:-1]
     top2 = logits.topk(2, dim=-1).values
@@ -212,10 +212,10 @@ def test_sampling_on_gpu_is_seeded(models):
 
 def test_runner_is_reused_and_replaced(models):
     gpu, _ = models
-    r1 = decode_runner(gpu, 3, 1000)
+    r1 = gpu.decode_runner(3, 1000)
     assert r1.batch == 4 and r1.max_len == 1024
-    assert decode_runner(gpu, 4, 900) is r1
-    r2 = decode_runner(gpu, 1, 900)
+    assert gpu.decode_runner(4, 900) is r1
+    r2 = gpu.decode_runner(1, 900)
     assert r2 is not r1 and r2.batch == 1
 
 

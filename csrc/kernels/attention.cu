@@ -1,5 +1,5 @@
-// Sink-aware causal GQA flash attention, head_dim 64: varlen prefill, split-KV decode with the
-// splits merged in the same launch, and the KV-cache write. Tensor cores through mma.sync m16n8k16
+// Sink-aware causal GQA flash attention, head_dim 64: varlen prefill, and split-KV decode with the
+// splits merged in the same launch (the cache is written by kv_cache.cu / rope.cu). Tensor cores through mma.sync m16n8k16
 // (bf16 in, fp32 accumulate), which runs on sm_80+ and on Hopper.
 //
 // Prefill (FlashAttention-2 style): a CTA takes 64 * MT query rows of one head of one sequence
@@ -14,16 +14,15 @@
 // Decode: a CTA takes the (up to 16) query heads of a GQA group of one sequence (so each K/V tile
 // is read once for the whole group: rows of the mma are heads) and one chunk of the key range; its
 // 1, 4 or 8 warps each stream a part in 32-key tiles through their own cp.async ring (up to 4
-// tiles, 32 KB). One-warp CTAs (7 an SM) for large batches; 8-warp CTAs for small ones, where a one-warp CTA's
-// serial tile chain (~0.3 us a tile after ~1-2 us for its first bytes) was the limit (v2: B=1,
-// L=8192 at 29-35% of copy bandwidth with a separate combine launch). Splits merge in the same
-// launch: the last CTA of a group (atomic ticket) reads the others' partials from L2.
+// tiles, 32 KB). One-warp CTAs (7 an SM) for large batches; 8-warp CTAs for small ones, where a
+// one-warp CTA's serial tile chain (~0.3 us a tile after ~1-2 us for its first bytes) would be the
+// limit. Splits merge in the same launch: the last CTA of a group (atomic ticket) reads the others'
+// partials from L2, so there is no combine launch.
 //
 // Rows of K/V past the valid range are zero-filled (never read from memory), so a cache holding
 // garbage or NaN beyond its length cannot leak into the result; fully masked rows give 0, not NaN.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "kernels/attention.h"
 #include "kernels/common.cuh"
@@ -140,11 +139,12 @@ __device__ __forceinline__ void tree_reduce(float (&t)[N], Op op) {
     for (int j = 0; j < W; ++j) t[j] = op(t[j], t[j + W]);
     tree_reduce<W / 2>(t, op);
   }
-}  // GPTOSS_ATTN_RESCALE_SLACK overrides (0: move whenever the max grows)
+}
 
 template <int MT, int NB = 8>
 __device__ __forceinline__ void softmax_tile(float (&s)[MT][NB][4], float (&o)[MT][8][4], float (&m)[MT][2],
-                                             float (&l)[MT][2], float sl2, float slack) {
+                                             float (&l)[MT][2], float sl2) {
+  constexpr float slack = kRescaleSlack;
   float mx[MT][2];
   bool grow = false;
 #pragma unroll
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
             if (key > pos || (a.window > 0 && pos - key >= a.window)) s[mt][j][e] = kNegInf;
           }
     }
-    softmax_tile<MT, NB>(s, o, m, l, sl2, a.rescale_slack);
+    softmax_tile<MT, NB>(s, o, m, l, sl2);
     pv_tile<MT, NB>(o, s, sV + buf * kTB, lane);
     __syncthreads();
   }
@@ -437,7 +437,7 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
           for (int e = 0; e < 4; ++e)
             if (k0 + j * 8 + ((lane & 3) << 1) + (e & 1) >= kend) s[0][j][e] = kNegInf;
       }
-      softmax_tile<1, kDecNB>(s, o, m, l, sl2, a.rescale_slack);
+      softmax_tile<1, kDecNB>(s, o, m, l, sl2);
       pv_tile<1, kDecNB>(o, s, sV + st * kDecTileBytes, lane);
       __syncwarp();
       const int nt = t + NS;  // into the slot just read
@@ -584,37 +584,6 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
   if (tid == 0) *ticket = 0;  // clean for the next launch
 }
 
-// ---- KV-cache write -----------------------------------------------------------------------------
-
-__global__ void kv_write_kernel(const bf16* __restrict__ k, const bf16* __restrict__ v, int64_t k_stride,
-                                int64_t v_stride, const int64_t* __restrict__ slots, int Hkv, bf16* __restrict__ kc,
-                                bf16* __restrict__ vc, int64_t rows) {
-  pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
-  const int64_t t = blockIdx.x;
-  const int64_t slot = slots[t];
-  if (slot < 0 || slot >= rows) return;
-  const int i = threadIdx.x;  // chunk of 8 elements within the token's Hkv * 64
-  const int64_t dst = slot * Hkv * D + i * 8;
-  store_bf16x8(kc + dst, load_bf16x8(k + t * k_stride + i * 8));
-  store_bf16x8(vc + dst, load_bf16x8(v + t * v_stride + i * 8));
-}
-
-__global__ void decode_prep_kernel(int32_t* __restrict__ seq_lens, const int32_t* __restrict__ active,
-                                   const int64_t* __restrict__ row0, int64_t* __restrict__ positions,
-                                   int64_t* __restrict__ slots, int B) {
-  pdl_wait();     // see kernels/pdl.h
-  pdl_trigger();
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  const int32_t a = active[b];
-  const int32_t len = seq_lens[b] + a;
-  seq_lens[b] = len;
-  const int64_t p = static_cast<int64_t>(len) - 1;
-  positions[b] = p;
-  slots[b] = a > 0 ? row0[b] + p : -1;
-}
-
 template <int MT, int TB, bool QS>
 cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
   constexpr int BM = 64 * MT;
@@ -628,35 +597,19 @@ cudaError_t launch_prefill_mt(const AttnPrefillArgs& a, cudaStream_t stream) {
   return launch_kernel(kernel, grid, dim3(128), smem, stream, a);
 }
 
-float rescale_slack() {
-  static const float slack = [] {
-    const char* e = std::getenv("GPTOSS_ATTN_RESCALE_SLACK");
-    return e ? std::max(0.f, static_cast<float>(std::atof(e))) : kRescaleSlack;
-  }();
-  return slack;
-}
-
-int prefill_block_rows(int window) {
-  // GPTOSS_ATTN_BLOCK_M=64|128 overrides (for tuning). By default 64-row blocks for narrow windows
-  // (a 128-row block would visit twice the keys it needs: H200, T=4096, window 128: 78-84 us vs
-  // 98-103 us), 128 rows otherwise (half the shared-memory traffic a FLOP: causal T=4096 606 us
-  // vs 659 us, T=16384 8.0-8.3 ms vs 9.0-9.6 ms).
-  const char* e = std::getenv("GPTOSS_ATTN_BLOCK_M");
-  const int forced = e ? std::atoi(e) : 0;
-  if (forced == 64 || forced == 128) return forced;
-  return (window > 0 && window <= 256) ? 64 : 128;
-}
+// Query rows a prefill CTA: 64 for narrow windows (a 128-row block would visit twice the keys it
+// needs: H200, T=4096, window 128: 78-84 us vs 98-103 us), 128 otherwise (half the shared-memory
+// traffic a FLOP: causal T=4096 606 us vs 659 us, T=16384 8.0-8.3 ms vs 9.0-9.6 ms).
+int prefill_block_rows(int window) { return (window > 0 && window <= 256) ? 64 : 128; }
 
 }  // namespace
 
 cudaError_t launch_attn_prefill(const AttnPrefillArgs& args, cudaStream_t stream) {
   if (args.B <= 0 || args.max_q_len <= 0) return cudaSuccess;
-  AttnPrefillArgs a = args;
-  a.rescale_slack = rescale_slack();
-  if (prefill_block_rows(a.window) == 64) return launch_prefill_mt<1, 64, false>(a, stream);
-  const char* e = std::getenv("GPTOSS_ATTN_PREFILL_TILE");  // A/B: 64 = 64-key tiles, Q in registers
-  if (e && std::atoi(e) == 64) return launch_prefill_mt<2, 64, false>(a, stream);
-  return launch_prefill_mt<2, 128, true>(a, stream);
+  // 64-row blocks walk 64-key tiles with Q in registers; 128-row blocks 128-key tiles with Q re-read
+  // from shared memory (the registers a 128-key S tile needs)
+  if (prefill_block_rows(args.window) == 64) return launch_prefill_mt<1, 64, false>(args, stream);
+  return launch_prefill_mt<2, 128, true>(args, stream);
 }
 
 void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits,
@@ -666,16 +619,14 @@ void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_
   const int64_t sms = std::max(num_sms, 1);
   const int64_t rows = (int64_t)B * Hkv * hchunks;
   int64_t unit, splits;
-  const char* e = std::getenv("GPTOSS_ATTN_DECODE_WARPS");  // 1, 4 or 8: forced (tuning, tests)
-  const int forced = e ? std::atoi(e) : 0;
-  if (forced == 4 || forced == 8 || (forced != 1 && rows * 2 <= sms)) {
+  if (rows * 2 <= sms) {
     // Few groups (small batches): 8-warp CTAs, about one an SM, each warp an eighth of its split.
     // A one-warp CTA walks its tiles one after another (~0.3 us a tile); more warps shorten that
     // chain, and the in-kernel merge replaces the combine launch. H100, B=1, L=8192: 8 warps 10.5 us,
     // 4 warps 11.8 us, one-warp CTAs with a combine launch 13.7 us; L=2048: 6.0 / 6.4 us.
     // A range of at most 4 tiles (the 128 window) takes 4 warps: 8 left half of them idle and
     // merged twice the partials (H100, B=1: 4.1 vs 2.7-3.1 us).
-    warps = forced == 4 || (forced != 8 && range <= 4 * kDecBN) ? 4 : 8;
+    warps = range <= 4 * kDecBN ? 4 : 8;
     unit = warps * kDecBN;
     splits = std::max<int64_t>(1, std::min<int64_t>((range + unit - 1) / unit, sms / rows));
   } else {
@@ -709,8 +660,7 @@ cudaError_t launch_decode_variant(const AttnDecodeArgs& a, dim3 grid, cudaStream
 
 cudaError_t launch_attn_decode(const AttnDecodeArgs& args, cudaStream_t stream) {
   if (args.B <= 0) return cudaSuccess;
-  AttnDecodeArgs a = args;
-  a.rescale_slack = rescale_slack();
+  const AttnDecodeArgs& a = args;
   if (a.num_splits > 1 && a.tickets == nullptr) return cudaErrorInvalidValue;
   const int G = a.Hq / a.Hkv, hchunks = (G + 15) / 16;
   const dim3 grid(a.num_splits, a.Hkv * hchunks, a.B);
@@ -725,22 +675,6 @@ cudaError_t launch_attn_decode(const AttnDecodeArgs& args, cudaStream_t stream) 
     return a.chunk <= 8 * kDecBN ? launch_decode_variant<8, 1>(a, grid, stream)
                                  : launch_decode_variant<8, 2>(a, grid, stream);
   return cudaErrorInvalidValue;
-}
-
-cudaError_t launch_decode_prep(int32_t* seq_lens, const int32_t* active, const int64_t* row0, int64_t* positions,
-                               int64_t* slots, int64_t B, cudaStream_t stream) {
-  if (B <= 0) return cudaSuccess;
-  if (B > INT32_MAX) return cudaErrorInvalidValue;
-  const int threads = static_cast<int>(std::min<int64_t>(B, 256));
-  return launch_kernel(decode_prep_kernel, dim3(static_cast<unsigned>((B + threads - 1) / threads)), dim3(threads), 0,
-                       stream, seq_lens, active, row0, positions, slots, static_cast<int>(B));
-}
-
-cudaError_t launch_kv_write(const bf16* k, const bf16* v, int64_t k_stride, int64_t v_stride, const int64_t* slots,
-                            int64_t T, int Hkv, bf16* k_cache, bf16* v_cache, int64_t rows, cudaStream_t stream) {
-  if (T <= 0) return cudaSuccess;
-  return launch_kernel(kv_write_kernel, dim3(static_cast<unsigned>(T)), dim3(Hkv * (D / 8)), 0, stream, k, v, k_stride,
-                       v_stride, slots, Hkv, k_cache, v_cache, rows);
 }
 
 }  // namespace gptoss

@@ -1,9 +1,7 @@
 // Sink-aware causal GQA attention over a KV cache (torch-free launchers), head_dim 64.
 //
 // KV cache layout (one layer): k_cache, v_cache [B, max_len, Hkv, 64] bf16, contiguous; row
-// (b, pos) holds the key/value of sequence b at position pos. Rows are written by kv_write
-// through flat slot indices slot = b * max_len + pos (the vLLM "slot mapping" convention), so a
-// paged layout later only changes how slots and the kernels' row addresses are computed.
+// (b, pos) holds the key/value of sequence b at position pos (written through slots, kv_cache.h).
 // Sliding-window layers keep every position too (the kernels read only the last `window`).
 //
 // Attention of a query at position i over keys j: causal (j <= i), and with window W > 0 also
@@ -33,7 +31,6 @@ struct AttnPrefillArgs {
   int B, Hq, Hkv, max_len, max_q_len, window;
   int total_q;                   // Ttot (rows of q and out)
   float sm_scale;
-  float rescale_slack;           // set by the launcher (see attention.cu)
 };
 cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream);
 
@@ -59,7 +56,6 @@ struct AttnDecodeArgs {
   int64_t q_stride, out_stride;
   int B, Hq, Hkv, max_len, window, chunk, num_splits, warps;
   float sm_scale;
-  float rescale_slack;      // set by the launcher (see attention.cu)
   // seq_lens and every cache row but each sequence's newest were written two or more kernels back
   // in the stream (the model's decode step: the qkv kernel just before writes only q and the
   // newest rows): loads of the older rows may start before the programmatic-launch wait.
@@ -67,20 +63,10 @@ struct AttnDecodeArgs {
 };
 cudaError_t launch_attn_decode(const AttnDecodeArgs& a, cudaStream_t stream);
 
-// The chunk, split count and warps a CTA the host picks for a decode launch (depends on B, the
-// heads, max_len, the window and the SM count only).
+// The decode plan: the chunk, split count and warps a CTA of a decode launch (from B, the heads,
+// max_len, the window and the SM count only, so a CUDA graph replays it). The caller passes chunk
+// and warps to the launch (attention_decode_plan / attention_decode ops).
 void attn_decode_split(int B, int Hq, int Hkv, int max_len, int window, int num_sms, int& chunk, int& num_splits,
                        int& warps);
-
-// Write T tokens' keys and values ([T, Hkv, 64], token strides k_stride / v_stride) into cache
-// rows slots[t] (flat b * max_len + pos, int64); a slot < 0 or >= rows is skipped.
-// Decode-step bookkeeping in one launch (B rows): seq_lens[b] += active[b]; positions[b] =
-// seq_lens[b] - 1; slots[b] = active[b] > 0 ? row0[b] + positions[b] : -1.
-cudaError_t launch_decode_prep(int32_t* seq_lens, const int32_t* active, const int64_t* row0, int64_t* positions,
-                               int64_t* slots, int64_t B, cudaStream_t stream);
-
-cudaError_t launch_kv_write(const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t k_stride, int64_t v_stride,
-                            const int64_t* slots, int64_t T, int Hkv, __nv_bfloat16* k_cache,
-                            __nv_bfloat16* v_cache, int64_t rows, cudaStream_t stream);
 
 }  // namespace gptoss

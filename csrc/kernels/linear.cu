@@ -2,7 +2,7 @@
 // cuBLAS picks split-K tiles for M = 1 that reach ~55% of copy bandwidth on the qkv/out shapes of
 // gpt-oss (plus a reduction launch); here each warp streams two weight rows, 4 x 16 bytes a lane in
 // flight a row, against x staged once in shared memory, and reduces with shuffles.
-#include "kernels/common.cuh"
+#include "kernels/kv_cache.cuh"
 #include "kernels/linear.h"
 
 namespace gptoss {
@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
   float rc = 0.f, rs = 0.f;
   int64_t slot = -1;
   if (roped && lane < M && n0 < N) {
-    slot = rope.slots[lane];
+    slot = rope.cache.slots[lane];
     if (head < rope.Hq + rope.Hkv) {
       double sn, cs;
       sincos(static_cast<double>(rope.positions[lane]) * rope.inv_freq[d], &sn, &cs);
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
     }
   }
   if (lane >= M || n0 >= N) return;
-  const bool to_cache = slot >= 0 && slot < rope.rows;
+  const bool to_cache = kv_slot_valid(rope.cache, slot);
   if (head < rope.Hq + rope.Hkv) {
     const float x1 = __bfloat162float(y[0]), x2 = __bfloat162float(y[1]);
     y[0] = __float2bfloat16(rope_rot1(x1, x2, rc, rs));
@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(kWarps * 32) linear_skinny_kernel(const bf16* 
   out[lane * out_stride + rown[1]] = y[1];
   if (to_cache && head >= rope.Hq) {
     const bool is_k = head < rope.Hq + rope.Hkv;
-    bf16* dst = (is_k ? rope.k_cache : rope.v_cache) +
-                (slot * rope.Hkv + (head - rope.Hq - (is_k ? 0 : rope.Hkv))) * rope.D + d;
+    bf16* dst = kv_cache_head(is_k ? rope.cache.k_cache : rope.cache.v_cache, slot, rope.Hkv,
+                              head - rope.Hq - (is_k ? 0 : rope.Hkv), rope.D) + d;
     dst[0] = y[0];
     dst[half] = y[1];
   }
@@ -154,9 +154,9 @@ cudaError_t launch_linear_skinny(const bf16* x, int64_t x_stride, const bf16* w,
                                  int64_t out_stride, int M, int N, int K, bool weight_constant, cudaStream_t stream,
                                  const LinearRope* rope) {
   if (M <= 0 || N <= 0) return cudaSuccess;
-  if (M > kSkinnyMaxM || K % 8 != 0 || static_cast<size_t>(M) * K * 2 > 96 * 1024) return cudaErrorInvalidValue;
+  if (M > kSkinnyMaxM || K % 8 != 0 || static_cast<size_t>(M) * K * 2 > kSkinnyMaxXBytes) return cudaErrorInvalidValue;
   const LinearRope rp = rope ? *rope : LinearRope();
-  if (rope && (!rope->positions || !rope->inv_freq || !rope->slots || !rope->k_cache || !rope->v_cache ||
+  if (rope && (!rope->positions || !rope->inv_freq || !rope->cache.slots || !rope->cache.k_cache || !rope->cache.v_cache ||
                rope->D < 2 || rope->D % 2 != 0 || rope->Hq < 1 || rope->Hkv < 1 ||
                static_cast<int64_t>(rope->Hq + 2 * rope->Hkv) * rope->D != N))
     return cudaErrorInvalidValue;

@@ -4,9 +4,12 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "kernels/kv_cache.h"
+
 namespace gptoss {
 
 constexpr int kSkinnyMaxM = 8;
+constexpr int kSkinnyMaxXBytes = 96 * 1024;   // rows x K x 2 bytes of x, staged in shared memory
 
 // x [M, K] (row stride x_stride), w [N, K] contiguous, bias [N] or nullptr, out [M, N] (row stride
 // out_stride), all bf16; fp32 accumulation. 1 <= M <= 8, K % 8 == 0, M * K * 2 <= 96 KB, 16-byte
@@ -15,18 +18,14 @@ constexpr int kSkinnyMaxM = 8;
 // first vectors may be loaded before the programmatic-launch wait (kernels/pdl.h).
 // Optional epilogue for a fused qkv projection (N = (Hq + 2 Hkv) * D, rows: q heads, k heads, v heads):
 // YaRN RoPE on the q and k heads exactly as launch_rope computes it, and the rotated k and v rows
-// written to KV-cache rows slots[m] (what launch_rope's cache write does; slots outside [0, rows)
-// are skipped). Each warp then takes the row pair (d, d + D/2) of one head. positions and slots are
+// written to KV-cache rows cache.slots[m] (what launch_rope's cache write does, kv_cache.h). Each warp then takes the row pair (d, d + D/2) of one head. positions and slots are
 // read before the programmatic-launch wait: the kernel launched just before must not write them.
 struct LinearRope {
   const int64_t* positions = nullptr;  // [M]
   const double* inv_freq = nullptr;    // [D/2]
   double concentration = 1.0;
   int Hq = 0, Hkv = 0, D = 0;
-  const int64_t* slots = nullptr;      // [M]
-  __nv_bfloat16* k_cache = nullptr;    // [rows, Hkv, D]
-  __nv_bfloat16* v_cache = nullptr;
-  int64_t rows = 0;
+  KvCacheWrite cache;                  // slots [M]
 };
 
 cudaError_t launch_linear_skinny(const __nv_bfloat16* x, int64_t x_stride, const __nv_bfloat16* w,

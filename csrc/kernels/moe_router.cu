@@ -8,14 +8,12 @@
 // order, 32 at a time, ranking equal experts with __match_any_sync — a stable counting sort, so
 // perm is deterministic and ascending within an expert. It resets the ticket, so the scratch can
 // be reused (and replayed in a CUDA graph) without clearing.
-// Versions: v1 was one CTA for everything; at T = 4096 its serial per-warp token loop took 550 us.
 #include <cfloat>
-#include <cstdlib>
 
 #include "kernels/common.cuh"
 #include "kernels/mma.cuh"
-#include "kernels/moe.h"
-#include "kernels/rmsnorm.cuh"
+#include "kernels/moe_router.h"
+#include "kernels/rms_norm.cuh"
 
 namespace gptoss {
 namespace {
@@ -198,17 +196,18 @@ __global__ void __launch_bounds__(1024) router_kernel(const void* __restrict__ l
 // a warp streams its expert's gate row once (every 16-byte vector of it in flight: constant data,
 // loaded before the launch wait) and forms that row's logit for each token, fp32 plus bias,
 // rounded to bf16 as the unfused bf16 linear would. Then one CTA runs the router on them:
-// - CLUSTER (sm_90, T <= kGateNormMaxTokens, E <= 128): the grid is one thread-block cluster; the
-//   logits go straight into CTA 0's shared memory (distributed shared memory) and a cluster barrier
-//   hands them over;
-// - otherwise the logits go to scratch and the last CTA to finish (atomic ticket in scratch[0])
-//   runs the router (a fence, an atomic and a read-back through L2 more: ~2 us).
+// - CLUSTER (GateForm::kCluster): the grid is one thread-block cluster; the logits go straight into
+//   CTA 0's shared memory (distributed shared memory) and a cluster barrier hands them over;
+// - otherwise (kTicket) the logits go to scratch and the last CTA to finish (atomic ticket in
+//   scratch[0]) runs the router.
 // Replaces a skinny-linear launch and the router launch.
 // NORM: x is the block's output to add to `residual` first; each CTA forms the normed rows
 // (add_rms_norm_row: the same arithmetic as the add_rms_norm kernel) in shared memory, CTA 0 also
 // writes them and the new residual out, and the gate reads them from shared memory.
-constexpr int kGateVecs = 12;   // 16-byte vectors of a gate row a lane holds: K <= 12 * 32 * 8 = 3072
-constexpr int kGateMaxClusterCtas = 8;
+constexpr int kGateVecs = kGateMaxHidden / (32 * 8);   // 16-byte vectors of a gate row a lane holds
+// Cluster form: 16 warps a CTA, so E <= 128 is at most 8 CTAs (a portable cluster size).
+constexpr int kClusterWarps = 16;
+static_assert(kGateClusterMaxExperts <= 8 * kClusterWarps, "a portable cluster has at most 8 CTAs");
 
 template <bool NORM, int VPT, bool CLUSTER, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) gate_router_kernel(
@@ -316,25 +315,31 @@ cudaError_t launch_moe_router(const void* logits, bool logits_bf16, int64_t T, i
 
 int64_t moe_gate_router_scratch_size(int64_t T, int E) { return 1 + T * E; }
 
-namespace {
-
-// GPTOSS_GATE_CLUSTER=0: the ticket form everywhere (A/B).
-bool gate_cluster_disabled() {
-  const char* e = std::getenv("GPTOSS_GATE_CLUSTER");
-  return e && e[0] == '0';
+const char* moe_gate_router_unsupported(GateForm form, int64_t T, int E) {
+  if (form == GateForm::kTicket) return nullptr;
+  if (form != GateForm::kCluster) return "unknown form";
+  if (!device_is_sm90()) return "the cluster form needs an sm_90 GPU";
+  if (T > kGateNormMaxTokens) return "the cluster form takes at most 2 tokens";
+  if (E > kGateClusterMaxExperts) return "the cluster form takes at most 128 experts";
+  return nullptr;
 }
+
+GateForm moe_gate_router_plan(int64_t T, int E) {
+  return moe_gate_router_unsupported(GateForm::kCluster, T, E) ? GateForm::kTicket : GateForm::kCluster;
+}
+
+namespace {
 
 template <bool NORM, int VPT>
 cudaError_t launch_gate(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, int T, int K, int E, int k,
                         int32_t* ids, float* weights, int32_t* counts, int32_t* offsets, int32_t* perm,
-                        int32_t* scratch, cudaStream_t stream, const GateNormArgs& nrm) {
-  // Cluster form: 16 warps a CTA, so E <= 128 is at most 8 CTAs (a portable cluster size).
-  constexpr int kClusterWarps = 16;
-  const int ctas16 = (E + kClusterWarps - 1) / kClusterWarps;
-  if (T <= kGateNormMaxTokens && ctas16 <= kGateMaxClusterCtas && device_is_sm90() && !gate_cluster_disabled())
+                        int32_t* scratch, GateForm form, cudaStream_t stream, const GateNormArgs& nrm) {
+  if (form == GateForm::kCluster) {
+    const int ctas16 = (E + kClusterWarps - 1) / kClusterWarps;
     return launch_kernel_cluster(ctas16, gate_router_kernel<NORM, VPT, true, kClusterWarps>, dim3(ctas16),
                                  dim3(kClusterWarps * 32), 0, stream, x, x_stride, w, bias, T, K, E, k, ids, weights,
                                  counts, offsets, perm, scratch, nrm);
+  }
   constexpr int kWarps = 8;
   return launch_kernel(gate_router_kernel<NORM, VPT, false, kWarps>, dim3((E + kWarps - 1) / kWarps),
                        dim3(kWarps * 32), 0, stream, x, x_stride, w, bias, T, K, E, k, ids, weights, counts, offsets,
@@ -345,22 +350,23 @@ cudaError_t launch_gate(const bf16* x, int64_t x_stride, const bf16* w, const bf
 
 cudaError_t launch_moe_gate_router(const bf16* x, int64_t x_stride, const bf16* w, const bf16* bias, int64_t T, int K,
                                    int E, int k, int32_t* ids, float* weights, int32_t* counts, int32_t* offsets,
-                                   int32_t* perm, int32_t* scratch, cudaStream_t stream, const GateNormArgs* norm) {
+                                   int32_t* perm, int32_t* scratch, GateForm form, cudaStream_t stream,
+                                   const GateNormArgs* norm) {
   if (E < 1 || E > kRouterMaxExperts || k < 1 || k > kRouterMaxTopK || k > E || T < 1 || T > kGateRouterMaxTokens ||
-      K % 8 != 0 || K > kGateVecs * 32 * 8)
+      K % 8 != 0 || K > kGateMaxHidden || moe_gate_router_unsupported(form, T, E))
     return cudaErrorInvalidValue;
   if (norm == nullptr)
     return launch_gate<false, 1>(x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids, weights, counts, offsets,
-                                 perm, scratch, stream, GateNormArgs{});
+                                 perm, scratch, form, stream, GateNormArgs{});
   if (T > kGateNormMaxTokens || x_stride != K || !norm->residual || !norm->scale || !norm->out || !norm->residual_out)
     return cudaErrorInvalidValue;
   GateNormArgs nrm = *norm;
   const int vpt = K / 8 <= 256 ? 1 : 2;  // as launch_add_rms_norm picks it, so the results are bit-identical
   nrm.threads = rms_norm_threads(K, vpt);
   return vpt == 1 ? launch_gate<true, 1>(x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids, weights, counts,
-                                         offsets, perm, scratch, stream, nrm)
+                                         offsets, perm, scratch, form, stream, nrm)
                   : launch_gate<true, 2>(x, x_stride, w, bias, static_cast<int>(T), K, E, k, ids, weights, counts,
-                                         offsets, perm, scratch, stream, nrm);
+                                         offsets, perm, scratch, form, stream, nrm);
 }
 
 }  // namespace gptoss

@@ -8,26 +8,23 @@
 // step's routing under graph replay); weights may be. Right after, pdl_trigger() lets the next
 // kernel launch. A step of decode is ~300 small
 // dependent launches: this hides each one's launch latency and prologue behind its predecessor.
-// On by default where the device is sm_90 (the sm_90a build has the waits); GPTOSS_PDL=0 or
-// gptoss_ext.ops.set_pdl(False) turns it off (launches are then plain stream-ordered launches).
+// On by default where the device is sm_90 (the sm_90a build has the waits); set_pdl(false) turns it
+// off for the process (launches are then plain stream-ordered launches; the Python package does so
+// for GPTOSS_PDL=0).
 #pragma once
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <cstdlib>
 
 namespace gptoss {
 
-// -1: not decided yet (GPTOSS_PDL at first use), 0 off, 1 on (where the device supports it).
-inline std::atomic<int>& pdl_mode() {
-  static std::atomic<int> mode{-1};
-  return mode;
+// Whether launches may use PDL (where the device supports it); returns the previous setting.
+inline std::atomic<bool>& pdl_mode() {
+  static std::atomic<bool> on{true};
+  return on;
 }
 
-inline bool set_pdl(bool on) {
-  const int prev = pdl_mode().exchange(on ? 1 : 0);
-  return prev == 1 || (prev == -1 && !(std::getenv("GPTOSS_PDL") && std::getenv("GPTOSS_PDL")[0] == '0'));
-}
+inline bool set_pdl(bool on) { return pdl_mode().exchange(on); }
 
 // Whether the current device is sm_90 (it runs this build's sm_90a code: waits, clusters, bulk copies).
 inline bool device_is_sm90() {
@@ -43,12 +40,7 @@ inline bool device_is_sm90() {
 }
 
 inline bool pdl_enabled() {
-  int mode = pdl_mode().load(std::memory_order_relaxed);
-  if (mode < 0) {
-    const char* e = std::getenv("GPTOSS_PDL");
-    mode = (e && e[0] == '0') ? 0 : 1;
-    pdl_mode().store(mode);
-  }
+  const bool mode = pdl_mode().load(std::memory_order_relaxed);
   // Only sm_90 runs the sm_90a code that has the waits (a newer GPU JIT-compiles the sm_80 PTX,
   // which has none, so it must not be launched with the attribute).
   return mode && device_is_sm90();

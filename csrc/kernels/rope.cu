@@ -6,7 +6,7 @@
 // memory by the token's Hq + Hkv heads. A work item is one 8-wide chunk of the first half with its
 // partner chunk in the second half: two 16-byte loads, two 16-byte stores. Bytes: 2 x T x (Hq+Hkv)
 // x D x 2. Works on strided views (q and k slices of the fused qkv projection output).
-#include "kernels/common.cuh"
+#include "kernels/kv_cache.cuh"
 #include "kernels/rope.h"
 
 #include <algorithm>
@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
     const int64_t* __restrict__ positions,        // [T]
     const double* __restrict__ inv_freq,          // [D/2]
     double concentration, int Hq, int Hkv, int D, int64_t q_stride, int64_t k_stride,
-    RopeCacheWrite cw) {                          // cw.k_cache null: no cache write
+    RopeCacheWrite cw) {                          // cw.cache.k_cache null: no cache write
   pdl_wait();     // see kernels/pdl.h
   pdl_trigger();
   __shared__ float cs[128], sn[128];
@@ -30,10 +30,10 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
   const int half = D / 2;
   const int chunks = half / 8;                    // work items per head
   // With a cache write, v's heads are work items too (copied, not rotated).
-  const int items = (Hq + Hkv + (cw.k_cache ? Hkv : 0)) * chunks;
-  const int64_t slot = cw.k_cache ? cw.slots[t] : -1;
-  const bool to_cache = slot >= 0 && slot < cw.rows;    // invalid slots are skipped, as kv_write does
-  const int64_t cache_row = slot * Hkv * D;
+  const bool writes = cw.cache.k_cache != nullptr;
+  const int items = (Hq + Hkv + (writes ? Hkv : 0)) * chunks;
+  const int64_t slot = writes ? cw.cache.slots[t] : -1;
+  const bool to_cache = writes && kv_slot_valid(cw.cache, slot);
   for (int first = 0; first < items; first += kItemsPerThread * blockDim.x) {
     // 1. Issue every load of this pass before anything waits on memory.
     bf16x8 a[kItemsPerThread], b[kItemsPerThread];
@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
       if (ptr[i] == nullptr) continue;
       if (head_of[i] >= Hq + Hkv) {  // v: copied into the cache as it is
         if (to_cache) {
-          bf16* dst = cw.v_cache + cache_row + static_cast<int64_t>(head_of[i] - Hq - Hkv) * D;
+          bf16* dst = kv_cache_head(cw.cache.v_cache, slot, Hkv, head_of[i] - Hq - Hkv, D);
           store_bf16x8(dst + col[i], a[i]);
           store_bf16x8(dst + half + col[i], b[i]);
         }
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(
       store_bf16x8(ptr[i] + col[i], r1);
       store_bf16x8(ptr[i] + half + col[i], r2);
       if (to_cache && head_of[i] >= Hq) {  // rotated k into the cache too
-        bf16* dst = cw.k_cache + cache_row + static_cast<int64_t>(head_of[i] - Hq) * D;
+        bf16* dst = kv_cache_head(cw.cache.k_cache, slot, Hkv, head_of[i] - Hq, D);
         store_bf16x8(dst + col[i], r1);
         store_bf16x8(dst + half + col[i], r2);
       }
@@ -104,9 +104,10 @@ cudaError_t launch_rope(bf16* q, bf16* k, const int64_t* positions, const double
                         double concentration, int64_t T, int Hq, int Hkv, int D, int64_t q_stride,
                         int64_t k_stride, cudaStream_t stream, const RopeCacheWrite& cw) {
   if (T == 0) return cudaSuccess;
-  if (D % 16 != 0 || D > 256 || T > INT32_MAX) return cudaErrorInvalidValue;
-  if (cw.k_cache && (!cw.v || !cw.v_cache || !cw.slots)) return cudaErrorInvalidValue;
-  const int items = (Hq + Hkv + (cw.k_cache ? Hkv : 0)) * (D / 16);
+  if (D % 16 != 0 || D > kRopeMaxHeadDim || T > INT32_MAX) return cudaErrorInvalidValue;
+  const bool writes = cw.cache.k_cache != nullptr;
+  if (writes && (!cw.v || !cw.cache.v_cache || !cw.cache.slots)) return cudaErrorInvalidValue;
+  const int items = (Hq + Hkv + (writes ? Hkv : 0)) * (D / 16);
   const int threads = std::min(kMaxThreads, std::max(32, (ceil_div(items, kItemsPerThread) + 31) / 32 * 32));
   return launch_kernel(rope_kernel, dim3(static_cast<unsigned>(T)), dim3(threads), 0, stream, q, k, positions, inv_freq,
                        concentration, Hq, Hkv, D, q_stride, k_stride, cw);

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "kernels/kv_cache.h"
+
 namespace gptoss {
 
 inline std::string shape_str(const at::Tensor& t) {
@@ -42,6 +44,12 @@ inline void check_size(const char* op, const char* name, const at::Tensor& t, in
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), "gptoss_ext.", op, ": '", name, "' is on ", t.device(),
               " but the other arguments are on ", ref.device());
+}
+
+inline void check_same_shape(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                             const char* ref_name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "gptoss_ext.", op, ": '", name, "' has shape ", shape_str(t), ", '", ref_name,
+              "' has shape ", shape_str(ref), "; they must match");
 }
 
 inline void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
@@ -87,17 +95,38 @@ inline void check_gemv_args(const char* op, const at::Tensor& x, const at::Tenso
   check_size(op, "weight", weight, 1, x.size(1), "columns of x");
 }
 
-// The skinny (decode) linear's rows: 1 <= M <= max_m, K % 8 == 0, M x K x 2 bytes <= 96 KB.
-inline void check_skinny_rows(const char* op, const at::Tensor& x, int64_t max_m) {
+// The skinny (decode) linear's rows: 1 <= M <= max_m, K % 8 == 0, M x K x 2 bytes <= max_bytes.
+inline void check_skinny_rows(const char* op, const at::Tensor& x, int64_t max_m, int64_t max_bytes) {
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= max_m, "gptoss_ext.", op, ": takes 1 to ", max_m, " rows, got ", M);
-  TORCH_CHECK(K % 8 == 0 && M * K * 2 <= 96 * 1024, "gptoss_ext.", op,
-              ": K must be a multiple of 8 and rows x K x 2 bytes <= 96 KB, got K = ", K);
+  TORCH_CHECK(K % 8 == 0 && M * K * 2 <= max_bytes, "gptoss_ext.", op, ": K must be a multiple of 8 and rows x K x 2 <= ",
+              max_bytes, " bytes, got K = ", K);
 }
 
-// rope_ / rope_kv_: q [T, Hq, D], k [T, Hkv, D] packed heads, positions [T] int64, inv_freq [D/2] fp64.
+// The checks below are defined in checks.cpp.
+// rope_ / rope_kv_ / linear_rope_kv: q [T, Hq, D], k [T, Hkv, D] packed heads, positions [T] int64,
+// inv_freq [D/2] fp64.
 void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                      const at::Tensor& inv_freq);
+// [T, H, 64] bf16 with packed heads (a view of a fused qkv output is fine).
+void check_heads(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref);
+// k_cache, v_cache [B, max_len, Hkv, 64] bf16, contiguous, the same shape, on ref's device.
+void check_cache(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& ref);
+// int32 [n], contiguous, on ref's device; `what` says what n counts.
+void check_int32_vec(const char* op, const char* name, const at::Tensor& t, int64_t n, const at::Tensor& ref,
+                     const char* what);
+// Query heads a multiple of the key/value heads.
+void check_gqa(const char* op, int64_t Hq, int64_t Hkv);
+// k, v [T, Hkv, 64] into the cache rows slots [T] int64.
+void check_kv_write_args(const char* op, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache);
+// An RMSNorm's scale [H] bf16 for rows of ref [T, H], H within the kernel's limit, eps >= 0.
+void check_rms_norm_args(const char* op, const at::Tensor& ref, const at::Tensor& scale, double eps);
+// The kernels' view of a checked cache write (kv_cache.h).
+KvCacheWrite kv_cache_write(const at::Tensor& slots, at::Tensor& k_cache, at::Tensor& v_cache);
+
+inline const __nv_bfloat16* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.data_ptr()); }
+inline __nv_bfloat16* bf16_ptr(at::Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data_ptr()); }
 
 }  // namespace gptoss
 

@@ -9,7 +9,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/rmsnorm.h"
+#include "kernels/rms_norm.h"
 #include "kernels/rope.h"
 
 using bf16 = __nv_bfloat16;

@@ -1,5 +1,5 @@
-// MXFP4 grouped GEMM on Hopper (sm_90a) for prefill. Built only when sm_90a is in the architecture
-// list; the launchers in moe_mxfp4.cu choose it where moe_wgmma_usable() says the sm_90a code runs.
+// MXFP4 expert GEMMs for prefill on Hopper (sm_90a). Built only when sm_90a is in the architecture
+// list; moe_plan (moe_experts.cu) picks it where moe_wgmma_loaded() says the sm_90a code runs.
 //
 // Warpgroup MMA (wgmma) with the weights as the register A operand and the routed tokens'
 // activations as B from shared memory.
@@ -19,13 +19,13 @@
 //     sets; wgmma.wait_group 1 after each commit).
 // The activations stay bf16 (no conversion), the weights are never expanded outside registers.
 // The epilogue (bias + SwiGLU for mlp1, bias x routing weight for mlp2) is the mma.sync kernels'.
+// Token tiles of 64 or 128 (moe_plan: 128 where experts average >= 128 routed tokens).
 #include <algorithm>
 #include <type_traits>
 
 #include "kernels/common.cuh"
 #include "kernels/mma.cuh"
-#include "kernels/moe.h"
-#include "kernels/moe_common.cuh"
+#include "kernels/moe_experts.cuh"
 #include "kernels/wgmma.cuh"
 
 namespace gptoss {
@@ -39,7 +39,7 @@ constexpr int kWgStages = 4;      // activation stages in shared memory (copies 
 constexpr int kWgDepth = 3;       // weight chunks in registers ahead of the one computed
 
 // The four bf16x2 A registers held by one word of the kernel layout: the same fields as the fp16
-// decode in moe_mxfp4.cu (magnitudes in four 3-bit fields at bits 0..11 / 16..27, signs at 12..15 /
+// decode in moe_experts.cuh (magnitudes in four 3-bit fields at bits 0..11 / 16..27, signs at 12..15 /
 // 28..31), moved to bf16's bits 6..8 (exponent low bits + top mantissa bit) and 15: E2M1 * 2^-126,
 // exact (code 1 = 0.5 becomes the bf16 subnormal 2^-127).
 __device__ __forceinline__ void fp4x8_to_bf16x2(uint32_t w, uint32_t (&r)[4]) {
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
     run(std::integral_constant<int, 64>{});
   }
 #else
-  __trap();   // launched only where the sm_90a code exists (see moe_wgmma_usable)
+  __trap();   // launched only where the sm_90a code exists (see moe_wgmma_loaded)
 #endif
 }
 
@@ -204,7 +204,7 @@ cudaError_t launch_wgmma(const MoeGemmArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-static bool moe_sm90_usable() {
+bool moe_wgmma_loaded() {
   if (!device_is_sm90()) return false;
   // The sm_90a bodies exist only in this build's sm_90a code: refuse where a kernel would come from
   // another architecture's PTX (JIT), whose body is a trap.
@@ -219,18 +219,14 @@ static bool moe_sm90_usable() {
   return ok == 1;
 }
 
-bool moe_wgmma_usable(const MoeGemmArgs& a) {
-  return a.R % 64 == 0 && a.K % 64 == 0 && a.max_scale <= 128 && moe_sm90_usable();
-}
-
-cudaError_t launch_moe_wgmma(const MoeGemmArgs& a, bool swiglu, int bn, cudaStream_t stream) {
+cudaError_t launch_moe_prefill_wgmma(const MoeGemmArgs& a, bool swiglu, int bn, cudaStream_t stream) {
   if (a.P == 0) return cudaSuccess;
-  if (!moe_wgmma_usable(a) || a.E < 1 || a.E > kMaxExperts || a.top_k < 1 || a.P > INT32_MAX)
+  if (!moe_wgmma_loaded() || a.R % 64 != 0 || a.K % 64 != 0 || a.max_scale > 128 || a.E < 1 || a.E > kMaxExperts ||
+      a.top_k < 1 || a.P > INT32_MAX)
     return cudaErrorInvalidValue;
   switch (bn) {
     case 64: return swiglu ? launch_wgmma<64, true>(a, stream) : launch_wgmma<64, false>(a, stream);
     case 128: return swiglu ? launch_wgmma<128, true>(a, stream) : launch_wgmma<128, false>(a, stream);
-    case 256: return swiglu ? launch_wgmma<256, true>(a, stream) : launch_wgmma<256, false>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -6,8 +6,8 @@
 // takes <= 256 threads (H = 2880: 360 vectors -> VPT 2, 192 threads); T = 1 is one launch of one CTA.
 // The residual sum is rounded to bf16 before the statistics, so the result equals an unfused
 // "residual = residual + x; out = rms_norm(residual)" up to fp32 summation order.
-#include "kernels/rmsnorm.h"
-#include "kernels/rmsnorm.cuh"
+#include "kernels/rms_norm.h"
+#include "kernels/rms_norm.cuh"
 
 namespace gptoss {
 namespace {
