@@ -37,9 +37,9 @@ def _sdpa_rows(T: int, q, k, v, flops: float, case: str) -> list[Row]:
                     F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=SCALE)
             fn(0)
             ms, p10, p90, mode = time_cuda(fn)
-            rows.append(Row("attention prefill", case, name, ms, p10, p90, flops=flops, timing=mode))
+            rows.append(Row("attention_prefill", case, name, ms, p10, p90, flops=flops, timing=mode))
         except Exception as e:  # a peer that cannot run is reported, not dropped
-            rows.append(Row("attention prefill", case, f"{name} unavailable: {type(e).__name__}", 0.0, 0.0, 0.0))
+            rows.append(Row("attention_prefill", case, f"{name} unavailable: {type(e).__name__}", 0.0, 0.0, 0.0))
     return rows
 
 
@@ -63,10 +63,10 @@ def _flex_rows(T: int, q, k, v, sinks, flops: float, case: str) -> list[Row]:
 
         fn(0)
         ms, p10, p90, mode = time_cuda(fn)
-        return [Row("attention prefill", case, "FlexAttention (compiled) + LSE sink", ms, p10, p90, flops=flops,
+        return [Row("attention_prefill", case, "FlexAttention (compiled) + LSE sink", ms, p10, p90, flops=flops,
                     timing=mode)]
     except Exception as e:
-        return [Row("attention prefill", case, f"FlexAttention unavailable: {type(e).__name__}: {str(e)[:60]}",
+        return [Row("attention_prefill", case, f"FlexAttention unavailable: {type(e).__name__}: {str(e)[:60]}",
                     0.0, 0.0, 0.0)]
 
 
@@ -95,25 +95,9 @@ def bench_prefill() -> list[Row]:
                 torch.cuda.synchronize()
             ms, p10, p90, mode = time_cuda(ours)
             target = (">= SDPA flash speed; aim cuDNN" if window == 0 else ">= 2x FlexAttention")
-            rows.append(Row("attention prefill", case, "gptoss_ext (sinks, GQA)", ms, p10, p90, flops=flops,
+            rows.append(Row("attention_prefill", case, "gptoss_ext (sinks, GQA)", ms, p10, p90, flops=flops,
                             timing=mode, target=target))
-            # the other block height (GPTOSS_ATTN_BLOCK_M), to keep the default choice honest
-            other = "128" if window else "64"
-            os.environ["GPTOSS_ATTN_BLOCK_M"] = other
-            try:
-                ms, p10, p90, mode = time_cuda(ours)
-            finally:
-                del os.environ["GPTOSS_ATTN_BLOCK_M"]
-            rows.append(Row("attention prefill", case, f"gptoss_ext, {other}-row blocks", ms, p10, p90, flops=flops,
-                            timing=mode))
-            if window == 0:   # and 64-key tiles with Q in registers (GPTOSS_ATTN_PREFILL_TILE=64)
-                os.environ["GPTOSS_ATTN_PREFILL_TILE"] = "64"
-                try:
-                    ms, p10, p90, mode = time_cuda(ours)
-                finally:
-                    del os.environ["GPTOSS_ATTN_PREFILL_TILE"]
-                rows.append(Row("attention prefill", case, "gptoss_ext, 64-key tiles", ms, p10, p90, flops=flops,
-                                timing=mode))
+            if window == 0:
                 rows += _sdpa_rows(T, q, k, v, flops, case)
             else:
                 rows += _flex_rows(T, q, k, v, sinks, flops, case)
@@ -138,13 +122,13 @@ def bench_decode(l2: int) -> list[Row]:
         ms, p10, p90, mode = time_cuda(
             lambda i: ops.attention_decode(q, caches[i][0], caches[i][1], sinks, lens, sliding_window=window), n)
         target = "" if window or L == 2048 else (">=80% copy BW" if B == 32 else ">=50% copy BW")
-        chunk, splits, warps = ops._decode_plan(B, HQ, HKV, L, window, torch.cuda.current_device())
-        rows.append(Row("attention decode", case, "gptoss_ext (split-KV)", ms, p10, p90, bytes=nbytes, timing=mode,
+        chunk, splits, warps = ops.attention_decode_plan(B, HQ, HKV, L, window)
+        rows.append(Row("attention_decode", case, "gptoss_ext (split-KV)", ms, p10, p90, bytes=nbytes, timing=mode,
                         flops=4 * B * keys * HQ * D, target=target,
                         extra={"chunk": chunk, "splits": splits, "warps": warps}))
         ms, p10, p90, mode = time_cuda(lambda i: ops.attention_decode(q, caches[i][0], caches[i][1], sinks, lens,
                                                                       sliding_window=window, kv_ready=True), n)
-        rows.append(Row("attention decode", case, "gptoss_ext, kv_ready (the model's call: loads before the wait)",
+        rows.append(Row("attention_decode", case, "gptoss_ext, kv_ready (the model's call: loads before the wait)",
                         ms, p10, p90, bytes=nbytes, timing=mode))
         if B == 1 and not window:   # other CTA shapes and split lengths (the plan's choice is the row above)
             tickets = torch.zeros(B * HKV, dtype=torch.int32, device="cuda")
@@ -156,7 +140,7 @@ def bench_decode(l2: int) -> list[Row]:
                 ms, p10, p90, mode = time_cuda(
                     lambda i, w=w, c=c, ws_o=ws_o, ws_ml=ws_ml, o=o: torch.ops.gptoss_ext.attention_decode(
                         q, caches[i][0], caches[i][1], sinks, lens, 0, SCALE, c, w, ws_o, ws_ml, tickets, o), n)
-                rows.append(Row("attention decode", case, f"gptoss_ext, {w}-warp CTAs, chunk {c} ({S} splits)", ms,
+                rows.append(Row("attention_decode", case, f"gptoss_ext, {w}-warp CTAs, chunk {c} ({S} splits)", ms,
                                 p10, p90, bytes=nbytes, timing=mode))
         if not window:
             qh = q.view(B, HQ, 1, D)
@@ -166,10 +150,10 @@ def bench_decode(l2: int) -> list[Row]:
                     F.scaled_dot_product_attention(qh, views[i][0], views[i][1], scale=SCALE, enable_gqa=True)
                 sdpa(0)
                 ms, p10, p90, mode = time_cuda(sdpa, n)
-                rows.append(Row("attention decode", case, "torch SDPA enable_gqa (no sinks)", ms, p10, p90,
+                rows.append(Row("attention_decode", case, "torch SDPA enable_gqa (no sinks)", ms, p10, p90,
                                 bytes=nbytes, timing=mode))
             except Exception as e:
-                rows.append(Row("attention decode", case, f"torch SDPA unavailable: {type(e).__name__}", 0.0, 0.0, 0.0))
+                rows.append(Row("attention_decode", case, f"torch SDPA unavailable: {type(e).__name__}", 0.0, 0.0, 0.0))
         del caches
         torch.cuda.empty_cache()
     return rows

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # The one GPU command: build the extension, run the C++ kernel tests, the whole pytest suite (GPU
-# tests first) and the benchmarks. Results go into OUT_DIR: bench.json, bench.md, bench.png, and
-# logs.tar.gz (build with ptxas registers/spills, kernel tests, pytest, benchmark logs, junit xml).
-# Then the end-to-end benchmark (e2e_<preset>.json/.md). Prints a short summary last. Usage (repository root, on a machine with a CUDA GPU):
+# tests first), every kernel under compute-sanitizer, the benchmarks and the end-to-end runs.
+# Results go into OUT_DIR: bench.json, bench.md, bench.png, e2e_<preset>.{json,md}, sanitize.md and
+# logs.tar.gz (build with ptxas registers/spills, kernel tests, pytest, sanitizer and benchmark
+# logs, junit xml). Prints a short summary last. Usage (repository root, on a machine with a GPU):
 #
 #     bench/gpu_run.sh OUT_DIR [bench names...]
+#
+#   STAGES     which stages run, in this order (default all): build kernel_tests tests sanitize bench e2e
+#   E2E        presets of the e2e stage (default "gpt-oss-20b gpt-oss-120b")
+#   BASELINE   a source tree of an earlier version (e.g. `git archive REV | tar -x -C DIR`): the e2e
+#              stage also builds it and runs its 20b benchmark on the same GPU (e2e_baseline.md), so
+#              the single-stream decode figure stands beside the previous one from the same run
+#   CPU_TESTS  narrows the CPU half of the test stage (default: the whole suite)
 #
 # The tokenizer file is taken from $GPTOSS_TIKTOKEN_FILE, else ../shared/tokenizer/ or
 # .gpu_carry/ (a git-ignored copy for machines that only get the repository).
@@ -16,50 +24,87 @@ LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 GPTOSS_PTXAS_VERBOSE=1
 PY=${PYTHON:-python3}
+STAGES=" ${STAGES:-build kernel_tests tests sanitize bench e2e} "
 for f in "${GPTOSS_TIKTOKEN_FILE:-}" ../shared/tokenizer/o200k_base.tiktoken .gpu_carry/o200k_base.tiktoken; do
   if [ -n "$f" ] && [ -f "$f" ]; then export GPTOSS_TIKTOKEN_FILE=$(realpath "$f"); break; fi
 done
 status=0
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 finish() {
   tar -czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" logs
   stamp "done (status $status)"
-  cat "$OUT/bench.md" 2>/dev/null || tail -30 "$LOGS/bench.log"
+  cat "$OUT/bench.md" 2>/dev/null | head -3
+  for f in "$OUT"/e2e_*.md "$OUT/sanitize.md"; do [ -f "$f" ] && cat "$f"; done
   exit $status
 }
 
-stamp "build"
-if ! $PY -m pip install -v --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
-  tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; status=1; finish
+if want build; then
+  stamp "build"
+  if ! $PY -m pip install -v --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
+    tail -40 "$LOGS/build.log"; echo "BUILD FAILED"; status=1; finish
+  fi
+  grep -E "gptoss-ext:|registers|spill|stack frame" "$LOGS/build.log" > "$LOGS/ptxas.log" || true
+  grep -E "gptoss-ext:" "$LOGS/build.log" | sort -u
+  $PY -c "import gptoss_ext, json; print(json.dumps(gptoss_ext.info()))" | tee "$LOGS/info.json"
+  readelf -d gptoss_ext/_C*.so | grep -E "NEEDED.*(stdc|c10)" || true
 fi
-grep -E "gptoss-ext:|registers|spill|stack frame" "$LOGS/build.log" > "$LOGS/ptxas.log" || true
-grep -E "gptoss-ext:" "$LOGS/build.log" | sort -u
-$PY -c "import gptoss_ext, json; print(json.dumps(gptoss_ext.info()))" | tee "$LOGS/info.json"
-readelf -d gptoss_ext/_C*.so | grep -E "NEEDED.*(stdc|c10)" || true
 
-stamp "C++ kernel tests"
-{ cmake -S . -B build/kernel_tests -G Ninja -DGPTOSS_BUILD_EXTENSION=OFF > /dev/null &&
-  cmake --build build/kernel_tests --target gptoss_kernel_tests -j 16 > /dev/null &&
-  ./build/kernel_tests/gptoss_kernel_tests; } > "$LOGS/kernel_tests.log" 2>&1 || status=1
-tail -1 "$LOGS/kernel_tests.log"
+if want kernel_tests; then
+  stamp "C++ kernel tests"
+  { cmake -S . -B build/kernel_tests -G Ninja -DGPTOSS_BUILD_EXTENSION=OFF > /dev/null &&
+    cmake --build build/kernel_tests --target gptoss_kernel_tests -j 16 > /dev/null &&
+    ./build/kernel_tests/gptoss_kernel_tests; } > "$LOGS/kernel_tests.log" 2>&1 || status=1
+  tail -1 "$LOGS/kernel_tests.log"
+fi
 
-stamp "pytest (GPU tests, then the rest)"
-$PY -m pytest -v -ra -m gpu --junitxml="$LOGS/tests_gpu.xml" ${PYTEST_ARGS:-} > "$LOGS/tests_gpu.log" 2>&1 || status=1
-grep -E "PASSED|FAILED|ERROR|SKIPPED|Fatal|Segmentation" "$LOGS/tests_gpu.log" | grep -v PASSED | tail -20
-tail -1 "$LOGS/tests_gpu.log"
-# CPU_TESTS narrows the second run (default: the whole suite) when device time is short.
-$PY -m pytest -q -ra -m "not gpu" --junitxml="$LOGS/tests_cpu.xml" ${PYTEST_ARGS:-} ${CPU_TESTS:-tests} > "$LOGS/tests_cpu.log" 2>&1 || status=1
-tail -1 "$LOGS/tests_cpu.log"
+if want tests; then
+  stamp "pytest (GPU tests, then the rest)"
+  $PY -m pytest -v -ra -m gpu --junitxml="$LOGS/tests_gpu.xml" ${PYTEST_ARGS:-} > "$LOGS/tests_gpu.log" 2>&1 || status=1
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|Fatal|Segmentation" "$LOGS/tests_gpu.log" | grep -v PASSED | tail -20
+  tail -1 "$LOGS/tests_gpu.log" | tee "$OUT/tests_gpu_summary.txt"
+  $PY -m pytest -q -ra -m "not gpu" --junitxml="$LOGS/tests_cpu.xml" ${PYTEST_ARGS:-} ${CPU_TESTS:-tests} > "$LOGS/tests_cpu.log" 2>&1 || status=1
+  tail -1 "$LOGS/tests_cpu.log"
+fi
 
-stamp "benchmarks"
-$PY bench/run_all.py --out "$OUT" ${1:+--only "$@"} > "$LOGS/bench.log" 2>&1 || status=1
+if want sanitize; then
+  # Every kernel once (tests/gpu_sanitize.py) under each tool; only this library's kernels are checked.
+  stamp "compute-sanitizer"
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  { echo "| compute-sanitizer tool | errors | launches covered |"; echo "|---|---:|---|"; } > "$OUT/sanitize.md"
+  for tool in memcheck racecheck synccheck; do
+    timeout 300 "$SAN" --tool "$tool" --kernel-name regex:gptoss --error-exitcode 9 \
+      $PY tests/gpu_sanitize.py > "$LOGS/sanitize_$tool.log" 2>&1
+    rc=$?
+    summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/sanitize_$tool.log" | tail -1)
+    covered=$(grep -oE "gpu_sanitize: [0-9]+ launches" "$LOGS/sanitize_$tool.log" || echo "did not finish (rc $rc)")
+    echo "| $tool | ${summary:-no summary (rc $rc)} | $covered |" >> "$OUT/sanitize.md"
+    [ $rc -eq 0 ] || status=1
+  done
+fi
 
-# End-to-end (python -m gptoss_ext bench) for the presets in $E2E (default both; E2E=none skips).
-for preset in ${E2E:-gpt-oss-20b gpt-oss-120b}; do
-  [ "$preset" = none ] && continue
-  stamp "e2e $preset"
-  $PY -m gptoss_ext bench --preset "$preset" --json "$OUT/e2e_$preset.json" > "$OUT/e2e_$preset.md" 2> "$LOGS/e2e_$preset.log" || status=1
-  cat "$OUT/e2e_$preset.md"; tail -3 "$LOGS/e2e_$preset.log"
-done
+if want bench; then
+  stamp "benchmarks"
+  $PY bench/run_all.py --out "$OUT" ${1:+--only "$@"} > "$LOGS/bench.log" 2>&1 || status=1
+fi
+
+if want e2e; then
+  # End to end (python -m gptoss_ext bench) for the presets in $E2E (default both; E2E=none skips).
+  for preset in ${E2E:-gpt-oss-20b gpt-oss-120b}; do
+    [ "$preset" = none ] && continue
+    stamp "e2e $preset"
+    $PY -m gptoss_ext bench --preset "$preset" --json "$OUT/e2e_$preset.json" > "$OUT/e2e_$preset.md" 2> "$LOGS/e2e_$preset.log" || status=1
+    tail -3 "$LOGS/e2e_$preset.log"
+  done
+  if [ -n "${BASELINE:-}" ] && [ -d "$BASELINE" ]; then
+    stamp "baseline build and e2e gpt-oss-20b ($BASELINE)"
+    if (cd "$BASELINE" && $PY setup.py -q build_ext --inplace) > "$LOGS/baseline_build.log" 2>&1; then
+      (cd "$BASELINE" && PYTHONPATH=. $PY -m gptoss_ext bench --preset gpt-oss-20b --no-peers \
+        --json "$OUT/e2e_baseline.json") > "$OUT/e2e_baseline.md" 2> "$LOGS/e2e_baseline.log" || status=1
+    else
+      tail -20 "$LOGS/baseline_build.log"; echo "BASELINE BUILD FAILED"; status=1
+    fi
+  fi
+fi
 finish

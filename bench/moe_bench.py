@@ -4,12 +4,11 @@ on bf16 weights, as the reference implementation does; torch._grouped_mm on bf16
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from gptoss_ext import ops
 from gptoss_ext.mxfp4 import KernelMXFP4
+from gptoss_ext.synthetic import random_mxfp4
 
 from common import Row, time_cuda
 
@@ -18,11 +17,8 @@ BYTES_PER_EXPERT = (2 * I * H + H * I) * 17 // 32 + 2 * (2 * I + H)     # MXFP4 
 
 
 def make(E, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    b1 = torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, device="cuda", generator=g)
-    s1 = torch.randint(118, 122, (E, 2 * I, H // 32), dtype=torch.uint8, device="cuda", generator=g)
-    b2 = torch.randint(0, 256, (E, H, I // 32, 16), dtype=torch.uint8, device="cuda", generator=g)
-    s2 = torch.randint(118, 122, (E, H, I // 32), dtype=torch.uint8, device="cuda", generator=g)
+    b1, s1 = random_mxfp4((E, 2 * I), H, seed=seed, name="mlp1", device="cuda", scale_bytes=(118, 122))
+    b2, s2 = random_mxfp4((E, H), I, seed=seed, name="mlp2", device="cuda", scale_bytes=(118, 122))
     k1 = KernelMXFP4.from_checkpoint(b1, s1, swiglu=True)
     k2 = KernelMXFP4.from_checkpoint(b2, s2, swiglu=False)
     del b1, s1, b2, s2
@@ -61,12 +57,12 @@ def run(l2: int) -> list[Row]:
                     torch.empty(E, dtype=torch.int32, device="cuda"), torch.empty(E + 1, dtype=torch.int32, device="cuda"),
                     torch.empty(T * 4, dtype=torch.int32, device="cuda"),
                     torch.zeros(1 + T * E, dtype=torch.int32, device="cuda"))
-            # the fused op itself (ops.gate_route dispatches to it for 1-2 tokens only)
+            # the fused op itself (ops.moe_gate_router dispatches to it for 1-2 tokens only)
             for impl, fn in (("gptoss_ext fused gate+router",
                               lambda i: torch.ops.gptoss_ext.moe_gate_router(xg, w["gw"], w["gb"], 4, *bufs)),
                              ("gptoss_ext linear + router", lambda i: ops.moe_router(ops.linear(xg, w["gw"], w["gb"]), 4))):
                 ms, p10, p90, mode = time_cuda(fn)
-                rows.append(Row("moe gate+router", f"{name} E={E} T={T}", impl, ms, p10, p90, timing=mode))
+                rows.append(Row("moe_router", f"gate+router {name} E={E} T={T}", impl, ms, p10, p90, timing=mode))
         W1, W2 = bf16_weights(E)
         for T in (1, 8):
             n = 8   # different routings rotate the expert weights far beyond L2
@@ -96,11 +92,12 @@ def run(l2: int) -> list[Row]:
 
             case = f"{name} decode T={T}"
             ms, p10, p90, mode = time_cuda(ours, n)
-            rows.append(Row("moe mlp1+mlp2", case, "gptoss_ext", ms, p10, p90, bytes=nbytes, timing=mode,
+            plan = ops.moe_experts_plan(T * 4, E, 2 * I, H, w["k1"].max_scale)
+            rows.append(Row("moe_experts", case, f"gptoss_ext ({plan})", ms, p10, p90, bytes=nbytes, timing=mode,
                             flops=2 * T * 4 * 3 * H * I, target="<=1.25x MXFP4 bytes / copy BW",
                             extra={"distinct_experts": distinct}))
             ms, p10, p90, mode = time_cuda(torch_einsum, n)
-            rows.append(Row("moe mlp1+mlp2", case, "torch gather+einsum (bf16 weights)", ms, p10, p90, bytes=nbytes,
+            rows.append(Row("moe_experts", case, "torch gather+einsum (bf16 weights)", ms, p10, p90, bytes=nbytes,
                             timing=mode, flops=2 * T * 4 * 3 * H * I))
         if name == "20b":
             T = 4096
@@ -114,44 +111,39 @@ def run(l2: int) -> list[Row]:
                                               7.0, h, w["k1"].max_scale)
             ms, p10, p90, mode = time_cuda(lambda i: torch.ops.gptoss_ext.moe_mlp1(
                 x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h, w["k1"].max_scale))
-            rows.append(Row("moe mlp1", "20b prefill T=4096", "gptoss_ext", ms, p10, p90, flops=flops, timing=mode,
+            rows.append(Row("moe_experts", "mlp1 20b prefill T=4096", f"gptoss_ext ({ops.moe_experts_plan(T * 4, E, 2 * I, H, w['k1'].max_scale)})", ms, p10, p90, flops=flops, timing=mode,
                             bytes=E * BYTES_PER_EXPERT * 2 / 3, target="<=1.5x torch._grouped_mm"))
-            os.environ["GPTOSS_MOE_PREFILL"] = "mma"    # the mma.sync prefill kernel (the one off Hopper)
-            try:
+            for kernel in ("prefill_mma", "prefill_exact"):     # the other prefill kernels, named (off Hopper: mma)
+                kid = ops.moe_kernel_names().index(kernel)
                 ms, p10, p90, mode = time_cuda(lambda i: torch.ops.gptoss_ext.moe_mlp1(
-                    x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h, w["k1"].max_scale))
-            finally:
-                os.environ.pop("GPTOSS_MOE_PREFILL", None)
-            rows.append(Row("moe mlp1", "20b prefill T=4096", "gptoss_ext, mma.sync prefill kernel", ms, p10, p90,
-                            flops=flops, timing=mode))
-            ms, p10, p90, mode = time_cuda(lambda i: torch.ops.gptoss_ext.moe_mlp1(
-                x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h))   # max_scale unknown
-            rows.append(Row("moe mlp1", "20b prefill T=4096", "gptoss_ext, per-group-partials kernel", ms, p10, p90,
-                            flops=flops, timing=mode))
+                    x, w["k1"].codes, w["k1"].scales, w["bias1"], perm, offsets, 4, 1.702, 7.0, h, w["k1"].max_scale,
+                    kid))
+                rows.append(Row("moe_experts", "mlp1 20b prefill T=4096", f"gptoss_ext, kernel {kernel}", ms, p10, p90,
+                                flops=flops, timing=mode))
             xs_sorted = x[(perm // 4).long()]
             ends = offsets[1:].contiguous()
             try:
                 W1t = W1.transpose(1, 2)
                 torch._grouped_mm(xs_sorted, W1t, offs=ends)
                 ms, p10, p90, mode = time_cuda(lambda i: torch._grouped_mm(xs_sorted, W1t, offs=ends))
-                rows.append(Row("moe mlp1", "20b prefill T=4096", "torch._grouped_mm (bf16 weights)", ms, p10, p90,
+                rows.append(Row("moe_experts", "mlp1 20b prefill T=4096", "torch._grouped_mm (bf16 weights)", ms, p10, p90,
                                 flops=flops, timing=mode, bytes=E * 2 * I * H * 2))
             except Exception as e:  # a missing peer is reported, not skipped silently
-                rows.append(Row("moe mlp1", "20b prefill T=4096", f"torch._grouped_mm unavailable: {type(e).__name__}",
+                rows.append(Row("moe_experts", "mlp1 20b prefill T=4096", f"torch._grouped_mm unavailable: {type(e).__name__}",
                                 0.0, 0.0, 0.0))
             y = torch.empty(T * 4, H, device="cuda")
             ms, p10, p90, mode = time_cuda(lambda i: torch.ops.gptoss_ext.moe_mlp2(
                 h, w["k2"].codes, w["k2"].scales, w["bias2"], perm, offsets, wt.view(-1), y, w["k2"].max_scale))
-            rows.append(Row("moe mlp2", "20b prefill T=4096", "gptoss_ext", ms, p10, p90, flops=flops / 2, timing=mode))
+            rows.append(Row("moe_experts", "mlp2 20b prefill T=4096", "gptoss_ext", ms, p10, p90, flops=flops / 2, timing=mode))
             try:
                 W2t = W2.transpose(1, 2)
                 hs_ = torch.randn(T * 4, I, device="cuda").bfloat16()
                 torch._grouped_mm(hs_, W2t, offs=ends)
                 ms, p10, p90, mode = time_cuda(lambda i: torch._grouped_mm(hs_, W2t, offs=ends))
-                rows.append(Row("moe mlp2", "20b prefill T=4096", "torch._grouped_mm (bf16 weights)", ms, p10, p90,
+                rows.append(Row("moe_experts", "mlp2 20b prefill T=4096", "torch._grouped_mm (bf16 weights)", ms, p10, p90,
                                 flops=flops / 2, timing=mode))
             except Exception as e:
-                rows.append(Row("moe mlp2", "20b prefill T=4096", f"torch._grouped_mm unavailable: {type(e).__name__}",
+                rows.append(Row("moe_experts", "mlp2 20b prefill T=4096", f"torch._grouped_mm unavailable: {type(e).__name__}",
                                 0.0, 0.0, 0.0))
         del w, W1, W2
         torch.cuda.empty_cache()

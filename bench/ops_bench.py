@@ -41,14 +41,14 @@ def bench_rmsnorm(l2: int) -> list[Row]:
         for impl, fn in (("gptoss_ext", ours), ("torch reference (eager)", reference),
                          ("torch add + F.rms_norm", torch_rms)):
             ms, p10, p90, mode = time_cuda(fn, n)
-            rows.append(Row("add_rms_norm", case, impl, ms, p10, p90, bytes=nbytes, timing=mode,
+            rows.append(Row("rms_norm", case, impl, ms, p10, p90, bytes=nbytes, timing=mode,
                             launches=count_launches(lambda: fn(0)), target=target if impl == "gptoss_ext" else ""))
     return rows
 
 
 def bench_rope(l2: int) -> list[Row]:
     rows = []
-    inv, conc = ops._inv_freq(torch.device("cuda"), D, 150000.0, 32.0, 4096, 1.0, 32.0)
+    inv, conc = ops.rope_tables(torch.device("cuda"), D)
     for T in (1, 64, 4096):
         nbytes = 2 * T * (HQ + HKV) * D * 2              # read and write q and k
         n = rotation_count(nbytes * 10 // 8, l2)
@@ -98,7 +98,7 @@ def bench_linear(l2: int) -> list[Row]:
         for impl, fn in (("gptoss_ext linear_skinny", lambda i: torch.ops.gptoss_ext.linear_skinny(x, ws[i], b, out)),
                          ("cuBLAS (F.linear)", lambda i: torch.nn.functional.linear(x, ws[i], b))):
             ms, p10, p90, mode = time_cuda(fn, n)
-            rows.append(Row("linear M=1", name, impl, ms, p10, p90, bytes=nbytes, timing=mode,
+            rows.append(Row("linear", f"M=1 {name}", impl, ms, p10, p90, bytes=nbytes, timing=mode,
                             target=">=80% copy BW" if impl.startswith("gptoss") and N > 32 else ""))
     return rows
 

@@ -20,20 +20,17 @@ namespace gptoss {
 bool set_pdl_enabled(bool enabled) { return set_pdl(enabled); }
 
 c10::Dict<std::string, int64_t> limits() {
+  const std::pair<const char*, int64_t> table[] = {
+      {"attention_head_dim", kAttnHeadDim},          {"rms_norm_max_hidden", kRmsNormMaxHidden},
+      {"rope_max_head_dim", kRopeMaxHeadDim},        {"linear_skinny_max_rows", kSkinnyMaxM},
+      {"linear_skinny_max_x_bytes", kSkinnyMaxXBytes}, {"moe_router_max_experts", kRouterMaxExperts},
+      {"moe_router_max_top_k", kRouterMaxTopK},      {"moe_gate_router_max_tokens", kGateRouterMaxTokens},
+      {"moe_gate_router_norm_max_tokens", kGateNormMaxTokens}, {"moe_gate_router_max_hidden", kGateMaxHidden},
+      {"moe_experts_max_experts", kMoeMaxExperts},   {"moe_experts_row_multiple", kMoeRowMultiple},
+      {"moe_experts_col_multiple", kMoeColMultiple},
+  };
   c10::Dict<std::string, int64_t> d;
-  d.insert("attention_head_dim", kAttnHeadDim);
-  d.insert("rms_norm_max_hidden", kRmsNormMaxHidden);
-  d.insert("rope_max_head_dim", kRopeMaxHeadDim);
-  d.insert("linear_skinny_max_rows", kSkinnyMaxM);
-  d.insert("linear_skinny_max_x_bytes", kSkinnyMaxXBytes);
-  d.insert("moe_router_max_experts", kRouterMaxExperts);
-  d.insert("moe_router_max_top_k", kRouterMaxTopK);
-  d.insert("moe_gate_router_max_tokens", kGateRouterMaxTokens);
-  d.insert("moe_gate_router_norm_max_tokens", kGateNormMaxTokens);
-  d.insert("moe_gate_router_max_hidden", kGateMaxHidden);
-  d.insert("moe_experts_max_experts", kMoeMaxExperts);
-  d.insert("moe_experts_row_multiple", kMoeRowMultiple);
-  d.insert("moe_experts_col_multiple", kMoeColMultiple);
+  for (const auto& [name, value] : table) d.insert(name, value);
   return d;
 }
 

@@ -371,8 +371,12 @@ class GptOss(nn.Module):
         can run the MoE kernels: on CUDA, bf16, kernels built, widths multiples of 64."""
         c = self.config
         if not (self.device.type == "cuda" and self.dtype == torch.bfloat16 and self.quantized
-                and ops.kernels_available() and c.hidden_size % 64 == 0 and c.intermediate_size % 64 == 0
-                and c.num_experts <= 256 and c.experts_per_token <= 8):
+                and ops.kernels_available()):
+            return False
+        lim = ops.limits()
+        col = lim["moe_experts_col_multiple"]        # both widths are a GEMM's K somewhere (mlp1, mlp2)
+        if not (c.hidden_size % col == 0 and c.intermediate_size % col == 0
+                and c.num_experts <= lim["moe_experts_max_experts"] and c.experts_per_token <= lim["moe_router_max_top_k"]):
             return False
         for blk in self.block:
             blk.attn.sinks32 = blk.attn.sinks.detach().float()

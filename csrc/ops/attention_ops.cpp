@@ -1,7 +1,6 @@
 // Host wrappers for the attention kernels: varlen prefill and split-KV decode over a KV cache.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,21 +14,31 @@ namespace {
 
 const float* sinks_ptr(const char* op, const std::optional<at::Tensor>& sinks, int64_t Hq, const at::Tensor& ref) {
   if (!sinks.has_value()) return nullptr;
-  const at::Tensor& s = *sinks;
-  check_cuda(op, "sinks", s);
-  check_same_device(op, "sinks", s, ref);
-  check_dtype(op, "sinks", s, at::kFloat);
-  check_dim(op, "sinks", s, 1);
-  check_contiguous(op, "sinks", s);
-  check_size(op, "sinks", s, 0, Hq, "query heads");
-  return s.data_ptr<float>();
+  check_vector(op, "sinks", *sinks, at::kFloat, Hq, ref, "query heads");
+  return sinks->data_ptr<float>();
+}
+
+// The fields both launches share: q, the cache, sinks, out, their strides and head counts.
+template <class Args>
+void fill_common(Args& a, const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const std::optional<at::Tensor>& sinks, at::Tensor& out) {
+  a.q = bf16_ptr(q);
+  a.k_cache = bf16_ptr(k_cache);
+  a.v_cache = bf16_ptr(v_cache);
+  a.sinks = sinks_ptr(op, sinks, q.size(1), q);
+  a.out = bf16_ptr(out);
+  a.q_stride = q.stride(0);
+  a.out_stride = out.stride(0);
+  a.Hq = static_cast<int>(q.size(1));
+  a.Hkv = static_cast<int>(k_cache.size(2));
+  a.max_len = static_cast<int>(k_cache.size(1));
 }
 
 }  // namespace
 
 void attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const std::optional<at::Tensor>& sinks, const at::Tensor& cu_seqlens, const at::Tensor& start,
-                  int64_t max_q_len, int64_t window, double sm_scale, at::Tensor& out) {
+                       const std::optional<at::Tensor>& sinks, const at::Tensor& cu_seqlens, const at::Tensor& start,
+                       int64_t max_q_len, int64_t window, double sm_scale, at::Tensor& out) {
   const char* op = "attention_prefill";
   check_heads(op, "q", q, q);
   check_cache(op, k_cache, v_cache, q);
@@ -49,19 +58,10 @@ void attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at:
   TORCH_CHECK(T <= INT32_MAX, "gptoss_ext.", op, ": too many tokens (", T, ")");
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   AttnPrefillArgs a{};
-  a.q = bf16_ptr(q);
-  a.k_cache = bf16_ptr(k_cache);
-  a.v_cache = bf16_ptr(v_cache);
-  a.sinks = sinks_ptr(op, sinks, Hq, q);
+  fill_common(a, op, q, k_cache, v_cache, sinks, out);
   a.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
   a.start = start.data_ptr<int32_t>();
-  a.out = bf16_ptr(out);
-  a.q_stride = q.stride(0);
-  a.out_stride = out.stride(0);
   a.B = static_cast<int>(B);
-  a.Hq = static_cast<int>(Hq);
-  a.Hkv = static_cast<int>(Hkv);
-  a.max_len = static_cast<int>(k_cache.size(1));
   a.max_q_len = static_cast<int>(max_q_len);
   a.window = static_cast<int>(std::min<int64_t>(window, INT32_MAX));
   a.total_q = static_cast<int>(T);
@@ -70,7 +70,7 @@ void attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at:
 }
 
 std::vector<int64_t> attention_decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_t max_len, int64_t window,
-                                      int64_t device) {
+                                           int64_t device) {
   const char* op = "attention_decode_plan";
   check_gqa(op, Hq, Hkv);
   TORCH_CHECK(B > 0 && max_len > 0 && max_len <= INT32_MAX && window >= 0, "gptoss_ext.", op,
@@ -86,9 +86,9 @@ std::vector<int64_t> attention_decode_plan(int64_t B, int64_t Hq, int64_t Hkv, i
 }
 
 void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const std::optional<at::Tensor>& sinks, const at::Tensor& seq_lens, int64_t window, double sm_scale,
-                 int64_t chunk, int64_t warps, at::Tensor& ws_o, at::Tensor& ws_ml, at::Tensor& tickets,
-                 at::Tensor& out, bool kv_ready) {
+                      const std::optional<at::Tensor>& sinks, const at::Tensor& seq_lens, int64_t window,
+                      double sm_scale, int64_t chunk, int64_t warps, at::Tensor& ws_o, at::Tensor& ws_ml,
+                      at::Tensor& tickets, at::Tensor& out, bool kv_ready) {
   const char* op = "attention_decode";
   check_heads(op, "q", q, q);
   check_cache(op, k_cache, v_cache, q);
@@ -113,15 +113,17 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const int64_t S = ws_ml.size(2);
   TORCH_CHECK(ws_o.size(0) == B && ws_o.size(1) == Hq && ws_o.size(2) == S && ws_o.size(3) == kAttnHeadDim &&
                   ws_ml.size(0) == B && ws_ml.size(1) == Hq && ws_ml.size(3) == 2 && S > 0,
-              "gptoss_ext.", op, ": workspaces must be ws_o [B, Hq, splits, 64] and ws_ml [B, Hq, splits, 2] "
-              "(see attention_decode_plan), got ", shape_str(ws_o), " and ", shape_str(ws_ml));
+              "gptoss_ext.", op,
+              ": workspaces must be ws_o [B, Hq, splits, 64] and ws_ml [B, Hq, splits, 2] "
+              "(see attention_decode_plan), got ",
+              shape_str(ws_o), " and ", shape_str(ws_ml));
   const int64_t range = window > 0 ? std::min(window, max_len) : max_len;
   TORCH_CHECK(warps == 1 || warps == 4 || warps == 8, "gptoss_ext.", op, ": warps (a CTA) must be 1, 4 or 8, got ",
               warps);
   const int64_t unit = 32 * std::max<int64_t>(2, warps);
   TORCH_CHECK(chunk > 0 && chunk % unit == 0 && chunk * S >= range, "gptoss_ext.", op,
-              ": chunk must be a positive multiple of ", unit, " (with ", warps, " warps) with chunk * splits >= ",
-              range, " keys; got chunk ", chunk, " and ", S, " splits");
+              ": chunk must be a positive multiple of ", unit, " (with ", warps,
+              " warps) with chunk * splits >= ", range, " keys; got chunk ", chunk, " and ", S, " splits");
   TORCH_CHECK(S <= 65535, "gptoss_ext.", op, ": too many splits (", S, ")");
   const int64_t groups = B * Hkv * ((Hq / Hkv + 15) / 16);
   check_cuda(op, "tickets", tickets);
@@ -133,21 +135,12 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
               " zeroed int32 counters (B x KV heads x head chunks), got ", tickets.numel());
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   AttnDecodeArgs a{};
-  a.q = bf16_ptr(q);
-  a.k_cache = bf16_ptr(k_cache);
-  a.v_cache = bf16_ptr(v_cache);
-  a.sinks = sinks_ptr(op, sinks, Hq, q);
+  fill_common(a, op, q, k_cache, v_cache, sinks, out);
   a.seq_lens = seq_lens.data_ptr<int32_t>();
   a.ws_o = ws_o.data_ptr<float>();
   a.ws_ml = ws_ml.data_ptr<float>();
   a.tickets = tickets.data_ptr<int32_t>();
-  a.out = bf16_ptr(out);
-  a.q_stride = q.stride(0);
-  a.out_stride = out.stride(0);
   a.B = static_cast<int>(B);
-  a.Hq = static_cast<int>(Hq);
-  a.Hkv = static_cast<int>(Hkv);
-  a.max_len = static_cast<int>(max_len);
   a.window = static_cast<int>(std::min<int64_t>(window, INT32_MAX));
   a.chunk = static_cast<int>(chunk);
   a.num_splits = static_cast<int>(S);

@@ -18,23 +18,13 @@ void check_heads(const char* op, const char* name, const at::Tensor& t, const at
 void check_cache(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& ref) {
   check_bf16_tensor(op, "k_cache", k_cache, 4, ref);
   check_bf16_tensor(op, "v_cache", v_cache, 4, ref);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "gptoss_ext.", op, ": k_cache ", shape_str(k_cache),
-              " and v_cache ", shape_str(v_cache), " must have the same shape [B, max_len, Hkv, 64]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "gptoss_ext.", op, ": k_cache ", shape_str(k_cache), " and v_cache ",
+              shape_str(v_cache), " must have the same shape [B, max_len, Hkv, 64]");
   TORCH_CHECK(k_cache.size(3) == kAttnHeadDim, "gptoss_ext.", op, ": the cache must be [B, max_len, Hkv, 64], got ",
               shape_str(k_cache));
   TORCH_CHECK(k_cache.size(1) <= INT32_MAX, "gptoss_ext.", op, ": cache length ", k_cache.size(1), " too large");
   check_aligned16(op, "k_cache", k_cache);
   check_aligned16(op, "v_cache", v_cache);
-}
-
-void check_int32_vec(const char* op, const char* name, const at::Tensor& t, int64_t n, const at::Tensor& ref,
-                     const char* what) {
-  check_cuda(op, name, t);
-  check_same_device(op, name, t, ref);
-  check_dtype(op, name, t, at::kInt);
-  check_dim(op, name, t, 1);
-  check_contiguous(op, name, t);
-  check_size(op, name, t, 0, n, what);
 }
 
 void check_gqa(const char* op, int64_t Hq, int64_t Hkv) {
@@ -48,25 +38,19 @@ void check_kv_write_args(const char* op, const at::Tensor& k, const at::Tensor& 
   check_heads(op, "v", v, k);
   check_cache(op, k_cache, v_cache, k);
   const int64_t T = k.size(0), Hkv = k.size(1);
-  TORCH_CHECK(v.size(0) == T && v.size(1) == Hkv, "gptoss_ext.", op, ": 'v' must be ", shape_str(k),
-              " like k, got ", shape_str(v));
-  TORCH_CHECK(k_cache.size(2) == Hkv, "gptoss_ext.", op, ": k has ", Hkv, " heads but the cache has ",
-              k_cache.size(2));
+  TORCH_CHECK(v.size(0) == T && v.size(1) == Hkv, "gptoss_ext.", op, ": 'v' must be ", shape_str(k), " like k, got ",
+              shape_str(v));
+  TORCH_CHECK(k_cache.size(2) == Hkv, "gptoss_ext.", op, ": k has ", Hkv, " heads but the cache has ", k_cache.size(2));
   TORCH_CHECK(Hkv * 8 <= 1024, "gptoss_ext.", op, ": at most 128 key/value heads, got ", Hkv);
-  check_cuda(op, "slots", slots);
-  check_same_device(op, "slots", slots, k);
-  check_dtype(op, "slots", slots, at::kLong);
-  check_dim(op, "slots", slots, 1);
-  check_contiguous(op, "slots", slots);
-  check_size(op, "slots", slots, 0, T, "tokens of k");
+  check_vector(op, "slots", slots, at::kLong, T, k, "tokens of k");
   TORCH_CHECK(T <= INT32_MAX, "gptoss_ext.", op, ": too many tokens (", T, ")");
 }
 
 KvCacheWrite kv_cache_write(const at::Tensor& slots, at::Tensor& k_cache, at::Tensor& v_cache) {
   KvCacheWrite c;
   c.slots = slots.data_ptr<int64_t>();
-  c.k_cache = reinterpret_cast<__nv_bfloat16*>(k_cache.data_ptr());
-  c.v_cache = reinterpret_cast<__nv_bfloat16*>(v_cache.data_ptr());
+  c.k_cache = bf16_ptr(k_cache);
+  c.v_cache = bf16_ptr(v_cache);
   c.rows = k_cache.size(0) * k_cache.size(1);
   return c;
 }
@@ -78,33 +62,17 @@ void check_rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, c
   const int64_t T = q.size(0), D = q.size(2);
   check_size(op, "k", k, 0, T, "tokens of q");
   check_size(op, "k", k, 2, D, "head_dim of q");
-  TORCH_CHECK(D % 16 == 0 && D <= kRopeMaxHeadDim, "gptoss_ext.", op, ": head_dim must be a multiple of 16 and <= ",
-              kRopeMaxHeadDim, ", got ", D);
-  check_cuda(op, "positions", positions);
-  check_same_device(op, "positions", positions, q);
-  check_dtype(op, "positions", positions, at::kLong);
-  check_dim(op, "positions", positions, 1);
-  check_contiguous(op, "positions", positions);
-  check_size(op, "positions", positions, 0, T, "tokens of q");
-  check_cuda(op, "inv_freq", inv_freq);
-  check_same_device(op, "inv_freq", inv_freq, q);
-  check_dtype(op, "inv_freq", inv_freq, at::kDouble);
-  check_dim(op, "inv_freq", inv_freq, 1);
-  check_contiguous(op, "inv_freq", inv_freq);
-  check_size(op, "inv_freq", inv_freq, 0, D / 2, "head_dim / 2");
+  TORCH_CHECK(D % 16 == 0 && D <= kRopeMaxHeadDim, "gptoss_ext.", op,
+              ": head_dim must be a multiple of 16 and <= ", kRopeMaxHeadDim, ", got ", D);
+  check_vector(op, "positions", positions, at::kLong, T, q, "tokens of q");
+  check_vector(op, "inv_freq", inv_freq, at::kDouble, D / 2, q, "head_dim / 2");
 }
 
-
 void check_rms_norm_args(const char* op, const at::Tensor& ref, const at::Tensor& scale, double eps) {
-  check_dim(op, "scale", scale, 1);
-  check_cuda(op, "scale", scale);
-  check_same_device(op, "scale", scale, ref);
-  check_dtype(op, "scale", scale, at::kBFloat16);
-  check_contiguous(op, "scale", scale);
   const int64_t H = ref.size(1);
-  check_size(op, "scale", scale, 0, H, "hidden size");
-  TORCH_CHECK(H % 8 == 0 && H <= kRmsNormMaxHidden, "gptoss_ext.", op, ": hidden size must be a multiple of 8 and <= ",
-              kRmsNormMaxHidden, ", got ", H);
+  check_vector(op, "scale", scale, at::kBFloat16, H, ref, "hidden size");
+  TORCH_CHECK(H % 8 == 0 && H <= kRmsNormMaxHidden, "gptoss_ext.", op,
+              ": hidden size must be a multiple of 8 and <= ", kRmsNormMaxHidden, ", got ", H);
   TORCH_CHECK(eps >= 0, "gptoss_ext.", op, ": eps must be >= 0, got ", eps);
 }
 

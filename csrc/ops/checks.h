@@ -57,6 +57,28 @@ inline void check_aligned16(const char* op, const char* name, const at::Tensor& 
               "' must be 16-byte aligned (a view with an odd offset?)");
 }
 
+// A 1-D tensor of n elements of dtype dt, contiguous, on ref's device (`what` says what n counts).
+inline void check_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dt, int64_t n,
+                         const at::Tensor& ref, const char* what) {
+  check_cuda(op, name, t);
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, dt);
+  check_dim(op, name, t, 1);
+  check_contiguous(op, name, t);
+  check_size(op, name, t, 0, n, what);
+}
+
+// An int32 tensor of numel elements (any shape), contiguous, on ref's device.
+inline void check_int_tensor(const char* op, const char* name, const at::Tensor& t, int64_t numel,
+                             const at::Tensor& ref) {
+  check_cuda(op, name, t);
+  check_same_device(op, name, t, ref);
+  check_dtype(op, name, t, at::kInt);
+  check_contiguous(op, name, t);
+  TORCH_CHECK(t.numel() == numel, "gptoss_ext.", op, ": '", name, "' must have ", numel, " elements, got shape ",
+              shape_str(t));
+}
+
 // A bf16 CUDA tensor of the given rank, contiguous, on ref's device.
 inline void check_bf16_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim,
                               const at::Tensor& ref) {
@@ -113,8 +135,10 @@ void check_heads(const char* op, const char* name, const at::Tensor& t, const at
 // k_cache, v_cache [B, max_len, Hkv, 64] bf16, contiguous, the same shape, on ref's device.
 void check_cache(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& ref);
 // int32 [n], contiguous, on ref's device; `what` says what n counts.
-void check_int32_vec(const char* op, const char* name, const at::Tensor& t, int64_t n, const at::Tensor& ref,
-                     const char* what);
+inline void check_int32_vec(const char* op, const char* name, const at::Tensor& t, int64_t n, const at::Tensor& ref,
+                            const char* what) {
+  check_vector(op, name, t, at::kInt, n, ref, what);
+}
 // Query heads a multiple of the key/value heads.
 void check_gqa(const char* op, int64_t Hq, int64_t Hkv);
 // k, v [T, Hkv, 64] into the cache rows slots [T] int64.

@@ -17,14 +17,9 @@ void decode_prep(at::Tensor& seq_lens, const at::Tensor& active, const at::Tenso
   check_contiguous(op, "seq_lens", seq_lens);
   const int64_t B = seq_lens.size(0);
   check_int32_vec(op, "active", active, B, seq_lens, "rows of seq_lens");
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"row0", &row0}, {"positions", &positions},
-                         {"slots", &slots}}) {
-    check_cuda(op, name, *t);
-    check_same_device(op, name, *t, seq_lens);
-    check_dtype(op, name, *t, at::kLong);
-    check_dim(op, name, *t, 1);
-    check_contiguous(op, name, *t);
-    check_size(op, name, *t, 0, B, "rows of seq_lens");
+  for (auto [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"row0", &row0}, {"positions", &positions}, {"slots", &slots}}) {
+    check_vector(op, name, *t, at::kLong, B, seq_lens, "rows of seq_lens");
   }
   const c10::cuda::OptionalCUDAGuard guard(seq_lens.device());
   GPTOSS_CHECK_LAUNCH(op, launch_decode_prep(seq_lens.data_ptr<int32_t>(), active.data_ptr<int32_t>(),

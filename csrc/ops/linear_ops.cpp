@@ -21,7 +21,7 @@ void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::opt
   if (bias.has_value()) {
     check_bf16_tensor(op, "bias", *bias, 1, x);
     check_size(op, "bias", *bias, 0, N, "rows of weight");
-    b = reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr());
+    b = bf16_ptr(*bias);
   }
   check_cuda(op, "out", out);
   check_same_device(op, "out", out, x);
@@ -30,11 +30,10 @@ void linear_skinny(const at::Tensor& x, const at::Tensor& weight, const std::opt
   TORCH_CHECK(out.size(0) == M && out.size(1) == N && out.stride(1) == 1, "gptoss_ext.", op, ": 'out' must be [", M,
               ", ", N, "] with contiguous rows, got ", shape_str(out));
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  GPTOSS_CHECK_LAUNCH(op, launch_linear_skinny(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), x.stride(0),
-                                               reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr()), b,
-                                               reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), out.stride(0),
-                                               static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                                               weight_constant, c10::cuda::getCurrentCUDAStream()));
+  GPTOSS_CHECK_LAUNCH(
+      op, launch_linear_skinny(bf16_ptr(x), x.stride(0), bf16_ptr(weight), b, bf16_ptr(out), out.stride(0),
+                               static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), weight_constant,
+                               c10::cuda::getCurrentCUDAStream()));
 }
 
 void linear_rope_kv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -73,9 +72,10 @@ void linear_rope_kv(const at::Tensor& x, const at::Tensor& weight, const std::op
   rope.D = static_cast<int>(D);
   rope.cache = kv_cache_write(slots, k_cache, v_cache);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  GPTOSS_CHECK_LAUNCH(op, launch_linear_skinny(bf16_ptr(x), x.stride(0), bf16_ptr(weight), b, bf16_ptr(out), out.stride(0),
-                                               static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                                               weight_constant, c10::cuda::getCurrentCUDAStream(), &rope));
+  GPTOSS_CHECK_LAUNCH(
+      op, launch_linear_skinny(bf16_ptr(x), x.stride(0), bf16_ptr(weight), b, bf16_ptr(out), out.stride(0),
+                               static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), weight_constant,
+                               c10::cuda::getCurrentCUDAStream(), &rope));
 }
 
 }  // namespace gptoss

@@ -26,10 +26,8 @@ void moe_combine(const at::Tensor& y, const std::optional<at::Tensor>& residual,
                 ", 'out' has shape ", shape_str(out));
   }
   const c10::cuda::OptionalCUDAGuard guard(y.device());
-  auto err = launch_moe_combine(y.data_ptr<float>(),
-                                residual ? reinterpret_cast<const __nv_bfloat16*>(residual->data_ptr()) : nullptr,
-                                reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), T, static_cast<int>(top_k),
-                                static_cast<int>(H), c10::cuda::getCurrentCUDAStream());
+  auto err = launch_moe_combine(y.data_ptr<float>(), residual ? bf16_ptr(*residual) : nullptr, bf16_ptr(out), T,
+                                static_cast<int>(top_k), static_cast<int>(H), c10::cuda::getCurrentCUDAStream());
   GPTOSS_CHECK_LAUNCH(op, err);
 }
 
@@ -44,20 +42,18 @@ void moe_combine_add_rms_norm(const at::Tensor& y, const at::Tensor& residual, c
   check_contiguous(op, "y", y);
   check_aligned16(op, "y", y);
   TORCH_CHECK(y.size(0) == residual.size(0) && y.size(2) == residual.size(1) && y.size(1) >= 1 && y.size(1) <= 64,
-              "gptoss_ext.", op, ": 'y' must be [T, k, H] with [T, H] = ", shape_str(residual), " and 1 <= k <= 64, got ",
-              shape_str(y));
+              "gptoss_ext.", op, ": 'y' must be [T, k, H] with [T, H] = ", shape_str(residual),
+              " and 1 <= k <= 64, got ", shape_str(y));
   check_bf16_tensor(op, "out", out, 2, residual);
   check_bf16_tensor(op, "residual_out", residual_out, 2, residual);
   check_same_shape(op, "out", out, residual, "residual");
   check_same_shape(op, "residual_out", residual_out, residual, "residual");
   check_rms_norm_args(op, residual, scale, eps);
   const c10::cuda::OptionalCUDAGuard guard(residual.device());
-  auto err = launch_add_rms_norm(nullptr, reinterpret_cast<const __nv_bfloat16*>(residual.data_ptr()),
-                                 reinterpret_cast<const __nv_bfloat16*>(scale.data_ptr()),
-                                 reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                                 reinterpret_cast<__nv_bfloat16*>(residual_out.data_ptr()), residual.size(0),
-                                 residual.size(1), static_cast<float>(eps), c10::cuda::getCurrentCUDAStream(),
-                                 y.data_ptr<float>(), static_cast<int>(y.size(1)));
+  // the norm kernel with the k rows of y summed in place of x (rms_norm.h)
+  auto err = launch_add_rms_norm(nullptr, bf16_ptr(residual), bf16_ptr(scale), bf16_ptr(out), bf16_ptr(residual_out),
+                                 residual.size(0), residual.size(1), static_cast<float>(eps),
+                                 c10::cuda::getCurrentCUDAStream(), y.data_ptr<float>(), static_cast<int>(y.size(1)));
   GPTOSS_CHECK_LAUNCH(op, err);
 }
 

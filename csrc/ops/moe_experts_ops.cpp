@@ -11,15 +11,6 @@
 namespace gptoss {
 namespace {
 
-void check_int_tensor(const char* op, const char* name, const at::Tensor& t, int64_t numel, const at::Tensor& ref) {
-  check_cuda(op, name, t);
-  check_same_device(op, name, t, ref);
-  check_dtype(op, name, t, at::kInt);
-  check_contiguous(op, name, t);
-  TORCH_CHECK(t.numel() == numel, "gptoss_ext.", op, ": '", name, "' must have ", numel, " elements, got shape ",
-              shape_str(t));
-}
-
 // codes [E, R/16, K/64, 32, 16], scales [E, R/16, K/64, 8, 4] (uint8); returns (E, R, K). cn / sn:
 // the arguments' names in messages.
 std::tuple<int64_t, int64_t, int64_t> check_weights(const char* op, const at::Tensor& codes, const at::Tensor& scales,
@@ -50,6 +41,25 @@ void check_routing(const char* op, const at::Tensor& perm, const at::Tensor& off
   check_int_tensor(op, "offsets", offsets, E + 1, ref);
 }
 
+// The fields every GEMM shares: activations, weights, bias, routing, sizes, the weights' max scale.
+MoeGemmArgs gemm_args(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& bias,
+                      const at::Tensor& perm, const at::Tensor& offsets, int64_t P, int64_t E, int64_t R, int64_t K,
+                      int64_t max_scale) {
+  MoeGemmArgs a{};
+  a.x = bf16_ptr(x);
+  a.codes = codes.data_ptr<uint8_t>();
+  a.scales = scales.data_ptr<uint8_t>();
+  a.bias = bf16_ptr(bias);
+  a.perm = perm.data_ptr<int32_t>();
+  a.offsets = offsets.data_ptr<int32_t>();
+  a.P = P;
+  a.E = static_cast<int>(E);
+  a.R = static_cast<int>(R);
+  a.K = static_cast<int>(K);
+  a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
+  return a;
+}
+
 MoeGemmArgs mlp1_args(const char* op, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                       const at::Tensor& bias, const at::Tensor& perm, const at::Tensor& offsets, int64_t top_k,
                       double alpha, double limit, at::Tensor& out, int64_t max_scale, const char* out_name = "out",
@@ -66,22 +76,11 @@ MoeGemmArgs mlp1_args(const char* op, const at::Tensor& x, const at::Tensor& cod
   check_bf16_tensor(op, out_name, out, 2, x);
   check_size(op, out_name, out, 0, P, "tokens x top_k");
   check_size(op, out_name, out, 1, R / 2, "rows / 2 (SwiGLU)");
-  MoeGemmArgs a{};
-  a.x = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
-  a.codes = codes.data_ptr<uint8_t>();
-  a.scales = scales.data_ptr<uint8_t>();
-  a.bias = reinterpret_cast<const __nv_bfloat16*>(bias.data_ptr());
-  a.perm = perm.data_ptr<int32_t>();
-  a.offsets = offsets.data_ptr<int32_t>();
-  a.out_h = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
-  a.P = P;
+  MoeGemmArgs a = gemm_args(x, codes, scales, bias, perm, offsets, P, E, R, K, max_scale);
+  a.out_h = bf16_ptr(out);
   a.top_k = static_cast<int>(top_k);
-  a.E = static_cast<int>(E);
-  a.R = static_cast<int>(R);
-  a.K = static_cast<int>(K);
   a.swiglu_alpha = static_cast<float>(alpha);
   a.swiglu_limit = static_cast<float>(limit);
-  a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
   return a;
 }
 
@@ -106,23 +105,12 @@ MoeGemmArgs mlp2_args(const char* op, const at::Tensor& h, const at::Tensor& cod
   check_cuda(op, out_name, out);
   check_dtype(op, out_name, out, at::kFloat);
   check_contiguous(op, out_name, out);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == P && out.size(1) == R, "gptoss_ext.", op, ": '", out_name,
-              "' must be [", P, ", ", R, "] float32, got ", shape_str(out));
-  MoeGemmArgs a{};
-  a.x = reinterpret_cast<const __nv_bfloat16*>(h.data_ptr());
-  a.codes = codes.data_ptr<uint8_t>();
-  a.scales = scales.data_ptr<uint8_t>();
-  a.bias = reinterpret_cast<const __nv_bfloat16*>(bias.data_ptr());
-  a.perm = perm.data_ptr<int32_t>();
-  a.offsets = offsets.data_ptr<int32_t>();
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == P && out.size(1) == R, "gptoss_ext.", op, ": '", out_name, "' must be [",
+              P, ", ", R, "] float32, got ", shape_str(out));
+  MoeGemmArgs a = gemm_args(h, codes, scales, bias, perm, offsets, P, E, R, K, max_scale);
   a.route_weights = route_weights.data_ptr<float>();
   a.out_y = out.data_ptr<float>();
-  a.P = P;
   a.top_k = 1;
-  a.E = static_cast<int>(E);
-  a.R = static_cast<int>(R);
-  a.K = static_cast<int>(K);
-  a.max_scale = static_cast<int>(std::clamp<int64_t>(max_scale, 0, 255));
   a.routing_ready = routing_ready;
   return a;
 }
@@ -156,8 +144,8 @@ void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& sc
               const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& route_weights, at::Tensor& out,
               int64_t max_scale, bool routing_ready, int64_t kernel) {
   const char* op = "moe_mlp2";
-  const MoeGemmArgs a = mlp2_args(op, h, codes, scales, bias, perm, offsets, route_weights, out, max_scale,
-                                  routing_ready);
+  const MoeGemmArgs a =
+      mlp2_args(op, h, codes, scales, bias, perm, offsets, route_weights, out, max_scale, routing_ready);
   const c10::cuda::OptionalCUDAGuard guard(h.device());
   const MoeKernel k = pick_kernel(op, "mlp2", a, kernel);
   GPTOSS_CHECK_LAUNCH(op, launch_moe_mlp2(a, k, c10::cuda::getCurrentCUDAStream()));
@@ -165,11 +153,11 @@ void moe_mlp2(const at::Tensor& h, const at::Tensor& codes, const at::Tensor& sc
 
 void moe_experts(const at::Tensor& x, const at::Tensor& codes1, const at::Tensor& scales1, const at::Tensor& bias1,
                  const at::Tensor& codes2, const at::Tensor& scales2, const at::Tensor& bias2, const at::Tensor& perm,
-                 const at::Tensor& offsets, const at::Tensor& route_weights, int64_t top_k, double alpha,
-                 double limit, at::Tensor& h, at::Tensor& y, int64_t max_scale1, int64_t max_scale2, int64_t kernel) {
+                 const at::Tensor& offsets, const at::Tensor& route_weights, int64_t top_k, double alpha, double limit,
+                 at::Tensor& h, at::Tensor& y, int64_t max_scale1, int64_t max_scale2, int64_t kernel) {
   const char* op = "moe_experts";
-  const MoeGemmArgs a1 = mlp1_args(op, x, codes1, scales1, bias1, perm, offsets, top_k, alpha, limit, h, max_scale1, "h",
-                                   "codes1", "scales1", "bias1");
+  const MoeGemmArgs a1 = mlp1_args(op, x, codes1, scales1, bias1, perm, offsets, top_k, alpha, limit, h, max_scale1,
+                                   "h", "codes1", "scales1", "bias1");
   const MoeGemmArgs a2 = mlp2_args(op, h, codes2, scales2, bias2, perm, offsets, route_weights, y, max_scale2, true,
                                    "y", "codes2", "scales2", "bias2");
   TORCH_CHECK(a2.E == a1.E, "gptoss_ext.", op, ": mlp1 has ", a1.E, " experts, mlp2 ", a2.E);
@@ -200,7 +188,8 @@ int64_t moe_experts_plan(int64_t pairs, int64_t experts, int64_t rows, int64_t c
 
 std::vector<std::string> moe_kernel_names() {
   std::vector<std::string> names;
-  for (int k = 0; k < static_cast<int>(MoeKernel::kCount); ++k) names.emplace_back(moe_kernel_name(static_cast<MoeKernel>(k)));
+  for (int k = 0; k < static_cast<int>(MoeKernel::kCount); ++k)
+    names.emplace_back(moe_kernel_name(static_cast<MoeKernel>(k)));
   return names;
 }
 

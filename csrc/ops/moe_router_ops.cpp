@@ -12,15 +12,6 @@
 namespace gptoss {
 namespace {
 
-void check_int_tensor(const char* op, const char* name, const at::Tensor& t, int64_t numel, const at::Tensor& ref) {
-  check_cuda(op, name, t);
-  check_same_device(op, name, t, ref);
-  check_dtype(op, name, t, at::kInt);
-  check_contiguous(op, name, t);
-  TORCH_CHECK(t.numel() == numel, "gptoss_ext.", op, ": '", name, "' must have ", numel, " elements, got shape ",
-              shape_str(t));
-}
-
 // The router's k, E and output tensors (ids/weights [T, k], counts [E], offsets [E + 1], perm
 // [T * k], an int32 scratch of at least `need` elements), on ref's device.
 void check_route_args(const char* op, const at::Tensor& ref, int64_t T, int64_t E, int64_t k, const at::Tensor& ids,
@@ -28,8 +19,8 @@ void check_route_args(const char* op, const at::Tensor& ref, int64_t T, int64_t 
                       const at::Tensor& perm, const at::Tensor& scratch, int64_t need) {
   TORCH_CHECK(E >= 1 && E <= kRouterMaxExperts, "gptoss_ext.", op, ": number of experts must be in [1, ",
               kRouterMaxExperts, "], got ", E);
-  TORCH_CHECK(k >= 1 && k <= kRouterMaxTopK && k <= E, "gptoss_ext.", op, ": k must be in [1, min(",
-              kRouterMaxTopK, ", E)], got ", k);
+  TORCH_CHECK(k >= 1 && k <= kRouterMaxTopK && k <= E, "gptoss_ext.", op, ": k must be in [1, min(", kRouterMaxTopK,
+              ", E)], got ", k);
   check_int_tensor(op, "ids", ids, T * k, ref);
   check_cuda(op, "weights", weights);
   check_dtype(op, "weights", weights, at::kFloat);
@@ -77,28 +68,27 @@ void gate_router_impl(const char* op, const at::Tensor& x, const at::Tensor& wei
   const int64_t T = x.size(0), K = x.size(1), E = weight.size(0);
   const int64_t max_t = norm ? kGateNormMaxTokens : kGateRouterMaxTokens;
   TORCH_CHECK(T >= 1 && T <= max_t, "gptoss_ext.", op, ": takes 1 to ", max_t, " tokens, got ", T);
-  TORCH_CHECK(K % 8 == 0 && K <= kGateMaxHidden, "gptoss_ext.", op, ": hidden size must be a multiple of 8 and <= ",
-              kGateMaxHidden, ", got ", K);
+  TORCH_CHECK(K % 8 == 0 && K <= kGateMaxHidden, "gptoss_ext.", op,
+              ": hidden size must be a multiple of 8 and <= ", kGateMaxHidden, ", got ", K);
   const __nv_bfloat16* b = nullptr;
   if (bias.has_value()) {
     check_bf16_tensor(op, "bias", *bias, 1, x);
     check_size(op, "bias", *bias, 0, E, "experts");
-    b = reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr());
+    b = bf16_ptr(*bias);
   }
   check_route_args(op, x, T, E, k, ids, weights, counts, offsets, perm, scratch,
                    moe_gate_router_scratch_size(T, static_cast<int>(E)));
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  TORCH_CHECK(form >= -1 && form <= 1, "gptoss_ext.", op, ": form must be -1 (the plan), 0 (ticket) or 1 (cluster), got ",
-              form);
+  TORCH_CHECK(form >= -1 && form <= 1, "gptoss_ext.", op,
+              ": form must be -1 (the plan), 0 (ticket) or 1 (cluster), got ", form);
   const GateForm f = form < 0 ? moe_gate_router_plan(T, static_cast<int>(E)) : static_cast<GateForm>(form);
   const char* why = moe_gate_router_unsupported(f, T, static_cast<int>(E));
-  TORCH_CHECK(why == nullptr, "gptoss_ext.", op, ": form ", form, " cannot serve ", T, " tokens and ", E, " experts: ", why);
-  auto err = launch_moe_gate_router(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), x.stride(0),
-                                    reinterpret_cast<const __nv_bfloat16*>(weight.data_ptr()), b, T,
-                                    static_cast<int>(K), static_cast<int>(E), static_cast<int>(k),
-                                    ids.data_ptr<int32_t>(), weights.data_ptr<float>(), counts.data_ptr<int32_t>(),
-                                    offsets.data_ptr<int32_t>(), perm.data_ptr<int32_t>(), scratch.data_ptr<int32_t>(), f,
-                                    c10::cuda::getCurrentCUDAStream(), norm);
+  TORCH_CHECK(why == nullptr, "gptoss_ext.", op, ": form ", form, " cannot serve ", T, " tokens and ", E,
+              " experts: ", why);
+  auto err = launch_moe_gate_router(
+      bf16_ptr(x), x.stride(0), bf16_ptr(weight), b, T, static_cast<int>(K), static_cast<int>(E), static_cast<int>(k),
+      ids.data_ptr<int32_t>(), weights.data_ptr<float>(), counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+      perm.data_ptr<int32_t>(), scratch.data_ptr<int32_t>(), f, c10::cuda::getCurrentCUDAStream(), norm);
   GPTOSS_CHECK_LAUNCH(op, err);
 }
 
@@ -110,14 +100,15 @@ void moe_gate_router(const at::Tensor& x, const at::Tensor& weight, const std::o
   gate_router_impl("moe_gate_router", x, weight, bias, k, ids, weights, counts, offsets, perm, scratch, nullptr, form);
 }
 
-void moe_add_norm_gate_router(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_scale,
-                              double eps, at::Tensor& out, at::Tensor& residual_out, const at::Tensor& weight,
+void moe_add_norm_gate_router(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_scale, double eps,
+                              at::Tensor& out, at::Tensor& residual_out, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t k, at::Tensor& ids, at::Tensor& weights,
                               at::Tensor& counts, at::Tensor& offsets, at::Tensor& perm, at::Tensor& scratch,
                               int64_t form) {
   const char* op = "moe_add_norm_gate_router";
   check_bf16_tensor(op, "x", x, 2, x);  // contiguous rows
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"residual", &residual}, {"out", &out},
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"residual", &residual},
+                         {"out", &out},
                          {"residual_out", &residual_out}}) {
     check_bf16_tensor(op, name, *t, 2, x);
     check_aligned16(op, name, *t);
@@ -129,10 +120,10 @@ void moe_add_norm_gate_router(const at::Tensor& x, const at::Tensor& residual, c
   check_size(op, "norm_scale", norm_scale, 0, x.size(1), "hidden size");
   TORCH_CHECK(eps >= 0, "gptoss_ext.", op, ": eps must be >= 0, got ", eps);
   GateNormArgs norm{};
-  norm.residual = reinterpret_cast<const __nv_bfloat16*>(residual.data_ptr());
-  norm.scale = reinterpret_cast<const __nv_bfloat16*>(norm_scale.data_ptr());
-  norm.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
-  norm.residual_out = reinterpret_cast<__nv_bfloat16*>(residual_out.data_ptr());
+  norm.residual = bf16_ptr(residual);
+  norm.scale = bf16_ptr(norm_scale);
+  norm.out = bf16_ptr(out);
+  norm.residual_out = bf16_ptr(residual_out);
   norm.eps = static_cast<float>(eps);
   gate_router_impl(op, x, weight, bias, k, ids, weights, counts, offsets, perm, scratch, &norm, form);
 }

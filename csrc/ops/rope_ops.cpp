@@ -14,10 +14,9 @@ void rope_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::
   check_rope_args(op, q, k, positions, inv_freq);
   const int64_t T = q.size(0), D = q.size(2);
   const c10::cuda::OptionalCUDAGuard guard(q.device());
-  auto err = launch_rope(reinterpret_cast<__nv_bfloat16*>(q.data_ptr()), reinterpret_cast<__nv_bfloat16*>(k.data_ptr()),
-                         positions.data_ptr<int64_t>(), inv_freq.data_ptr<double>(), concentration, T,
-                         static_cast<int>(q.size(1)), static_cast<int>(k.size(1)), static_cast<int>(D),
-                         q.stride(0), k.stride(0), c10::cuda::getCurrentCUDAStream());
+  auto err = launch_rope(bf16_ptr(q), bf16_ptr(k), positions.data_ptr<int64_t>(), inv_freq.data_ptr<double>(),
+                         concentration, T, static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
+                         static_cast<int>(D), q.stride(0), k.stride(0), c10::cuda::getCurrentCUDAStream());
   GPTOSS_CHECK_LAUNCH(op, err);
 }
 
@@ -33,12 +32,10 @@ void rope_kv_(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tenso
   cw.v_stride = v.stride(0);
   cw.cache = kv_cache_write(slots, k_cache, v_cache);
   const c10::cuda::OptionalCUDAGuard guard(q.device());
-  GPTOSS_CHECK_LAUNCH(op, launch_rope(reinterpret_cast<__nv_bfloat16*>(q.data_ptr()),
-                                      reinterpret_cast<__nv_bfloat16*>(k.data_ptr()), positions.data_ptr<int64_t>(),
-                                      inv_freq.data_ptr<double>(), concentration, T, static_cast<int>(q.size(1)),
-                                      static_cast<int>(k.size(1)), static_cast<int>(D), q.stride(0), k.stride(0),
-                                      c10::cuda::getCurrentCUDAStream(), cw));
+  GPTOSS_CHECK_LAUNCH(
+      op, launch_rope(bf16_ptr(q), bf16_ptr(k), positions.data_ptr<int64_t>(), inv_freq.data_ptr<double>(),
+                      concentration, T, static_cast<int>(q.size(1)), static_cast<int>(k.size(1)), static_cast<int>(D),
+                      q.stride(0), k.stride(0), c10::cuda::getCurrentCUDAStream(), cw));
 }
-
 
 }  // namespace gptoss

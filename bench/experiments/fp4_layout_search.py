@@ -1,11 +1,11 @@
 """Exhaustive search: how few integer ops can turn one 32-bit word of 8 E2M1 codes into the four
-fp16x2 mma A registers, over every bit layout of the word? (bench/NOTES.md, session 9.)
+fp16x2 mma A registers, over every bit layout of the word? (bench/RESULTS.md, moe_experts.)
 
 A register needs its two codes' magnitude bits at fp16 bits 9..11 / 25..27 and signs at 15 / 31.
 Model: each register is (rot(w, m) & MAG) | (rot(w, s) & SIGN); a register with m == s costs one AND,
 else an AND and a LOP3; each distinct nonzero rotation costs one op (shared between registers).
 Also checks the cheaper form "one byte-permute (prmt) or rotation + one AND a register".
-Runs on a CPU in a few seconds: python bench/micro/fp4_layout_search.py
+Runs on a CPU in a few seconds: python bench/experiments/fp4_layout_search.py
 """
 import itertools
 

@@ -1,7 +1,7 @@
 // Micro-benchmark (diagnostics, not part of the package): read-only streaming of N MB spread over 8
 // rotated buffers (beyond L2) with the access patterns of the MoE decode kernels, one CTA an SM,
 // 24 warps, 4 x 16-byte loads in flight a lane (two register sets). Prints TB/s per pattern.
-// nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/sp bench/micro/stream_patterns.cu && /tmp/sp 35
+// nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/sp bench/experiments/stream_patterns.cu && /tmp/sp 35
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>

@@ -5,7 +5,7 @@ are compared with the logits of one forward over prompt + tokens, with each posi
 router gap (k-th minus (k+1)-th expert logit over the layers). Isolated spikes in the difference
 at router gaps of ~0 are expert choices flipped by rounding, not kernel errors.
 
-    python bench/diag_decode.py          # on a GPU machine
+    python bench/experiments/diag_decode.py          # on a GPU machine
 """
 import contextlib
 

@@ -1,7 +1,7 @@
 """One causal T=4096 prefill launch of ours and one of SDPA flash, for Nsight Compute:
 
     ncu --kernel-name regex:"attn_prefill|flash_fwd" --section WarpStateStats \
-        --section InstructionStats python bench/prof_attn_prefill.py
+        --section InstructionStats python bench/experiments/prof_attn_prefill.py
 """
 import torch
 import torch.nn.functional as F

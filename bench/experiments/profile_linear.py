@@ -1,5 +1,5 @@
 """Run the skinny decode linear a few times at the 20b qkv / out shapes, for a profiler:
-    ncu --clock-control none -k regex:linear_skinny --launch-skip 4 --launch-count 2 python3 bench/profile_linear.py"""
+    ncu --clock-control none -k regex:linear_skinny --launch-skip 4 --launch-count 2 python3 bench/experiments/profile_linear.py"""
 
 import torch
 
