@@ -109,7 +109,12 @@ class CMakeBuild(build_ext):
         if cmake is None:
             raise RuntimeError("gptoss-ext: building the CUDA kernels needs cmake >= 3.22 (pip install cmake), "
                                "or set GPTOSS_EXT_SKIP_BUILD=1 for a pure-Python install")
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A fixed build folder in the source tree (not setuptools' temporary one, which an editable
+        # install throws away): a reinstall recompiles only what changed. One folder per Python and
+        # torch, so switching either never mixes object files.
+        import torch
+
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
         build_dir.mkdir(parents=True, exist_ok=True)
         nvcc = self.cuda_home / "bin" / "nvcc"
         cfg = [
@@ -123,7 +128,8 @@ class CMakeBuild(build_ext):
         if ninja:
             cfg += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         jobs = _jobs()
-        _say(f"building CUDA kernels with {nvcc} ({jobs} parallel jobs)")
+        _say(f"building CUDA kernels with {nvcc} ({jobs} parallel jobs) in {build_dir}; a first build takes a few "
+             "minutes (pip shows the compiler's progress with -v), a rebuild only recompiles what changed")
         subprocess.run(cfg, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "--target", "gptoss_ext_C", "-j", str(jobs)], check=True)
         target = Path(self.get_ext_fullpath(ext.name))
@@ -140,7 +146,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["gptoss_ext", "gptoss_ext.*"]),
-    install_requires=["torch>=2.4", "safetensors>=0.4", "tiktoken>=0.7"],
+    package_data={"gptoss_ext": ["data/*.xz"]},
+    # numpy: torch warns on every import without it
+    install_requires=["torch>=2.4", "safetensors>=0.4", "tiktoken>=0.7", "numpy"],
     extras_require={"test": ["pytest>=7.3", "transformers>=4.55", "openai-harmony>=0.0.4"], "hf": ["transformers>=4.55"]},
     ext_modules=[Extension("gptoss_ext._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},

@@ -10,7 +10,7 @@ from . import _extension
 # with a rebuild hint rather than later with an undefined symbol.
 _extension.load_at_import()
 
-from .checkpoint import CheckpointError, inspect_checkpoint, load_model
+from .checkpoint import CheckpointError, check_checkpoint, inspect_checkpoint, load_model
 from .config import PRESETS, ModelConfig, get_preset
 from .generate import generate
 from .harmony import chat
@@ -43,5 +43,5 @@ def info() -> dict:
     return d
 
 
-__all__ = ["CheckpointError", "GptOss", "chat", "KVCache", "ModelConfig", "PRESETS", "generate", "get_preset",
+__all__ = ["CheckpointError", "GptOss", "chat", "check_checkpoint", "KVCache", "ModelConfig", "PRESETS", "generate", "get_preset",
            "info", "inspect_checkpoint", "load_model", "make_checkpoint", "random_model", "__version__"]

@@ -9,7 +9,8 @@ import sys
 import time
 
 from . import cli_chat
-from .cli_common import add_model_args, add_sampling_args, load_or_embedded
+from .cli_common import (BUILT_IN_MODEL_TOKENS, UsageError, add_model_args, add_sampling_args, load_or_embedded,
+                         stop_token)
 
 
 def cmd_generate(args) -> int:
@@ -17,32 +18,49 @@ def cmd_generate(args) -> int:
     from .generate import check_sampling
 
     check_sampling(args.temperature, args.top_p, args.top_k)
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    max_new = BUILT_IN_MODEL_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    if max_new < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {max_new}")
     tok.get_tokenizer()
     model = load_or_embedded(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = tok.encode(prompt, allow_special=not args.no_special)
-    stops = [int(s) for s in args.stop] if args.stop else [tok.RETURN, tok.CALL, tok.ENDOFTEXT]
+    if not ids:
+        raise UsageError("the prompt is empty: give some text (or '-' to read it from stdin)")
+    context = model.config.context_length
+    if len(ids) >= context:
+        raise UsageError(f"the prompt has {len(ids)} tokens; the model's context holds {context} (and one must be "
+                         "left to generate)")
+    stops = args.stop if args.stop is not None else [tok.RETURN, tok.CALL, tok.ENDOFTEXT]
     dec = tok.StreamDecoder()
     out = sys.stdout
     t0 = time.perf_counter()
     first = None
     n = 0
-    for token in model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    last = None
+    for token in model.generate(ids, max_new_tokens=max_new, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_tokens=stops,
                                 stream=True):
         if first is None:
             first = time.perf_counter() - t0
         n += 1
+        last = token
         out.write(dec.push(token))
         out.flush()
     out.write(dec.flush() + "\n")
     dt = time.perf_counter() - t0
+    if last in stops:
+        why = f"stopped at {tok.special_tokens_by_id().get(last, f'token {last}')}"
+    elif n >= max_new:
+        why = f"stopped after --max-new-tokens {max_new}"
+    else:
+        why = f"stopped at the context limit ({context} tokens)"
     if n:
         rate = (n - 1) / (dt - first) if n > 1 and dt > first else float("nan")
         print(f"[{len(ids)} prompt tokens, {n} generated in {dt:.2f} s: first token after {first * 1000:.0f} ms, "
-              f"then {rate:.1f} tok/s]", file=sys.stderr)
+              f"then {rate:.1f} tok/s; {why}]", file=sys.stderr)
+    else:
+        print(f"[{len(ids)} prompt tokens, nothing generated: {why}]", file=sys.stderr)
     return 0
 
 
@@ -51,10 +69,16 @@ def cmd_make_checkpoint(args) -> int:
     from .synthetic import make_checkpoint
 
     get_preset(args.preset)
+    if args.experts == "bf16" and args.layout != "hf":
+        raise UsageError("--experts bf16 needs --layout hf (the original layout always stores MXFP4 experts)")
     t0 = time.perf_counter()
-    path = make_checkpoint(args.preset, args.out, layout=args.layout, seed=args.seed,
-                           quantized=args.experts == "mxfp4", shard_bytes=int(args.shard_gb * 1e9),
-                           overwrite=args.overwrite)
+    try:
+        path = make_checkpoint(args.preset, args.out, layout=args.layout, seed=args.seed,
+                               quantized=args.experts == "mxfp4", shard_bytes=int(args.shard_gb * 1e9),
+                               overwrite=args.overwrite)
+    except FileExistsError:
+        raise UsageError(f"--out {args.out} exists and is not empty: choose an empty folder, or add --overwrite to "
+                         "replace what is there") from None
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"wrote {path} ({args.preset}, {args.layout} layout, {args.experts} experts, seed {args.seed}): "
           f"{format_bytes(size)} in {time.perf_counter() - t0:.1f} s")
@@ -68,11 +92,13 @@ def cmd_info(args) -> int:
     d = {"install": g.info()}
     config = None
     if args.model:
-        ci = g.inspect_checkpoint(args.model)
+        ci = g.check_checkpoint(args.model)          # every file's header and size, every tensor's shape
         config = ci.config
         d["checkpoint"] = {"path": str(ci.path), "layout": ci.layout,
                            "experts": "mxfp4" if ci.quantized else "bf16",
-                           "files": len(ci.files), "bytes_on_disk": sum(f.stat().st_size for f in ci.files)}
+                           "files": len(ci.files), "bytes_on_disk": sum(f.stat().st_size for f in ci.files),
+                           "checked": "every tensor present, shapes and dtypes as the config says, no file truncated",
+                           "tokenizer": ci.tokenizer_check or "no tokenizer.json in the folder (o200k_harmony is used)"}
     elif args.preset:
         config = get_preset(args.preset)
     if config is not None:
@@ -102,8 +128,17 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import benchmark
+    import torch
 
+    from . import benchmark, ops
+
+    if not torch.cuda.is_available():
+        raise UsageError("bench measures the CUDA kernels and needs a GPU; this machine has none "
+                         "(generate and chat run on the CPU)")
+    if not ops.kernels_available():
+        from . import _extension
+        raise UsageError(f"bench needs the CUDA kernels, which are not available ({_extension.load_error()}): "
+                         "reinstall with `pip install --no-build-isolation -e .` on a machine with nvcc")
     res = benchmark.run(preset=None if args.model else args.preset, model_dir=args.model, peers=not args.no_peers,
                         new_tokens=args.new_tokens)
     if args.json:
@@ -121,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="prompt text ('-' reads stdin); special tokens like <|start|> are honoured")
     add_model_args(g)
     add_sampling_args(g)
-    g.add_argument("--stop", nargs="*", help="stop token ids (default: <|return|> <|call|> <|endoftext|>)")
+    g.add_argument("--stop", nargs="*", type=stop_token, metavar="TOKEN",
+                   help="stop tokens, by id or by name (default: <|return|> <|call|> <|endoftext|>; --stop with "
+                        "nothing after it: none)")
     g.add_argument("--no-special", action="store_true", help="treat special-token text in the prompt as plain text")
     g.set_defaults(fn=cmd_generate)
 
@@ -171,8 +208,8 @@ def main(argv=None) -> int:
     except Exception as e:  # one clear line, no traceback (GPTOSS_DEBUG=1 shows it)
         if os.environ.get("GPTOSS_DEBUG") == "1":
             raise
-        known = ("CheckpointError", "TokenizerError", "ExtensionError", "ValueError", "HarmonyError", "FileExistsError",
-                 "FileNotFoundError", "PermissionError", "OutOfMemoryError")
+        known = ("UsageError", "CheckpointError", "TokenizerError", "ExtensionError", "ValueError", "HarmonyError",
+                 "FileExistsError", "FileNotFoundError", "PermissionError", "OutOfMemoryError")
         kind = "" if type(e).__name__ in known else f"internal error ({type(e).__name__}): "
         print(f"error: {kind}{e}", file=sys.stderr)
         return 2

@@ -172,6 +172,7 @@ class CheckpointInfo:
     config: ModelConfig
     quantized: bool
     files: list[Path]
+    tokenizer_check: str | None = None   # whether the folder's own tokenizer.json agrees (load_model / check_checkpoint)
 
     def sources(self) -> list[Source]:
         return _original_sources(self.config) if self.layout == "original" else _hf_sources(self.config, self.quantized)
@@ -252,14 +253,67 @@ def _check(info: CheckpointInfo) -> dict[str, TensorInfo]:
             if src.kind == "float" and t.dtype not in _FLOAT_ST:
                 problems.append(f"{name}: dtype {t.dtype}, expected BF16 (or F16/F32)")
     if problems:
+        other = "original" if info.layout == "hf" else "hf"
+        other_names = {n for s in (_original_sources(info.config) if other == "original"
+                                   else _hf_sources(info.config, info.quantized)) for n in s.names}
+        missing = [p for p in problems if p.startswith("missing tensor")]
+        if missing and len(other_names & tensors.keys()) >= len(other_names) // 2:
+            raise CheckpointError(
+                f"{info.path}: config.json is a {_LAYOUT_NAMES[info.layout]} config, but the tensors are named as "
+                f"in the {_LAYOUT_NAMES[other]} (e.g. {sorted(other_names & tensors.keys())[0]!r}): put that "
+                f"layout's config.json beside them ({len(missing)} tensors the config expects are missing)")
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
         raise CheckpointError(f"{info.path} ({info.layout} layout) does not match its config: "
                               + "; ".join(problems[:20]) + more)
     return tensors
 
 
-def load_model(path, device="cpu", dtype=torch.bfloat16):
-    """Load a gpt-oss checkpoint (either layout) into a `GptOss` on `device`.
+_LAYOUT_NAMES = {"original": "OpenAI original/ layout", "hf": "Hugging Face layout"}
+
+
+def _tokenizer_check(info: CheckpointInfo) -> str | None:
+    from . import tokenizer
+
+    try:
+        r = tokenizer.compare_hf_tokenizer(info.path)
+    except tokenizer.TokenizerError as e:
+        return f"the folder's tokenizer.json was not compared: {e}"
+    return None if r is None else r[1]
+
+
+def check_checkpoint(path) -> CheckpointInfo:
+    """inspect_checkpoint and every check load_model makes before reading weights (each file's
+    header and size: a truncated file is an error; every tensor present with its shape and dtype),
+    plus whether a tokenizer.json in the folder agrees with o200k_harmony. No tensor data is read."""
+    info = inspect_checkpoint(path)
+    _check(info)
+    info.tokenizer_check = _tokenizer_check(info)
+    return info
+
+
+def resolve_device(device) -> torch.device:
+    """'auto' (the default of load_model, random_model and the CLI): the current CUDA device when
+    there is one, else the CPU; anything torch.device takes otherwise. A clear ValueError for a
+    device that does not exist here."""
+    if device is None or device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def load_model(path, device="auto", dtype=torch.bfloat16):
+    """Load a gpt-oss checkpoint (either layout) into a `GptOss` on `device`: 'auto' (default) is the
+    GPU when there is one, else the CPU (as the CLI's --device auto).
 
     dtype: bfloat16 (default) or float32 for everything but the packed MXFP4 experts."""
     from safetensors import safe_open
@@ -268,15 +322,10 @@ def load_model(path, device="cpu", dtype=torch.bfloat16):
 
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-
+    device = resolve_device(device)
     info = inspect_checkpoint(path)
     tensors = _check(info)
+    info.tokenizer_check = _tokenizer_check(info)
     with torch.device("meta"):
         model = GptOss(info.config, dtype=dtype, quantized=info.quantized)
     state: dict[str, torch.Tensor] = {}

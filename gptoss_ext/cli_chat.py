@@ -10,7 +10,8 @@ from pathlib import Path
 MAX_TOOL_ROUNDS = 8
 
 
-from .cli_common import add_model_args, add_sampling_args, load_or_embedded
+from .cli_common import (BUILT_IN_MODEL_TOKENS, REAL_MODEL_CHAT_TOKENS, add_model_args, add_sampling_args,
+                         load_or_embedded)
 
 
 def add_parser(sub) -> None:
@@ -22,8 +23,8 @@ def add_parser(sub) -> None:
     c.add_argument("--tools", help="JSON file with OpenAI function tools (a list, or {\"tools\": [...]})")
     c.add_argument("--date", help="current date for the system message (e.g. 2025-08-05)")
     add_model_args(c)
-    add_sampling_args(c)
-    c.set_defaults(max_new_tokens=1024)
+    add_sampling_args(c, max_new_tokens_help=f"a reply's token limit (default {REAL_MODEL_CHAT_TOKENS} with --model, "
+                                             f"{BUILT_IN_MODEL_TOKENS} for the built-in random model)")
     c.set_defaults(fn=cmd_chat)
 
 
@@ -42,6 +43,15 @@ def load_tools(path: str) -> list:
 
     _normalize_tools(data)  # validates, raising a message that names the bad tool
     return data
+
+
+def stop_reason(result, max_new: int) -> str:
+    """Why a reply ended, in the CLI's words."""
+    if result.stop == "length":
+        return f"generation stopped at the token limit (--max-new-tokens {max_new})"
+    if result.stop in ("return", "call"):
+        return f"the model ended its turn (<|{result.stop}|>)"
+    return f"generation stopped ({result.stop})"
 
 
 def _read_line(prompt: str) -> str | None:
@@ -64,7 +74,10 @@ def cmd_chat(args) -> int:
     tok.get_tokenizer()
     model = load_or_embedded(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = REAL_MODEL_CHAT_TOKENS if args.model else BUILT_IN_MODEL_TOKENS
+    sampling = dict(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, seed=args.seed)
 
     def one_turn(user_text: str) -> bool:
@@ -95,8 +108,10 @@ def cmd_chat(args) -> int:
             history.append(result.as_assistant_message())
             if not result.tool_calls:
                 if not result.text:
-                    print(f"[no final answer: generation stopped ({result.stop}) after {len(result.tokens)} tokens]",
-                          file=sys.stderr)
+                    print(f"[no final answer: {stop_reason(result, max_new)} after {len(result.tokens)} tokens; "
+                          "what was generated, raw:]", file=sys.stderr)
+                    sys.stdout.write(tok.decode(result.tokens) + "\n")
+                    sys.stdout.flush()
                 return True
             for call in result.tool_calls:
                 print(f"[tool call] {call.name}({call.raw})" + (f"  ({call.error})" if call.error else ""),

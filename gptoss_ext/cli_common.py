@@ -1,19 +1,31 @@
-"""What the CLI's commands share: the model and sampling options, and loading the model they name."""
+"""What the CLI's commands share: the model and sampling options, loading the model they name, the
+stop-token option, and the error a command raises for a condition it knows (printed as one line)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 
-def _device(name: str) -> str:
-    import torch
+class UsageError(Exception):
+    """A condition the CLI knows and names (the flag, the file, the missing GPU): one line, exit 2."""
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return name
+
+# Default reply lengths: a real model gets room to answer; the built-in random model (which only
+# shows that the pipeline runs, on any CPU) gets a length that finishes in seconds.
+REAL_MODEL_CHAT_TOKENS = 1024
+BUILT_IN_MODEL_TOKENS = 64
+
+
+def device_arg(name: str):
+    """--device: auto, cpu, cuda or cuda:N, checked against this machine (UsageError naming the flag)."""
+    from .checkpoint import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise UsageError(f"--device {name}: {e}") from None
 
 
 def _dtype(name: str):
@@ -23,21 +35,23 @@ def _dtype(name: str):
 
 
 def load_or_embedded(args):
-    """The model named by --model, or the embedded random tiny model (and say so)."""
+    """The model named by --model, or the embedded random model (and say so)."""
     import gptoss_ext as g
 
-    device = _device(args.device)
+    device = device_arg(args.device)
     if args.model:
         t0 = time.perf_counter()
         model = g.load_model(args.model, device=device, dtype=_dtype(args.dtype))
         info = model.checkpoint_info
         print(f"[loaded {info.path} ({info.layout} layout) on {device} in {time.perf_counter() - t0:.1f} s]",
               file=sys.stderr)
+        if info.tokenizer_check:
+            print(f"[tokenizer: {info.tokenizer_check}]", file=sys.stderr)
     else:
         model = g.random_model(args.preset, seed=args.weights_seed, device=device, dtype=_dtype(args.dtype))
-        print(f"[no --model given: using the built-in random '{args.preset}' model (seed {args.weights_seed}); "
-              "its output is meaningless text. Point --model at a gpt-oss checkpoint folder for real output]",
-              file=sys.stderr)
+        print(f"[no --model given: using the built-in random '{args.preset}' model (seed {args.weights_seed}) on "
+              f"{device}; its output is meaningless text. Point --model at a gpt-oss checkpoint folder for real "
+              "output]", file=sys.stderr)
     return model
 
 
@@ -45,13 +59,31 @@ def add_model_args(p):
     p.add_argument("--model", help="checkpoint folder (original/ or Hugging Face layout); default: built-in random model")
     p.add_argument("--preset", default="tiny", help="preset of the built-in random model (default tiny)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the built-in random model's weights")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
 
 
-def add_sampling_args(p):
-    p.add_argument("--max-new-tokens", type=int, default=64)
+def add_sampling_args(p, max_new_tokens_help: str = f"default {BUILT_IN_MODEL_TOKENS}"):
+    p.add_argument("--max-new-tokens", type=int, default=None, help=max_new_tokens_help)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def stop_token(text: str) -> int:
+    """--stop: a token id of the vocabulary, or a special token by name (`<|return|>` or `return`)."""
+    from . import tokenizer as tok
+
+    names = tok.special_tokens()
+    for key in (text, f"<|{text}|>"):
+        if key in names:
+            return names[key]
+    try:
+        i = int(text)
+    except ValueError:
+        known = ", ".join(n for n in names if not n.startswith("<|reserved"))
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a token id nor a special token name ({known})") from None
+    if not 0 <= i < tok.VOCAB_SIZE:
+        raise argparse.ArgumentTypeError(f"token id {i} is outside the vocabulary [0, {tok.VOCAB_SIZE})")
+    return i

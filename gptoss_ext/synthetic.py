@@ -97,10 +97,13 @@ def random_tensors(config: ModelConfig, seed: int = 0, dtype=torch.bfloat16,
 
 def random_model(config: ModelConfig | str = "tiny", seed: int = 0, device="cpu", dtype=torch.bfloat16,
                  quantized: bool = True, init_device=None):
-    """A `GptOss` with random weights, built in memory (equal to `make_checkpoint`'s with the same seed).
+    """A `GptOss` with random weights, built in memory (equal to `make_checkpoint`'s with the same seed),
+    on `device` ('cpu' by default for tests and demos; 'auto' as load_model's default: the GPU if any).
     init_device="cuda" draws them on the GPU instead (fast at real shapes; other values, same layout)."""
+    from .checkpoint import resolve_device
     from .model import GptOss
 
+    device = resolve_device(device)
     config = get_preset(config) if isinstance(config, str) else config
     with torch.device("meta"):
         model = GptOss(config, dtype=dtype, quantized=quantized)

@@ -5,8 +5,7 @@
 """
 
 import argparse
-
-import torch
+import sys
 
 import gptoss_ext
 from gptoss_ext import tokenizer
@@ -17,11 +16,13 @@ p.add_argument("--prompt", default="The capital of France is")
 p.add_argument("--max-new-tokens", type=int, default=12)
 args = p.parse_args()
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-if args.model:
-    model = gptoss_ext.load_model(args.model, device=device)
-else:
-    model = gptoss_ext.random_model("tiny", seed=0, device=device)   # random weights: gibberish out
+try:
+    if args.model:
+        model = gptoss_ext.load_model(args.model)                        # on the GPU if there is one
+    else:
+        model = gptoss_ext.random_model("tiny", seed=0, device="auto")   # random weights: gibberish out
+except gptoss_ext.CheckpointError as e:                                  # missing, truncated, mis-shaped...
+    sys.exit(f"error: {e}")
 
 prompt = tokenizer.encode(args.prompt)
 stream = tokenizer.StreamDecoder()

@@ -7,6 +7,7 @@ gpt-oss answers (the random built-in model never calls tools), so the loop itsel
 
 import argparse
 import json
+import sys
 
 import gptoss_ext
 from gptoss_ext import tokenizer
@@ -41,7 +42,10 @@ p = argparse.ArgumentParser()
 p.add_argument("--model")
 args = p.parse_args()
 if args.model:
-    model = gptoss_ext.load_model(args.model, device="cuda")
+    try:
+        model = gptoss_ext.load_model(args.model)          # on the GPU if there is one, else the CPU
+    except gptoss_ext.CheckpointError as e:
+        sys.exit(f"error: {e}")
 else:
     model = ScriptedModel([
         "<|channel|>analysis<|message|>The user wants the weather in Tokyo; call the tool.<|end|>"

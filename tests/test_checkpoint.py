@@ -26,7 +26,7 @@ def test_layouts_give_identical_logits(ckpts):
     toks = torch.arange(0, 200000, 9973)[:17]
     want = random_model(CFG, seed=7)(toks)
     for name, path in ckpts.items():
-        got = load_model(path)(toks)
+        got = load_model(path, device="cpu")(toks)
         assert torch.equal(got, want), name
 
 
@@ -44,7 +44,7 @@ def test_hf_repo_root_with_original_subfolder(ckpts, tmp_path):
 
 
 def test_experts_stay_packed(ckpts):
-    model = load_model(ckpts["original"])
+    model = load_model(ckpts["original"], device="cpu")
     mlp = model.block[0].mlp
     assert mlp.mlp1_weight.blocks.dtype == torch.uint8 and mlp.mlp1_weight.scales.dtype == torch.uint8
     assert not any(p.dtype == torch.bfloat16 and p.dim() == 3 for p in model.parameters())
@@ -60,7 +60,7 @@ def test_synthetic_is_deterministic_by_seed():
 
 
 def test_load_fp32(ckpts):
-    m = load_model(ckpts["hf"], dtype=torch.float32)
+    m = load_model(ckpts["hf"], device="cpu", dtype=torch.float32)
     assert m.embedding.weight.dtype == torch.float32
     assert m.block[1].mlp.mlp2_weight.blocks.dtype == torch.uint8
 

@@ -69,7 +69,7 @@ def test_matches_transformers_fp32(hf_pair):
     toks = tokens(40, seed=3)          # 40 tokens: 5x the window of the sliding layers
     with torch.no_grad():
         want = hf(torch.float32)(toks[None]).logits[0]
-    got = load_model(path, dtype=torch.float32)(toks)
+    got = load_model(path, device="cpu", dtype=torch.float32)(toks)
     err = rel_err(got, want)
     print(f"fp32 relative error vs transformers: {err:.2e}")
     assert err < 1e-5
@@ -82,7 +82,7 @@ def test_matches_transformers_bf16(hf_pair):
     with torch.no_grad():
         truth = hf(torch.float32)(toks[None]).logits[0]
         theirs = hf(torch.bfloat16)(toks[None]).logits[0].float()
-    ours = load_model(path, dtype=torch.bfloat16)(toks)
+    ours = load_model(path, device="cpu", dtype=torch.bfloat16)(toks)
     e_ours, e_hf = rel_err(ours, truth), rel_err(theirs, truth)
     print(f"bf16 relative error vs fp32: ours {e_ours:.2e}, transformers {e_hf:.2e}; ours vs theirs {rel_err(ours, theirs):.2e}")
     assert e_ours <= 1.5 * e_hf + 1e-3
@@ -96,4 +96,4 @@ def test_mxfp4_model_matches_transformers_on_dequantized_weights(hf_pair, tmp_pa
     toks = tokens(25, seed=6)
     with torch.no_grad():
         want = hf(torch.float32)(toks[None]).logits[0]
-    assert rel_err(load_model(q, dtype=torch.float32)(toks), want) < 1e-5
+    assert rel_err(load_model(q, device="cpu", dtype=torch.float32)(toks), want) < 1e-5
