@@ -1,7 +1,6 @@
 """Shared fixtures. GPU tests carry the `gpu` marker and are skipped, with the reason, where there
-is no CUDA device or no compiled kernels. The tokenizer is pointed at a local o200k_base file
-($GPTOSS_TIKTOKEN_FILE, else ../shared/tokenizer/o200k_base.tiktoken beside the checkout); tests
-that need it are skipped with the reason when neither exists. Nothing is downloaded."""
+is no CUDA device or no compiled kernels. The tokenizer is the package's own embedded o200k_base
+(a $GPTOSS_TIKTOKEN_FILE set by the caller overrides it). Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -12,12 +11,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-_CANDIDATES = [os.environ.get("GPTOSS_TIKTOKEN_FILE"),
-               str(ROOT.parent / "shared" / "tokenizer" / "o200k_base.tiktoken"),
-               str(ROOT / "shared" / "tokenizer" / "o200k_base.tiktoken")]
-TOKENIZER_FILE = next((p for p in _CANDIDATES if p and Path(p).is_file()), None)
-if TOKENIZER_FILE:
-    os.environ["GPTOSS_TIKTOKEN_FILE"] = TOKENIZER_FILE
 
 # Never touch the network from tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +24,7 @@ def pytest_report_header(config):
     return [f"gptoss_ext {i['gptoss_ext']}, torch {i['torch']}, kernels built: {i['kernels_built']} "
             f"({', '.join(i['built_archs']) or '-'}), loaded: {i['kernels_loaded']}, "
             f"cuda: {i['cuda_available']} {i.get('device', '')}",
-            f"tokenizer file: {TOKENIZER_FILE or 'none found (tokenizer tests skip)'}"]
+            f"tokenizer: {os.environ.get('GPTOSS_TIKTOKEN_FILE') or 'the package embedded o200k_base'}"]
 
 
 def gpu_skip_reason() -> str | None:
@@ -53,11 +46,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.fixture
-def tokenizer_file():
-    if not TOKENIZER_FILE:
-        pytest.skip("no local o200k_base.tiktoken (set GPTOSS_TIKTOKEN_FILE)")
-    return TOKENIZER_FILE
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> str:
+    """A plain o200k_base.tiktoken file: the caller's $GPTOSS_TIKTOKEN_FILE, else the package's
+    embedded copy decompressed (the openai-harmony reference renderer reads one by path)."""
+    import lzma
+
+    from gptoss_ext import tokenizer
+
+    given = os.environ.get("GPTOSS_TIKTOKEN_FILE")
+    if given and given != "tiktoken":
+        return given
+    path = tmp_path_factory.mktemp("vocab") / "o200k_base.tiktoken"
+    path.write_bytes(lzma.decompress(tokenizer.EMBEDDED_RANKS.read_bytes()))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -144,12 +144,9 @@ def test_render_errors(bad, match):
 # ---- token identity with the reference renderer ----------------------------------------------
 
 @pytest.fixture(scope="module")
-def oracle():
+def oracle(tokenizer_file):
     oh = pytest.importorskip("openai_harmony", reason="openai-harmony (reference renderer) is not installed")
-    from conftest import TOKENIZER_FILE
-    if not TOKENIZER_FILE:
-        pytest.skip("no local o200k_base.tiktoken for the reference renderer (set GPTOSS_TIKTOKEN_FILE)")
-    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(Path(TOKENIZER_FILE).parent)
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(Path(tokenizer_file).parent)
     return oh, oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 

@@ -1,4 +1,4 @@
-"""o200k_harmony from a local o200k_base file (nothing is fetched)."""
+"""o200k_harmony from the package's embedded o200k_base (or a local file; nothing is fetched)."""
 
 import pytest
 
@@ -41,3 +41,42 @@ def test_wrong_file_is_rejected(tmp_path):
         tok.get_tokenizer(str(bad))
     with pytest.raises(tok.TokenizerError, match="cannot read"):
         tok.get_tokenizer(str(tmp_path / "missing.tiktoken"))
+
+
+def test_embedded_ranks_are_the_default_and_equal_a_local_file(tokenizer_file, monkeypatch):
+    monkeypatch.delenv("GPTOSS_TIKTOKEN_FILE", raising=False)
+    assert tok.source() == "embedded"
+    embedded = tok._embedded_ranks()
+    assert embedded == tok._ranks_from_file(tokenizer_file)        # the same bytes, sha256 checked
+    assert tok.get_tokenizer().n_vocab == tok.VOCAB_SIZE
+
+
+def test_env_override_names_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTOSS_TIKTOKEN_FILE", str(tmp_path / "nope.tiktoken"))
+    assert tok.source() == str(tmp_path / "nope.tiktoken")
+    with pytest.raises(tok.TokenizerError, match="cannot read the tokenizer file"):
+        tok.get_tokenizer.__wrapped__()
+
+
+def _hf_tokenizer_json(path, ranks, shift_one=False, drop_special=None):
+    """A Hugging Face tokenizer.json of these ranks (byte-level BPE vocabulary and the specials)."""
+    import json
+
+    b2u = tok._bytes_to_unicode()
+    vocab = {"".join(b2u[b] for b in t): r for t, r in ranks.items()}
+    if shift_one:
+        first = next(iter(vocab))
+        vocab[first] += 1
+    added = [{"id": i, "content": n, "special": True} for n, i in tok.special_tokens().items() if n != drop_special]
+    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added}))
+
+
+def test_checkpoint_tokenizer_json_agreement(tmp_path):
+    ranks = tok.get_tokenizer()._mergeable_ranks
+    assert tok.compare_hf_tokenizer(tmp_path) is None                       # no tokenizer.json: nothing to say
+    _hf_tokenizer_json(tmp_path / "tokenizer.json", ranks)
+    ok, msg = tok.compare_hf_tokenizer(tmp_path / "original")              # the parent folder's file counts
+    assert ok and "agrees" in msg
+    _hf_tokenizer_json(tmp_path / "tokenizer.json", ranks, shift_one=True, drop_special="<|call|>")
+    ok, msg = tok.compare_hf_tokenizer(tmp_path)
+    assert not ok and "1 of 199998 o200k_base ranks differ" in msg and "<|call|>" in msg
