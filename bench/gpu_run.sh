@@ -13,6 +13,8 @@
 #              stage also builds it and runs its 20b benchmark on the same GPU (e2e_baseline.md), so
 #              the single-stream decode figure stands beside the previous one from the same run
 #   CPU_TESTS  narrows the CPU half of the test stage (default: the whole suite)
+#   E2E_PEERS  0: the e2e stage skips the transformers peer
+#   SANITIZE_TOOLS  the compute-sanitizer tools (default "memcheck racecheck synccheck")
 #
 # The tokenizer file is taken from $GPTOSS_TIKTOKEN_FILE, else ../shared/tokenizer/ or
 # .gpu_carry/ (a git-ignored copy for machines that only get the repository).
@@ -73,7 +75,7 @@ if want sanitize; then
   stamp "compute-sanitizer"
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   { echo "| compute-sanitizer tool | errors | launches covered |"; echo "|---|---:|---|"; } > "$OUT/sanitize.md"
-  for tool in memcheck racecheck synccheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     timeout ${SANITIZE_TIMEOUT:-150} "$SAN" --tool "$tool" --kernel-name regex:gptoss --error-exitcode 9 \
       $PY tests/gpu_sanitize.py > "$LOGS/sanitize_$tool.log" 2>&1
     rc=$?
@@ -94,7 +96,8 @@ if want e2e; then
   for preset in ${E2E:-gpt-oss-20b gpt-oss-120b}; do
     [ "$preset" = none ] && continue
     stamp "e2e $preset"
-    $PY -m gptoss_ext bench --preset "$preset" --json "$OUT/e2e_$preset.json" > "$OUT/e2e_$preset.md" 2> "$LOGS/e2e_$preset.log" || status=1
+    $PY -m gptoss_ext bench --preset "$preset" --json "$OUT/e2e_$preset.json" $([ "${E2E_PEERS:-1}" = 0 ] && echo --no-peers) \
+      > "$OUT/e2e_$preset.md" 2> "$LOGS/e2e_$preset.log" || status=1
     tail -3 "$LOGS/e2e_$preset.log"
   done
   if [ -n "${BASELINE:-}" ] && [ -d "$BASELINE" ]; then
