@@ -1,0 +1,12 @@
+"""The serving engine: continuous batching over a paged KV cache with chunked prefill and prefix reuse.
+
+  block_manager  block pools (full and sliding-window layers), per-sequence block tables, prefix
+                 reuse by hash with reference counts and LRU eviction
+  scheduler      which tokens each step computes: every running sequence's next token plus prefill
+                 chunks within a token budget; preemption when blocks run out
+"""
+
+from .block_manager import BlockManager, BlockPool, NoFreeBlocks
+from .scheduler import Request, SamplingParams, Scheduler, StepPlan
+
+__all__ = ["BlockManager", "BlockPool", "NoFreeBlocks", "Request", "SamplingParams", "Scheduler", "StepPlan"]

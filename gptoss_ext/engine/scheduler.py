@@ -1,0 +1,252 @@
+"""Continuous batching: which tokens each engine step computes.
+
+Every step takes the next token of every running sequence (decode) plus prefill chunks of
+sequences still reading their prompt, within a token budget, so a long prompt is read over several
+steps while everybody else keeps decoding (chunked prefill). Requests join at the next step and
+leave the step they finish; their blocks go back at once.
+
+When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed
+and it waits at the head of the queue to be recomputed (its prompt plus what it generated so far)
+before any new request is admitted. A request that could never fit (longer than the context, or
+than the whole cache) is refused when it is added, with the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples and when it stops (validated by `check`)."""
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_stops: bool = False           # benchmarks: always generate max_tokens
+
+    def check(self) -> None:
+        """ValueError naming the field that is out of range."""
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or t == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+# Request states
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass
+class Request:
+    """A sequence in the engine: its prompt, what it generated, where it stands."""
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.perf_counter)
+    output: list[int] = field(default_factory=list)
+    state: str = WAITING
+    computed: int = 0                   # positions whose keys/values are in the cache
+    finish_reason: str | None = None    # "stop", "length", "abort", or "error: ..."
+    first_token_time: float | None = None
+    preemptions: int = 0
+    cached_tokens: int = 0              # prompt positions served from the prefix cache (last admission)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def prefilling(self) -> bool:
+        """More than its newest token is uncomputed (the prompt, or everything after a preemption):
+        it reads a chunk; otherwise its newest token is the input of a decode step."""
+        return self.computed < self.num_tokens - 1
+
+
+@dataclass
+class Chunk:
+    """Positions [start, end) of a request computed in this step; `sample`: its last position
+    predicts the request's next token (a decode, or the last chunk of a prefill)."""
+    req: Request
+    start: int
+    end: int
+    sample: bool
+
+
+@dataclass
+class StepPlan:
+    decodes: list[Chunk] = field(default_factory=list)    # one position each
+    prefills: list[Chunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.end - c.start for c in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_model_len: int, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192):
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.blocks = blocks
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+
+    # ---- requests in and out --------------------------------------------------------------------
+    def check(self, prompt: list[int], params: SamplingParams, vocab_size: int) -> None:
+        """ValueError naming what is wrong with a request (nothing of the engine is touched)."""
+        params.check()
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {bad!r} is outside the vocabulary [0, {vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_model_len} "
+                             "(and at least one must be left to generate)")
+        capacity = self.blocks.full.num_blocks * self.blocks.block_size
+        if len(prompt) + 1 > capacity:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the whole KV cache holds {capacity}")
+
+    def add(self, prompt: list[int], params: SamplingParams, vocab_size: int) -> Request:
+        self.check(prompt, params, vocab_size)
+        req = Request(next(self._ids), list(prompt), params)
+        self.waiting.append(req)
+        return req
+
+    def abort(self, req: Request, reason: str = "abort") -> None:
+        """Finish a request now (cancelled, or failed) and give back its blocks."""
+        if req.state == FINISHED:
+            return
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.blocks.free(req.id)
+        req.state, req.finish_reason = FINISHED, reason
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def _preempt(self, plan: StepPlan) -> Request | None:
+        """Free the newest running request's blocks and put it back at the head of the queue."""
+        if not self.running:
+            return None
+        victim = max(self.running, key=lambda r: r.arrival)
+        self.running.remove(victim)
+        self.blocks.free(victim.id)
+        victim.state, victim.computed = WAITING, 0
+        victim.preemptions += 1
+        self.waiting.appendleft(victim)
+        plan.preempted.append(victim)
+        return victim
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_num_batched_tokens
+        # 1. decodes of running sequences, oldest first; a sequence that needs a block it cannot get
+        #    makes the newest sequence give way (possibly itself)
+        for req in sorted(self.running, key=lambda r: r.arrival):
+            if req not in self.running or req.prefilling or budget == 0:
+                continue
+            pos = req.num_tokens - 1
+            while not self.blocks.can_allocate(req.id, pos, pos + 1):
+                if self._preempt(plan) is req:
+                    break
+            if req not in self.running:
+                continue
+            self.blocks.allocate(req.id, pos, pos + 1)
+            plan.decodes.append(Chunk(req, pos, pos + 1, True))
+            budget -= 1
+        # 2. prefill chunks: running sequences still reading their tokens, then waiting ones
+        for req in [r for r in self.running if r.prefilling]:
+            budget = self._prefill_chunk(req, budget, plan)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.computed == 0 and req.id not in self.blocks.seqs:
+                hit = self.blocks.match_prefix(req.id, req.tokens)
+                req.computed = req.cached_tokens = hit
+            before = len(plan.prefills)
+            budget = self._prefill_chunk(req, budget, plan)
+            if len(plan.prefills) == before:          # no blocks for even a first chunk: wait
+                if req.computed == req.cached_tokens:
+                    self.blocks.free(req.id)
+                    req.computed = 0
+                break
+            self.waiting.popleft()
+            req.state = RUNNING
+            self.running.append(req)
+        return plan
+
+    def _prefill_chunk(self, req: Request, budget: int, plan: StepPlan) -> int:
+        """Schedule the next chunk of a request's uncomputed tokens within the budget and the free
+        blocks (shrinking it to what fits); returns the budget left."""
+        start, total = req.computed, req.num_tokens
+        end = min(total, start + budget)
+        while end > start and not self.blocks.can_allocate(req.id, start, end):
+            end = start + (end - start) // 2
+        if end <= start:
+            return budget
+        self.blocks.allocate(req.id, start, end)
+        plan.prefills.append(Chunk(req, start, end, end == total))
+        return budget - (end - start)
+
+    def update(self, plan: StepPlan, sampled: dict[int, int], now: float | None = None) -> list[Request]:
+        """After the step ran: the chunks' positions are computed; each sampling chunk's request
+        gets its sampled token (request id -> token). Returns the requests that finished."""
+        now = time.perf_counter() if now is None else now
+        done = []
+        for c in plan.decodes + plan.prefills:
+            req = c.req
+            if req.state == FINISHED:            # aborted while the step ran
+                continue
+            req.computed = c.end
+            if not c.sample:
+                self.blocks.advance(req.id, req.tokens, req.computed)
+                continue
+            tok = sampled[req.id]
+            req.output.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self.blocks.advance(req.id, req.tokens, req.computed)
+            p = req.params
+            reason = None
+            if not p.ignore_stops and tok in p.stop_token_ids:
+                reason = "stop"
+            elif len(req.output) >= p.max_tokens:
+                reason = "length"
+            elif req.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason:
+                self.running.remove(req)
+                self.blocks.free(req.id)
+                req.state, req.finish_reason = FINISHED, reason
+                done.append(req)
+        return done
