@@ -92,6 +92,8 @@ class Attention(nn.Module):
         """t: normed activations [T, H] of the step's tokens. Returns the block's output [T, H]."""
         T = t.shape[0]
         sinks = self.sinks32 if self.sinks32 is not None else self.sinks
+        if step.paged is not None:                                          # the engine's paged cache
+            return self._paged(t, step, sinks)
         if step.cache is not None and step.seq_lens is not None:           # decode: one token a sequence
             kc, vc = step.cache.k[self.layer], step.cache.v[self.layer]      # [B, max_len, Hkv, D]
             # projection + RoPE + KV-cache write (one launch on the kernel path)
@@ -114,6 +116,31 @@ class Attention(nn.Module):
             q, k = ops.rope_kv_write(q, k, v, step.positions, kc, vc, step.slots, **self.rope_kwargs)
             o = ops.attention_prefill(q, kc, vc, sinks, step.cu_seqlens, step.starts,              # varlen prefill
                                       sliding_window=self.window, max_q_len=step.max_q_len)
+        return self.out(o.reshape(T, -1))
+
+
+    def _paged(self, t: torch.Tensor, step: "Step", sinks) -> torch.Tensor:
+        """A step of the serving engine: the first step.num_decode rows decode one token of a
+        sequence each, the rest are prefill chunks; keys and values live in the paged pools."""
+        T, D = t.shape[0], self.head_dim
+        group, kp, vp = step.paged.layer(self.layer)                        # pools [rows, Hkv, D]
+        bs = step.paged.block_size
+        qkv = self.qkv(t)
+        q_end, k_end = self.n_heads * D, (self.n_heads + self.n_kv) * D
+        q = qkv[:, :q_end].view(T, self.n_heads, D)
+        k = qkv[:, q_end:k_end].view(T, self.n_kv, D)
+        v = qkv[:, k_end:].view(T, self.n_kv, D)
+        q, k = ops.rope_kv_write(q, k, v, step.positions, kp.unsqueeze(0), vp.unsqueeze(0), step.slots[group],
+                                 **self.rope_kwargs)
+        Bd, outs = step.num_decode, []
+        if Bd:
+            outs.append(ops.attention_decode(q[:Bd], kp, vp, sinks, step.seq_lens, sliding_window=self.window,
+                                             block_table=step.decode_tables[group], block_size=bs))
+        if T > Bd:
+            outs.append(ops.attention_prefill(q[Bd:], kp, vp, sinks, step.cu_seqlens, step.starts,
+                                              sliding_window=self.window, max_q_len=step.max_q_len,
+                                              block_table=step.prefill_tables[group], block_size=bs))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.out(o.reshape(T, -1))
 
 
@@ -200,7 +227,7 @@ class Step:
     """What the attention layers need to know about one forward step (built by GptOss)."""
 
     def __init__(self, positions, cache=None, slots=None, cu_seqlens=None, starts=None, max_q_len=None,
-                 seq_lens=None):
+                 seq_lens=None, paged=None, num_decode=0, decode_tables=None, prefill_tables=None):
         self.positions = positions      # [T] int64, device
         self.cache = cache              # KVCache or None (no cache: one sequence from position 0)
         self.slots = slots              # [T] int64, device: cache rows written (-1: none)
@@ -208,6 +235,13 @@ class Step:
         self.starts = starts            # prefill: [B] int32, device
         self.max_q_len = max_q_len      # prefill: longest piece
         self.seq_lens = seq_lens        # decode: [B] int32, device (lengths including the new token)
+        # The engine's steps (gptoss_ext.engine): a paged cache, rows [0, num_decode) decode one
+        # token of a sequence each (seq_lens, decode_tables), the rest are prefill chunks
+        # (cu_seqlens, starts relative to them, prefill_tables); slots and tables by group.
+        self.paged = paged              # gptoss_ext.engine.cache.PagedKVCache
+        self.num_decode = num_decode
+        self.decode_tables = decode_tables      # {"full": [Bd, max_blocks] int32, "window": ...}
+        self.prefill_tables = prefill_tables    # {"full": [Bp, max_blocks] int32, "window": ...}
 
 
 class GptOss(nn.Module):

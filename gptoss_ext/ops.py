@@ -273,9 +273,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     return ref.attention(q, k, v, sinks, start=start, sliding_window=sliding_window, sm_scale=sm_scale)
 
 
+def _paged(op: str, q: torch.Tensor, k_pool: torch.Tensor, block_table, block_size) -> None:
+    """Checks of a paged call (k_pool [rows, Hkv, D], block_table [B, max_blocks] int32); the CUDA
+    kernels do not read paged pools yet: they say so instead of running something slower."""
+    if k_pool.dim() != 3:
+        raise ValueError(f"{op}: with a block table the cache is a pool [rows, kv_heads, head_dim], got shape "
+                         f"{tuple(k_pool.shape)}")
+    if not isinstance(block_size, int) or block_size <= 0 or k_pool.shape[0] % block_size:
+        raise ValueError(f"{op}: block_size must divide the pool's {k_pool.shape[0]} rows, got {block_size!r}")
+    if q.is_cuda and not getattr(_local, "reference", False):
+        raise NotImplementedError(f"{op}: the CUDA attention kernels do not read a paged KV cache yet; run the "
+                                  "paged engine on the CPU, or inside ops.reference_mode() on the GPU")
+
+
 def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor | None,
                       cu_seqlens, starts, *, sliding_window: int = 0, sm_scale: float | None = None,
-                      max_q_len: int | None = None) -> torch.Tensor:
+                      max_q_len: int | None = None, block_table=None, block_size: int | None = None) -> torch.Tensor:
     """Varlen (chunked) prefill over a KV cache whose rows for the new tokens are already written.
 
     q [Ttot, Hq, 64]; sequence b's queries are q[cu_seqlens[b]:cu_seqlens[b+1]] at positions
@@ -285,6 +298,11 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     sliding_window > 0: a query at i sees keys j with i - window < j <= i. Returns [Ttot, Hq, 64]."""
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    if block_table is not None:        # a paged pool: sequence b's positions through its block table
+        _paged("attention_prefill", q, k_cache, block_table, block_size)
+        return ref.attention_prefill(q, k_cache, v_cache, sinks, _host_ints("cu_seqlens", cu_seqlens),
+                                     _host_ints("starts", starts), sliding_window=sliding_window, sm_scale=sm_scale,
+                                     block_table=block_table.tolist(), block_size=block_size)
     _check_attn_shapes("attention_prefill", q, k_cache, v_cache)
     T, Hq, D = q.shape
     on_device = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda
@@ -337,7 +355,7 @@ def _decode_tickets(device: torch.device, B: int, Hq: int, Hkv: int) -> torch.Te
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor | None,
                      seq_lens, *, sliding_window: int = 0, sm_scale: float | None = None,
-                     kv_ready: bool = False) -> torch.Tensor:
+                     kv_ready: bool = False, block_table=None, block_size: int | None = None) -> torch.Tensor:
     """Decode: q [B, Hq, 64], one query per sequence at position seq_lens[b] - 1, over cache rows
     0 .. seq_lens[b] - 1 of batch row b (window > 0: only the last `window`). seq_lens: an int32
     CUDA tensor [B] (read on the device: CUDA-graph safe) or host integers. Split-KV: the launch
@@ -347,6 +365,11 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Returns [B, Hq, 64]."""
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    if block_table is not None:
+        _paged("attention_decode", q, k_cache, block_table, block_size)
+        return ref.attention_decode(q, k_cache, v_cache, sinks, _host_ints("seq_lens", seq_lens),
+                                    sliding_window=sliding_window, sm_scale=sm_scale,
+                                    block_table=block_table.tolist(), block_size=block_size)
     _check_attn_shapes("attention_decode", q, k_cache, v_cache)
     B, Hq, D = q.shape
     max_len = k_cache.shape[1]

@@ -112,11 +112,13 @@ def rope_kv_write(q, k, v, positions, k_cache, v_cache, slots, **rope_kw) -> tup
 # ---- attention ----------------------------------------------------------------------------------
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, *,
-              start: int = 0, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
+              start: int = 0, sliding_window: int = 0, sm_scale: float | None = None,
+              key_offset: int = 0) -> torch.Tensor:
     """Causal GQA attention with a learned sink logit per query head.
 
     q [T, Hq, D]: queries at positions start .. start+T-1.
-    k, v [S, Hkv, D]: keys / values at positions 0 .. S-1 (S >= start + T; later keys are masked).
+    k, v [S, Hkv, D]: keys / values at positions key_offset .. key_offset+S-1 (they must reach
+    position start + T - 1; later keys are masked; earlier positions, absent, are masked too).
     sinks [Hq]: the sink joins each softmax denominator and contributes no value (None: no sinks).
     sliding_window > 0: query i sees keys j with i - window < j <= i.
     Returns [T, Hq, D] in q's dtype.
@@ -125,13 +127,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     S, Hkv, _ = k.shape
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if S < start + T:
-        raise ValueError(f"keys cover {S} positions but queries reach position {start + T - 1}")
+    if key_offset + S < start + T:
+        raise ValueError(f"keys cover positions up to {key_offset + S - 1} but queries reach position {start + T - 1}")
     G = Hq // Hkv
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     kf, vf = k.float(), v.float()
     sink = None if sinks is None else sinks.float().view(Hkv, G, 1, 1)
-    kpos = torch.arange(S, device=q.device)
+    kpos = key_offset + torch.arange(S, device=q.device)
     out = torch.empty(T, Hq, D, dtype=torch.float32, device=q.device)
     chunk = max(1, (1 << 24) // max(1, Hq * S))       # bound the [chunk, Hq, S] score tensor
     for t0 in range(0, T, chunk):
@@ -153,11 +155,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     return out.to(q.dtype)
 
 
+def paged_rows(table_row, lo: int, end: int, block_size: int) -> list[int]:
+    """Pool rows of positions [lo, end) of a sequence whose block table is table_row."""
+    return [int(table_row[p // block_size]) * block_size + p % block_size for p in range(lo, end)]
+
+
+def _keys(cache: torch.Tensor, b: int, lo: int, end: int, block_table, block_size: int | None) -> torch.Tensor:
+    """Keys (or values) of sequence b at positions [lo, end): rows of batch row b of a contiguous
+    cache [B, max_len, Hkv, D], or pool rows [rows, Hkv, D] through its block table."""
+    if block_table is None:
+        return cache[b, lo:end]
+    return cache[torch.tensor(paged_rows(block_table[b], lo, end, block_size), device=cache.device)]
+
+
 def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
-                      cu_seqlens, starts, *, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
+                      cu_seqlens, starts, *, sliding_window: int = 0, sm_scale: float | None = None,
+                      block_table=None, block_size: int | None = None) -> torch.Tensor:
     """Varlen prefill over a KV cache: sequence b's queries q[cu_seqlens[b]:cu_seqlens[b+1]] (at
-    positions starts[b] ..) attend to rows 0 .. starts[b] + q_len - 1 of k_cache[b] / v_cache[b]
-    ([B, max_len, Hkv, D]). Returns [Ttot, Hq, D]."""
+    positions starts[b] ..) attend to its positions 0 .. starts[b] + q_len - 1 (within the window):
+    rows of k_cache[b] / v_cache[b] ([B, max_len, Hkv, D]), or with block_table [B, max_blocks] the
+    pool rows [rows, Hkv, D] of its blocks (`block_size` positions a block). Returns [Ttot, Hq, D]."""
     cu = [int(x) for x in cu_seqlens]
     st = [int(x) for x in starts]
     out = torch.zeros_like(q)
@@ -165,20 +182,26 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         t0, t1 = cu[b], cu[b + 1]
         if t1 > t0:
             end = start + t1 - t0
-            out[t0:t1] = attention(q[t0:t1], k_cache[b, :end], v_cache[b, :end], sinks, start=start,
-                                   sliding_window=sliding_window, sm_scale=sm_scale)
+            lo = max(0, start - sliding_window + 1) if sliding_window > 0 else 0
+            out[t0:t1] = attention(q[t0:t1], _keys(k_cache, b, lo, end, block_table, block_size),
+                                   _keys(v_cache, b, lo, end, block_table, block_size), sinks, start=start,
+                                   sliding_window=sliding_window, sm_scale=sm_scale, key_offset=lo)
     return out
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
-                     seq_lens, *, sliding_window: int = 0, sm_scale: float | None = None) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D], at position seq_lens[b] - 1 over cache rows
-    0 .. seq_lens[b] - 1 of batch row b (a length of 0 gives zeros). Returns [B, Hq, D]."""
+                     seq_lens, *, sliding_window: int = 0, sm_scale: float | None = None,
+                     block_table=None, block_size: int | None = None) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], at position seq_lens[b] - 1 over its positions
+    0 .. seq_lens[b] - 1 (within the window; a length of 0 gives zeros), in a contiguous cache or a
+    paged pool as attention_prefill reads them. Returns [B, Hq, D]."""
     out = torch.zeros_like(q)
     for b, n in enumerate(int(x) for x in seq_lens):
         if n > 0:
-            out[b:b + 1] = attention(q[b:b + 1], k_cache[b, :n], v_cache[b, :n], sinks, start=n - 1,
-                                     sliding_window=sliding_window, sm_scale=sm_scale)
+            lo = max(0, n - sliding_window) if sliding_window > 0 else 0
+            out[b:b + 1] = attention(q[b:b + 1], _keys(k_cache, b, lo, n, block_table, block_size),
+                                     _keys(v_cache, b, lo, n, block_table, block_size), sinks, start=n - 1,
+                                     sliding_window=sliding_window, sm_scale=sm_scale, key_offset=lo)
     return out
 
 

@@ -1,0 +1,255 @@
+"""The engine loop: requests in, a scheduled step at a time through the model over the paged cache,
+tokens out to each request as soon as they are sampled.
+
+    engine = Engine(model, num_blocks=512)
+    handle = engine.add_request(prompt_ids, SamplingParams(max_tokens=64, temperature=0))
+    for token in engine.stream(handle):          # runs steps until this request is done
+        ...
+    engine.generate([p1, p2, p3], SamplingParams(...))   # all at once: lists of tokens
+
+Requests can be added between steps at any time (from another thread too: `add_request` and
+`abort` take a lock); `step()` runs one scheduled step. Tokens reach a request's handle (an
+iterator, an asyncio-friendly `aiter()`, or an `on_token` callback) after each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .block_manager import BlockManager
+from .cache import PagedKVCache
+from .scheduler import FINISHED, Request, SamplingParams, Scheduler, StepPlan
+
+
+@dataclass
+class RequestHandle:
+    """What a caller holds of a request: its tokens as they come, and how it ended."""
+    request: Request
+    on_token: Callable[[int], None] | None = None
+    _pending: deque = field(default_factory=deque)
+    _waiters: list = field(default_factory=list)        # (loop, asyncio.Event) of async consumers
+
+    @property
+    def finished(self) -> bool:
+        return self.request.state == FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.request.finish_reason
+
+    def _deliver(self, tokens: list[int], done: bool) -> None:
+        self._pending.extend(tokens)
+        if self.on_token:
+            for t in tokens:
+                self.on_token(t)
+        for loop, ev in self._waiters:
+            loop.call_soon_threadsafe(ev.set)
+
+
+class Engine:
+    def __init__(self, model, *, num_blocks: int | None = None, block_size: int = 128,
+                 num_window_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 max_model_len: int | None = None, memory_fraction: float = 0.9, seed: int = 0):
+        c = model.config
+        self.model, self.config = model, c
+        self.block_size = block_size
+        self.max_model_len = min(max_model_len or c.context_length, c.context_length)
+        window = max((c.layer_window(i) for i in range(c.num_hidden_layers)), default=0)
+        if num_blocks is None:
+            num_blocks = self._blocks_for_memory(memory_fraction, block_size)
+        if num_window_blocks is None:       # a window's worth (+1 block) for every sequence, or as many as full ones
+            per_seq = -(-window // block_size) + 1 if window else 0
+            num_window_blocks = min(num_blocks, max_num_seqs * per_seq) if window else 0
+        self.cache = PagedKVCache(c, num_blocks, max(num_window_blocks, 1), block_size, model.device, model.dtype)
+        self.blocks = BlockManager(num_blocks, max(num_window_blocks, 1), block_size, window)
+        self.scheduler = Scheduler(self.blocks, self.max_model_len, max_num_seqs, max_num_batched_tokens)
+        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
+        self.handles: dict[int, RequestHandle] = {}
+        self._lock = threading.Lock()
+        self._gen = torch.Generator(device=model.device)
+        self._gen.manual_seed(seed)
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0}
+
+    def _blocks_for_memory(self, fraction: float, block_size: int) -> int:
+        dev = self.model.device
+        if dev.type != "cuda":
+            return 256
+        free, _ = torch.cuda.mem_get_info(dev)
+        per = sum(PagedKVCache.bytes_per_block(self.config, block_size, self.model.dtype).values())
+        return max(16, int(free * fraction) // per)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    on_token: Callable[[int], None] | None = None) -> RequestHandle:
+        """Queue a request (token ids); it joins the next step. ValueError for a bad request (the
+        engine is untouched)."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        with self._lock:
+            req = self.scheduler.add(prompt, params, self.config.vocab_size)
+            h = RequestHandle(req, on_token)
+            self.handles[req.id] = h
+        return h
+
+    def abort(self, handle: RequestHandle) -> None:
+        """Cancel a request: it ends now and its blocks go back at once."""
+        with self._lock:
+            self.scheduler.abort(handle.request, "abort")
+            self.handles.pop(handle.request.id, None)
+        handle._deliver([], True)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestHandle]:
+        """Schedule and run one step; returns the handles that got tokens or finished."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        self.stats["preemptions"] += len(plan.preempted)   # they resume later, nothing they had is lost
+        sampled = self._run(plan)
+        with self._lock:
+            finished = self.scheduler.update(plan, sampled)
+        self.stats["steps"] += 1
+        self.stats["decode_tokens"] += len(plan.decodes)
+        self.stats["prefill_tokens"] += sum(c.end - c.start for c in plan.prefills)
+        self.stats["peak_running"] = max(self.stats["peak_running"], len(self.scheduler.running) + len(finished))
+        touched = []
+        for rid, tok in sampled.items():
+            h = self.handles.get(rid)
+            if h is not None:
+                h._deliver([tok], h.finished)
+                touched.append(h)
+        for req in finished:
+            self.handles.pop(req.id, None)
+        return touched
+
+    def _tables(self, chunks, group: str) -> torch.Tensor:
+        width = self.max_blocks_per_seq
+        rows = []
+        for c in chunks:
+            t = getattr(self.blocks.tables(c.req.id), "full" if group == "full" else "window")
+            rows.append((t + [-1] * (width - len(t)))[:width])
+        return torch.tensor(rows, dtype=torch.int32)
+
+    def _slots(self, chunks, group: str) -> list[int]:
+        bs, out = self.block_size, []
+        for c in chunks:
+            t = getattr(self.blocks.tables(c.req.id), "full" if group == "full" else "window")
+            out.extend(t[p // bs] * bs + p % bs for p in range(c.start, c.end))
+        return out
+
+    def _run(self, plan: StepPlan) -> dict[int, int]:
+        """The model over the step's tokens; samples the next token of each chunk that asks."""
+        from ..model import Step
+
+        dev = self.model.device
+        chunks = plan.decodes + plan.prefills
+        tokens, positions = [], []
+        for c in chunks:
+            tokens.extend(c.req.tokens[c.start:c.end])
+            positions.extend(range(c.start, c.end))
+        groups = [g for g in ("full", "window") if self.cache.k[g].shape[0]]
+        slots = {g: torch.tensor(self._slots(chunks, g), dtype=torch.int64, device=dev) for g in groups}
+        Bd = len(plan.decodes)
+        cu, starts = [0], []
+        for c in plan.prefills:
+            cu.append(cu[-1] + c.end - c.start)
+            starts.append(c.start)
+        step = Step(torch.tensor(positions, dtype=torch.int64, device=dev), slots=slots,
+                    cu_seqlens=torch.tensor(cu, dtype=torch.int32), starts=torch.tensor(starts, dtype=torch.int32),
+                    max_q_len=max((c.end - c.start for c in plan.prefills), default=0),
+                    seq_lens=torch.tensor([c.end for c in plan.decodes], dtype=torch.int32),
+                    paged=self.cache, num_decode=Bd,
+                    decode_tables={g: self._tables(plan.decodes, g) for g in groups},
+                    prefill_tables={g: self._tables(plan.prefills, g) for g in groups})
+        rows, who = [], []
+        row = 0
+        for c in chunks:
+            row += c.end - c.start
+            if c.sample:
+                rows.append(row - 1)
+                who.append(c.req)
+        with torch.inference_mode():
+            logits = self.model._run(torch.tensor(tokens, dtype=torch.int64, device=dev), step,
+                                     select=torch.tensor(rows, device=dev) if rows else slice(0, 0))
+        return self._sample(logits, who)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> dict[int, int]:
+        """The next token of each request from its row of logits, by its own sampling parameters:
+        rows sharing (temperature, top-k, top-p) are sampled together on the device; a request with a
+        seed draws from its own generator (the same seed gives the same tokens in any batch)."""
+        from ..generate import sample
+
+        out = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.seed is not None and p.temperature > 0:
+                g = getattr(r, "_generator", None)
+                if g is None:
+                    g = torch.Generator(device=logits.device)
+                    g.manual_seed(p.seed)
+                    r._generator = g
+                out[i] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, g)[0]
+            else:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for (t, k, tp), idx in groups.items():
+            sel = torch.tensor(idx, device=logits.device)
+            out[sel] = sample(logits[sel], t, k, tp, self._gen)
+        toks = out.tolist()
+        return {r.id: t for r, t in zip(reqs, toks)}
+
+    # ---- consuming -----------------------------------------------------------------------------------
+    def stream(self, handle: RequestHandle) -> Iterator[int]:
+        """The request's tokens as they are sampled, stepping the engine (for every request) until
+        this one is done."""
+        while True:
+            while handle._pending:
+                yield handle._pending.popleft()
+            if handle.finished:
+                return
+            if not self.has_work():
+                return
+            self.step()
+
+    async def aiter(self, handle: RequestHandle):
+        """The request's tokens, for asyncio code while another thread or task runs `step()`."""
+        loop = asyncio.get_running_loop()
+        ev = asyncio.Event()
+        handle._waiters.append((loop, ev))
+        try:
+            while True:
+                while handle._pending:
+                    yield handle._pending.popleft()
+                if handle.finished:
+                    return
+                await ev.wait()
+                ev.clear()
+        finally:
+            handle._waiters.remove((loop, ev))
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[list[int]]:
+        """Every prompt's tokens, the requests batched continuously."""
+        handles = [self.add_request(p, params) for p in prompts]
+        self.run_until_done()
+        return [list(h.request.output) for h in handles]
+
+    def metrics(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.blocks.full.in_use(), "kv_blocks_total": self.blocks.full.num_blocks,
+                "window_blocks_used": self.blocks.win.in_use() if self.blocks.win else 0,
+                "prefix_hit_rate": self.blocks.hit_rate(), **self.stats}

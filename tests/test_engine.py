@@ -1,0 +1,138 @@
+"""The engine on the reference path (CPU, tiny random model): one request alone gives generate()'s
+greedy tokens; requests joining and leaving at different steps each get the tokens they would get
+alone; preemption and prefix reuse change nothing; aborts free every block."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from gptoss_ext.engine.engine import Engine
+from gptoss_ext.engine.scheduler import SamplingParams
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from gptoss_ext import random_model
+    from gptoss_ext.config import get_preset
+
+    # 4 layers (two windowed), a window of 16 so short prompts cross it
+    cfg = get_preset("tiny").replace(num_hidden_layers=4, sliding_window=16)
+    return random_model(cfg, seed=0, dtype=torch.float32)
+
+
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 200000, (n,), generator=g).tolist() for n in (5, 37, 20)]
+
+
+def alone(model, prompt, n):
+    return model.generate(prompt, max_new_tokens=n, temperature=0.0, use_graph=False)
+
+
+def test_one_request_alone_equals_generate(model):
+    p = prompts()[1]
+    eng = Engine(model, num_blocks=32, block_size=16, max_num_batched_tokens=64)
+    out = eng.generate([p], SamplingParams(max_tokens=8, **GREEDY))[0]
+    assert out == alone(model, p, 8)
+    assert eng.blocks.full.in_use() == 0 and eng.blocks.win.in_use() == 0
+
+
+def test_requests_joining_at_different_steps_get_their_own_tokens(model):
+    ps = prompts()
+    eng = Engine(model, num_blocks=32, block_size=16, max_num_batched_tokens=16)   # prompts read in chunks
+    handles = [eng.add_request(ps[0], SamplingParams(max_tokens=6, **GREEDY))]
+    eng.step()
+    handles.append(eng.add_request(ps[1], SamplingParams(max_tokens=6, **GREEDY)))
+    eng.step()
+    eng.step()
+    handles.append(eng.add_request(ps[2], SamplingParams(max_tokens=3, **GREEDY)))
+    eng.run_until_done()
+    for h, p, n in zip(handles, ps, (6, 6, 3)):
+        assert h.request.output == alone(model, p, n), h.request.id
+    assert eng.stats["peak_running"] >= 2
+
+
+def test_preemption_and_resumption_give_the_same_tokens(model):
+    """Three 16-position blocks: A (10 + 30 tokens) ends up needing all three while B (20 + 10)
+    holds two, so B, the newest, gives way and is recomputed after A."""
+    g = torch.Generator().manual_seed(1)
+    pa, pb = torch.randint(0, 200000, (10,), generator=g).tolist(), torch.randint(0, 200000, (20,), generator=g).tolist()
+    eng = Engine(model, num_blocks=3, num_window_blocks=6, block_size=16, max_num_batched_tokens=64)
+    a = eng.add_request(pa, SamplingParams(max_tokens=30, **GREEDY))
+    eng.step()
+    b = eng.add_request(pb, SamplingParams(max_tokens=10, **GREEDY))
+    eng.run_until_done()
+    assert eng.stats["preemptions"] > 0 and b.request.preemptions > 0
+    assert a.request.output == alone(model, pa, 30) and b.request.output == alone(model, pb, 10)
+
+
+def test_prefix_reuse_gives_the_same_tokens(model):
+    p = prompts()[1]
+    eng = Engine(model, num_blocks=32, block_size=8, max_num_batched_tokens=64)
+    first = eng.generate([p + [1, 2]], SamplingParams(max_tokens=4, **GREEDY))[0]
+    again = eng.generate([p + [1, 2]], SamplingParams(max_tokens=4, **GREEDY))[0]
+    assert eng.blocks.hit_tokens >= 32 and first == again == alone(model, p + [1, 2], 4)
+
+
+def test_abort_frees_blocks_and_others_continue(model):
+    ps = prompts()
+    eng = Engine(model, num_blocks=32, block_size=16, max_num_batched_tokens=16)
+    a = eng.add_request(ps[1], SamplingParams(max_tokens=20, **GREEDY))
+    b = eng.add_request(ps[0], SamplingParams(max_tokens=4, **GREEDY))
+    eng.step()
+    eng.abort(a)
+    assert a.finished and a.finish_reason == "abort"
+    eng.run_until_done()
+    assert b.request.output == alone(model, ps[0], 4)
+    assert eng.blocks.full.in_use() == 0 and eng.blocks.win.in_use() == 0
+
+
+def test_bad_request_is_refused_and_the_engine_keeps_serving(model):
+    eng = Engine(model, num_blocks=32, block_size=16)
+    ok = eng.add_request(prompts()[0], SamplingParams(max_tokens=2, **GREEDY))
+    for bad, params, match in (([], SamplingParams(), "empty"), ([10 ** 9], SamplingParams(), "vocabulary"),
+                               ([1], SamplingParams(temperature=-1.0), "temperature")):
+        with pytest.raises(ValueError, match=match):
+            eng.add_request(bad, params)
+    eng.run_until_done()
+    assert len(ok.request.output) == 2
+
+
+def test_seeded_sampling_is_per_request(model):
+    p = prompts()[0]
+    eng = Engine(model, num_blocks=32, block_size=16)
+    a = eng.add_request(p, SamplingParams(max_tokens=5, temperature=1.0, seed=7))
+    eng.add_request(p, SamplingParams(max_tokens=5, temperature=1.0, seed=8))
+    eng.run_until_done()
+    alone_eng = Engine(model, num_blocks=32, block_size=16)
+    c = alone_eng.add_request(p, SamplingParams(max_tokens=5, temperature=1.0, seed=7))
+    alone_eng.run_until_done()
+    assert a.request.output == c.request.output
+
+
+def test_stream_and_async_consumers(model):
+    p = prompts()[0]
+    eng = Engine(model, num_blocks=32, block_size=16)
+    h = eng.add_request(p, SamplingParams(max_tokens=4, **GREEDY))
+    assert list(eng.stream(h)) == alone(model, p, 4)
+
+    async def consume(handle):
+        return [t async for t in eng.aiter(handle)]
+
+    h2 = eng.add_request(p, SamplingParams(max_tokens=4, **GREEDY))
+    worker = threading.Thread(target=eng.run_until_done)
+    got = asyncio.run(_start_then_consume(worker, consume(h2)))
+    assert got == alone(model, p, 4)
+
+
+async def _start_then_consume(worker, coro):
+    task = asyncio.ensure_future(coro)
+    await asyncio.sleep(0)
+    worker.start()
+    out = await task
+    worker.join()
+    return out
