@@ -148,6 +148,38 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    import gptoss_ext as g
+    import torch
+
+    from .engine import bench
+
+    if args.model:
+        model = g.load_model(args.model, device=args.device)
+        label = f"checkpoint {args.model}"
+    else:
+        from .checkpoint import resolve_device
+
+        dev = resolve_device(args.device)
+        model = g.random_model(args.preset, device=dev, init_device=dev if dev.type == "cuda" else None)
+        label = f"preset {args.preset}, random weights"
+    if args.input_len < 1 or args.output_len < 1 or args.num_requests < 1:
+        raise UsageError("--input-len, --output-len and --num-requests must be >= 1")
+    kwargs = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.num_blocks:
+        kwargs["num_blocks"] = args.num_blocks
+    with torch.inference_mode():
+        res = bench.run(model, num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
+                        rate=args.request_rate, static_batch=args.static_batch, engine_kwargs=kwargs,
+                        shared_prefix=args.shared_prefix, label=label)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    print(bench.format_table(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptoss_ext", description="gpt-oss inference with CUDA kernels")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -188,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-peers", action="store_true", help="skip the transformers peer")
     b.add_argument("--json", help="also write the results as JSON here")
     b.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("bench-serve", help="the serving engine under load (N requests at once or at a rate): "
+                                           "output tok/s, TTFT, time per output token; static generate() beside it")
+    s.add_argument("--preset", default="gpt-oss-20b", help="model shapes (random weights)")
+    s.add_argument("--model", help="benchmark this checkpoint folder instead")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--num-requests", type=int, default=512)
+    s.add_argument("--input-len", type=int, default=1024)
+    s.add_argument("--output-len", type=int, default=1024)
+    s.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (prefix reuse)")
+    s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default: all at once)")
+    s.add_argument("--max-num-seqs", type=int, default=256)
+    s.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    s.add_argument("--block-size", type=int, default=128)
+    s.add_argument("--num-blocks", type=int, default=0, help="KV blocks (default: from free GPU memory)")
+    s.add_argument("--static-batch", type=int, default=64, help="batch of the static generate() run (0: skip it)")
+    s.add_argument("--json", help="also write the results as JSON here")
+    s.set_defaults(fn=cmd_bench_serve)
 
     cli_chat.add_parser(sub)
     return p

@@ -136,3 +136,18 @@ async def _start_then_consume(worker, coro):
     out = await task
     worker.join()
     return out
+
+
+def test_bench_serve_runs_and_reports(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gptoss_ext", "bench-serve", "--preset", "tiny", "--device", "cpu",
+                        "--num-requests", "4", "--input-len", "12", "--output-len", "3", "--static-batch", "2",
+                        "--num-blocks", "8", "--block-size", "16", "--shared-prefix", "8",
+                        "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["engine"]["requests"] == 4 and d["engine"]["output_tok_s"] > 0 and d["static"]["output_tok_s"] > 0
+    assert "time per output token" in r.stdout and "prefix hit rate" in r.stdout
