@@ -226,17 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="gpt-oss-20b", help="model shapes (random weights)")
     s.add_argument("--model", help="benchmark this checkpoint folder instead")
     s.add_argument("--device", default="auto")
-    s.add_argument("--num-requests", type=int, default=512)
-    s.add_argument("--input-len", type=int, default=1024)
-    s.add_argument("--output-len", type=int, default=1024)
-    s.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (prefix reuse)")
-    s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default: all at once)")
-    s.add_argument("--max-num-seqs", type=int, default=256)
-    s.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    s.add_argument("--block-size", type=int, default=128)
-    s.add_argument("--num-blocks", type=int, default=0, help="KV blocks (default: from free GPU memory)")
-    s.add_argument("--static-batch", type=int, default=64, help="batch of the static generate() run (0: skip it)")
     s.add_argument("--json", help="also write the results as JSON here")
+    s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default: all at once)")
+    for flag, default, doc in (("num-requests", 512, ""), ("input-len", 1024, "prompt tokens"),
+                               ("output-len", 1024, "tokens generated (stops ignored)"),
+                               ("shared-prefix", 0, "tokens every prompt starts with (prefix reuse)"),
+                               ("max-num-seqs", 256, "sequences a step"), ("max-num-batched-tokens", 8192,
+                                                                           "tokens a step (chunked prefill budget)"),
+                               ("block-size", 128, "KV block positions"),
+                               ("num-blocks", 0, "KV blocks (0: from free GPU memory)"),
+                               ("static-batch", 64, "batch of the static generate() run (0: skip it)")):
+        s.add_argument(f"--{flag}", type=int, default=default, help=doc or None)
     s.set_defaults(fn=cmd_bench_serve)
 
     cli_chat.add_parser(sub)

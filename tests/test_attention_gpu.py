@@ -304,25 +304,25 @@ def test_prefill_cuda_graph_replay():
     assert torch.equal(out, eager)
 
 
-def test_opcheck():
-    g = torch.Generator(device=DEV).manual_seed(2)
+def small_prefill(seed, batch, cache_len, start):
+    """10 queries of 8 heads over a cache [batch, cache_len, 2, 64]: (g, q, kc, vc, cu, st, out)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
     q = rand((10, 8, D), g)
-    kc, vc = make_cache(1, 16, 2, g, poison=False)
+    kc, vc = make_cache(batch, cache_len, 2, g, poison=False)
     cu = torch.tensor([0, 10], dtype=torch.int32, device=DEV)
-    st = torch.tensor([3], dtype=torch.int32, device=DEV)
-    out = torch.empty_like(q)
+    st = torch.tensor([start], dtype=torch.int32, device=DEV)
+    return g, q, kc, vc, cu, st, torch.empty_like(q)
+
+
+def test_opcheck():
+    g, q, kc, vc, cu, st, out = small_prefill(2, 1, 16, 3)
     torch.library.opcheck(torch.ops.gptoss_ext.attention_prefill, (q, kc, vc, None, cu, st, 10, 0, 0.125, out))
 
 
 # ---- errors ---------------------------------------------------------------------------------------
 
 def test_argument_errors():
-    g = torch.Generator(device=DEV).manual_seed(1)
-    q = rand((10, 8, D), g)
-    kc, vc = make_cache(2, 32, 2, g, poison=False)
-    cu = torch.tensor([0, 10], dtype=torch.int32, device=DEV)
-    st = torch.tensor([0], dtype=torch.int32, device=DEV)
-    out = torch.empty_like(q)
+    g, q, kc, vc, cu, st, out = small_prefill(1, 2, 32, 0)
     op = torch.ops.gptoss_ext.attention_prefill
     with pytest.raises(RuntimeError, match="head_dim 64"):
         op(rand((10, 8, 128), g), kc, vc, None, cu, st, 10, 0, 0.125, out)
