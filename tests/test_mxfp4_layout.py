@@ -8,12 +8,11 @@ import torch
 
 from gptoss_ext import reference as ref
 from gptoss_ext.mxfp4 import KernelMXFP4, expert_from_kernel_layout, expert_to_kernel_layout
+from gptoss_ext.synthetic import random_mxfp4
 
 
 def rand_expert(R, C, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 256, (R, C // 32, 16), dtype=torch.uint8, generator=g),
-            torch.randint(112, 130, (R, C // 32), dtype=torch.uint8, generator=g))
+    return random_mxfp4((R,), C, seed=seed, scale_bytes=(112, 130))
 
 
 @pytest.mark.parametrize("R,C,swiglu", [(32, 128, True), (48, 64, False), (64, 192, True)])
@@ -77,8 +76,7 @@ def test_kernel_emulation_matches_dequantized_matmul(swiglu):
 
 
 def test_kernel_weights_reference_view():
-    b = torch.randint(0, 256, (3, 32, 2, 16), dtype=torch.uint8)
-    s = torch.randint(100, 140, (3, 32, 2), dtype=torch.uint8)
+    b, s = random_mxfp4((3, 32), 64, seed=1, scale_bytes=(100, 140))
     k = KernelMXFP4.from_checkpoint(b, s, swiglu=True)
     assert k.shape == (32, 64) and k.num_experts == 3
     for e in range(3):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gptoss_ext import reference as ref
+from gptoss_ext.synthetic import random_mxfp4
 
 
 # ---- MXFP4 ----------------------------------------------------------------------------------
@@ -242,10 +243,8 @@ def test_moe_matches_per_token_loop():
     T, H, I, E, k = 5, 64, 32, 6, 4
     x = torch.randn(T, H, generator=g)
     gw, gb = torch.randn(E, H, generator=g), torch.randn(E, generator=g)
-    b1 = torch.randint(0, 256, (E, 2 * I, H // 32, 16), dtype=torch.uint8, generator=g)
-    s1 = torch.randint(120, 124, (E, 2 * I, H // 32), dtype=torch.uint8, generator=g)
-    b2 = torch.randint(0, 256, (E, H, I // 32, 16), dtype=torch.uint8, generator=g)
-    s2 = torch.randint(120, 124, (E, H, I // 32), dtype=torch.uint8, generator=g)
+    b1, s1 = random_mxfp4((E, 2 * I), H, seed=3, name="mlp1", scale_bytes=(120, 124))
+    b2, s2 = random_mxfp4((E, H), I, seed=3, name="mlp2", scale_bytes=(120, 124))
     bias1, bias2 = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)
     got = ref.moe(x, gw, gb, (b1, s1), bias1, (b2, s2), bias2, experts_per_token=k)
     W1, W2 = ref.mxfp4_dequantize(b1, s1).double(), ref.mxfp4_dequantize(b2, s2).double()
