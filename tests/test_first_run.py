@@ -180,3 +180,18 @@ def test_example_with_a_missing_checkpoint_is_one_line(fresh_env, tmp_path):
         r = run([sys.executable, str(ROOT / "python" / script), "--model", str(tmp_path / "none")], fresh_env)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith("error: checkpoint folder not found")
+
+
+def test_load_model_and_the_cli_share_the_auto_device():
+    import inspect
+
+    import torch
+
+    from gptoss_ext import load_model
+    from gptoss_ext.checkpoint import resolve_device
+
+    assert inspect.signature(load_model).parameters["device"].default == "auto"
+    want = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == want
+    with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
