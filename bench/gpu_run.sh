@@ -76,7 +76,7 @@ if want sanitize; then
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   { echo "| compute-sanitizer tool | errors | launches covered |"; echo "|---|---:|---|"; } > "$OUT/sanitize.md"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
-    timeout ${SANITIZE_TIMEOUT:-150} "$SAN" --tool "$tool" --kernel-name regex:gptoss --error-exitcode 9 \
+    timeout ${SANITIZE_TIMEOUT:-150} "$SAN" --tool "$tool" --kernel-name kns=gptoss --error-exitcode 9 \
       $PY tests/gpu_sanitize.py > "$LOGS/sanitize_$tool.log" 2>&1
     rc=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOGS/sanitize_$tool.log" | tail -1)

@@ -572,6 +572,8 @@ def moe_experts(x: torch.Tensor, routing, mlp1_weight, mlp1_bias: torch.Tensor, 
         H, _ = mlp2_weight.shape
         h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
         y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
+        if kernel is not None and kernel not in moe_kernel_names():
+            raise ValueError(f"kernel {kernel!r} is not in moe_kernel_names(): {', '.join(moe_kernel_names())}")
         kid = -1 if kernel is None else moe_kernel_names().index(kernel)
         # mlp1 then mlp2 (mlp2 launched as routing_ready: its first weight loads overlap mlp1's tail)
         torch.ops.gptoss_ext.moe_experts(x.contiguous(), mlp1_weight.codes, mlp1_weight.scales, mlp1_bias,
