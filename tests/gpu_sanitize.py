@@ -2,7 +2,7 @@
 synccheck): each expert kernel by name, each attention decode CTA shape, both router forms, both
 prefill block heights. Run by bench/gpu_run.sh as
 
-    compute-sanitizer --tool memcheck --kernel-name regex:gptoss python tests/gpu_sanitize.py
+    compute-sanitizer --tool memcheck python tests/gpu_sanitize.py
 
 It checks nothing itself beyond finishing (the pytest suite checks the values); it prints the kernels
 it launched so the log shows the coverage."""
