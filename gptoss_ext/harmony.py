@@ -614,22 +614,65 @@ def chat(model, messages, *, tools=None, reasoning_effort: str = "medium", strea
     raise RuntimeError("chat ended without a result")  # pragma: no cover
 
 
-def _chat_events(gen) -> Iterator[ChatDelta]:
-    parser = StreamParser("assistant")
-    tokens: list[int] = []
-    stop = "length"
-    announced = None
-    for t in gen:
-        tokens.append(t)
+class ChatStream:
+    """Incremental chat output, the one road from generated tokens to chat events (used by `chat()`
+    and by the server): `push(token)` returns the ChatDelta events that token completes, `finish()`
+    the final "done" event with the ChatResult.
+
+    prefix: tokens the caller forced after `<|start|>assistant` (e.g. the header of a tool call,
+    `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`): parsed as if generated,
+    not counted as output. `reasoning_tokens` counts the tokens of analysis messages (header to end)."""
+
+    def __init__(self, prefix: Iterable[int] = ()):
+        self.parser = StreamParser("assistant")
+        self.tokens: list[int] = []
+        self.stop = "length"
+        self.reasoning_tokens = 0
+        self._announced = None
+        self._header: list[int] = []
+        for t in prefix:
+            self._push(int(t), count=False)
+
+    def push(self, token: int) -> list[ChatDelta]:
+        token = int(token)
+        self.tokens.append(token)
+        return self._push(token, count=True)
+
+    def _push(self, t: int, count: bool) -> list[ChatDelta]:
         if t in GENERATION_STOPS:
-            stop = END_TOKENS[t]
-        d = parser.push(t)
-        cur = parser.current
-        if cur is not None and cur is not announced and cur.recipient and cur.role == "assistant":
-            announced = cur
+            self.stop = END_TOKENS[t]
+        before = self.parser.current
+        d = self.parser.push(t)
+        cur = self.parser.current
+        if count:
+            self._header.append(t)
+            if cur is not None and cur is not before:          # a header just completed
+                if cur.channel == "analysis":
+                    self.reasoning_tokens += len(self._header)
+                self._header = []
+            elif cur is not None:                               # content
+                self._header = []
+                if cur.channel == "analysis":
+                    self.reasoning_tokens += 1
+            elif before is not None:                            # the token that closed a message
+                if before.channel == "analysis":
+                    self.reasoning_tokens += 1
+                self._header = []
+        out = []
+        if cur is not None and cur is not self._announced and cur.recipient and cur.role == "assistant":
+            self._announced = cur
             name = cur.recipient[len("functions."):] if cur.recipient.startswith("functions.") else cur.recipient
-            yield ChatDelta("tool_call", name=name)
+            out.append(ChatDelta("tool_call", name=name))
         if d is not None:
-            yield ChatDelta(_kind(d.message), d.text)
-    messages = parser.finish()
-    yield ChatDelta("done", result=_result(messages, tokens, stop))
+            out.append(ChatDelta(_kind(d.message), d.text))
+        return out
+
+    def finish(self) -> ChatDelta:
+        return ChatDelta("done", result=_result(self.parser.finish(), self.tokens, self.stop))
+
+
+def _chat_events(gen) -> Iterator[ChatDelta]:
+    s = ChatStream()
+    for t in gen:
+        yield from s.push(t)
+    yield s.finish()

@@ -151,3 +151,27 @@ def test_bench_serve_runs_and_reports(tmp_path):
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["engine"]["requests"] == 4 and d["engine"]["output_tok_s"] > 0 and d["static"]["output_tok_s"] > 0
     assert "time per output token" in r.stdout and "prefix hit rate" in r.stdout
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_carries_on(model):
+    from gptoss_ext.engine import EngineStepError
+
+    ps = prompts()
+    eng = Engine(model, num_blocks=32, block_size=16, max_num_batched_tokens=64)
+    a = eng.add_request(ps[0], SamplingParams(max_tokens=4, **GREEDY))
+    real, calls = eng._run, []
+
+    def broken(plan):
+        calls.append(plan)
+        raise RuntimeError("injected")
+
+    eng._run = broken
+    with pytest.raises(EngineStepError, match="injected") as ei:
+        eng.step()
+    assert ei.value.request_ids == [a.request.id]
+    assert a.finished and a.finish_reason == "error: RuntimeError: injected"
+    assert eng.blocks.full.in_use() == 0 and not eng.has_work()
+    eng._run = real
+    b = eng.add_request(ps[0], SamplingParams(max_tokens=4, **GREEDY))
+    eng.run_until_done()
+    assert b.request.output == alone(model, ps[0], 4)

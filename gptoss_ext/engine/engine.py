@@ -27,6 +27,14 @@ from .cache import PagedKVCache
 from .scheduler import FINISHED, Request, SamplingParams, Scheduler, StepPlan
 
 
+class EngineStepError(RuntimeError):
+    """A step failed: the requests it ran (`request_ids`) are finished with an error reason."""
+
+    def __init__(self, message: str, request_ids: list[int]):
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 @dataclass
 class RequestHandle:
     """What a caller holds of a request: its tokens as they come, and how it ended."""
@@ -97,10 +105,10 @@ class Engine:
             self.handles[req.id] = h
         return h
 
-    def abort(self, handle: RequestHandle) -> None:
-        """Cancel a request: it ends now and its blocks go back at once."""
+    def abort(self, handle: RequestHandle, reason: str = "abort") -> None:
+        """Cancel a request: it ends now (finish_reason `reason`) and its blocks go back at once."""
         with self._lock:
-            self.scheduler.abort(handle.request, "abort")
+            self.scheduler.abort(handle.request, reason)
             self.handles.pop(handle.request.id, None)
         handle._deliver([], True)
 
@@ -115,7 +123,21 @@ class Engine:
         if not plan:
             return []
         self.stats["preemptions"] += len(plan.preempted)   # they resume later, nothing they had is lost
-        sampled = self._run(plan)
+        try:
+            sampled = self._run(plan)
+        except Exception as e:
+            # The step's requests fail (finish_reason "error: ..."), their blocks go back; the others
+            # and the engine carry on. The caller sees the error.
+            reason = f"error: {type(e).__name__}: {e}"
+            for c in plan.decodes + plan.prefills:
+                h = self.handles.get(c.req.id)
+                if h is not None:
+                    self.abort(h, reason)
+                else:
+                    with self._lock:
+                        self.scheduler.abort(c.req, reason)
+            self.stats["failed_steps"] = self.stats.get("failed_steps", 0) + 1
+            raise EngineStepError(reason, [c.req.id for c in plan.decodes + plan.prefills]) from e
         with self._lock:
             finished = self.scheduler.update(plan, sampled)
         self.stats["steps"] += 1
