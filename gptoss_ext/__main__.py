@@ -180,6 +180,49 @@ def cmd_bench_serve(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import importlib.util
+    import logging
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"serve needs fastapi and uvicorn ({', '.join(missing)} not installed): "
+                         "pip install 'gptoss-ext[serve]'")
+    from .server import make_server
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port {args.port} is not a TCP port")
+    for flag in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_stored_responses"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise UsageError("--gpu-memory-utilization must be in (0, 1]")
+    model = load_or_embedded(args)
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else
+                                      f"gpt-oss-{args.preset}-random")
+    engine_args = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                       memory_fraction=args.gpu_memory_utilization)
+    if args.num_blocks:
+        engine_args["num_blocks"] = args.num_blocks
+    try:
+        server = make_server(model, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
+                             max_stored_responses=args.max_stored_responses, shutdown_timeout=args.shutdown_timeout,
+                             log_level=args.log_level, **engine_args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    eng = server.config.app.state.ctx.runner.engine
+    print(f"[serving '{name}' at http://{args.host}:{args.port}/v1 (OpenAI API: /chat/completions, /responses, "
+          f"/completions, /models; /health, /metrics); context {eng.max_model_len} tokens, "
+          f"{eng.blocks.full.num_blocks} KV blocks of {eng.block_size}; Ctrl-C stops]", file=sys.stderr, flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:          # uvicorn re-raises the SIGINT it handled, after its shutdown
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptoss_ext", description="gpt-oss inference with CUDA kernels")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -238,6 +281,28 @@ def build_parser() -> argparse.ArgumentParser:
                                ("static-batch", 64, "batch of the static generate() run (0: skip it)")):
         s.add_argument(f"--{flag}", type=int, default=default, help=doc or None)
     s.set_defaults(fn=cmd_bench_serve)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, responses, completions) "
+                                     "on the serving engine")
+    add_model_args(v)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GPTOSS_API_KEY, else none)")
+    v.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint folder's name)")
+    v.add_argument("--max-model-len", type=int, default=None, help="context a request may use (default: the model's)")
+    for flag, default, doc in (("max-num-seqs", 256, "sequences a step"),
+                               ("max-num-batched-tokens", 8192, "tokens a step (the chunked-prefill budget)"),
+                               ("block-size", 128, "KV block positions"),
+                               ("num-blocks", 0, "KV blocks (0: from --gpu-memory-utilization)"),
+                               ("max-stored-responses", 1024, "responses kept for previous_response_id")):
+        v.add_argument(f"--{flag}", type=int, default=default, help=doc)
+    v.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the free GPU memory the KV cache takes (default 0.9)")
+    v.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish on Ctrl-C before they are cancelled")
+    v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    v.set_defaults(fn=cmd_serve)
 
     cli_chat.add_parser(sub)
     return p

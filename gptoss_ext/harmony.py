@@ -620,8 +620,8 @@ class ChatStream:
     the final "done" event with the ChatResult.
 
     prefix: tokens the caller forced after `<|start|>assistant` (e.g. the header of a tool call,
-    `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`): parsed as if generated,
-    not counted as output. `reasoning_tokens` counts the tokens of analysis messages (header to end)."""
+    `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`): parsed as if generated
+    (their events come with the first pushed token), not counted as output. `reasoning_tokens` counts the tokens of analysis messages (header to end)."""
 
     def __init__(self, prefix: Iterable[int] = ()):
         self.parser = StreamParser("assistant")
@@ -630,13 +630,15 @@ class ChatStream:
         self.reasoning_tokens = 0
         self._announced = None
         self._header: list[int] = []
+        self._queued: list[ChatDelta] = []       # the prefix's events, handed out with the first token
         for t in prefix:
-            self._push(int(t), count=False)
+            self._queued += self._push(int(t), count=False)
 
     def push(self, token: int) -> list[ChatDelta]:
         token = int(token)
         self.tokens.append(token)
-        return self._push(token, count=True)
+        queued, self._queued = self._queued, []
+        return queued + self._push(token, count=True)
 
     def _push(self, t: int, count: bool) -> list[ChatDelta]:
         if t in GENERATION_STOPS:

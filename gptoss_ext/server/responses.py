@@ -107,10 +107,10 @@ class ResponsesOutput:
         self.seq = 0
         self.stopped = False          # (no stop strings in the Responses API)
 
-    def event(self, name: str, **data) -> tuple[str, dict]:
-        data = {"type": name, "sequence_number": self.seq, **data}
+    def event(self, kind: str, **data) -> tuple[str, dict]:
+        data = {"type": kind, "sequence_number": self.seq, **data}
         self.seq += 1
-        return name, data
+        return kind, data
 
     def _close(self) -> list:
         it, self.open = self.open, None
