@@ -199,8 +199,11 @@ def cmd_serve(args) -> int:
     if not 0 < args.gpu_memory_utilization <= 1:
         raise UsageError("--gpu-memory-utilization must be in (0, 1]")
     model = load_or_embedded(args)
-    name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else
-                                      f"gpt-oss-{args.preset}-random")
+    name = args.served_model_name
+    if not name and args.model:                  # gpt-oss-20b/original -> gpt-oss-20b
+        parts = os.path.normpath(os.path.abspath(args.model)).split(os.sep)
+        name = parts[-2] if parts[-1] == "original" and len(parts) > 1 else parts[-1]
+    name = name or f"gpt-oss-{args.preset}-random"
     engine_args = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                        memory_fraction=args.gpu_memory_utilization)
@@ -324,7 +327,8 @@ def main(argv=None) -> int:
         if os.environ.get("GPTOSS_DEBUG") == "1":
             raise
         known = ("UsageError", "CheckpointError", "TokenizerError", "ExtensionError", "ValueError", "HarmonyError",
-                 "FileExistsError", "FileNotFoundError", "PermissionError", "OutOfMemoryError")
+                 "FileExistsError", "FileNotFoundError", "PermissionError", "OutOfMemoryError",
+                 "NotImplementedError")
         kind = "" if type(e).__name__ in known else f"internal error ({type(e).__name__}): "
         print(f"error: {kind}{e}", file=sys.stderr)
         return 2

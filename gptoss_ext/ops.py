@@ -273,6 +273,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     return ref.attention(q, k, v, sinks, start=start, sliding_window=sliding_window, sm_scale=sm_scale)
 
 
+def paged_attention_supported(device) -> bool:
+    """Whether attention over a paged KV cache (block tables) runs on `device`: the reference ops on
+    the CPU do; the CUDA kernels do not yet."""
+    return torch.device(device).type != "cuda"
+
+
 def _paged(op: str, q: torch.Tensor, k_pool: torch.Tensor, block_table, block_size) -> None:
     """Checks of a paged call (k_pool [rows, Hkv, D], block_table [B, max_blocks] int32); the CUDA
     kernels do not read paged pools yet: they say so instead of running something slower."""

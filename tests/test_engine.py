@@ -175,3 +175,14 @@ def test_a_failed_step_fails_its_requests_and_the_engine_carries_on(model):
     b = eng.add_request(ps[0], SamplingParams(max_tokens=4, **GREEDY))
     eng.run_until_done()
     assert b.request.output == alone(model, ps[0], 4)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_engine_says_its_attention_kernels_are_missing():
+    from gptoss_ext import random_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = random_model("tiny", seed=0, device="cuda")
+    with pytest.raises(NotImplementedError, match="paged KV cache"):
+        Engine(m, num_blocks=8, block_size=16)

@@ -64,6 +64,13 @@ class Engine:
     def __init__(self, model, *, num_blocks: int | None = None, block_size: int = 128,
                  num_window_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, memory_fraction: float = 0.9, seed: int = 0):
+        from .. import ops
+
+        if not ops.paged_attention_supported(model.device):
+            raise NotImplementedError(
+                f"the serving engine needs attention kernels that read a paged KV cache, which {model.device} does "
+                "not have yet in this version: on the GPU use generate() / chat() (static batches), or run the "
+                "engine on the CPU (--device cpu)")
         c = model.config
         self.model, self.config = model, c
         self.block_size = block_size
