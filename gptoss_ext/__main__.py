@@ -149,6 +149,26 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
+    if args.input_len < 1 or args.output_len < 1 or args.num_requests < 1 or args.max_concurrency < 1:
+        raise UsageError("--input-len, --output-len, --num-requests and --max-concurrency must be >= 1")
+    if args.base_url:                 # a running server, through HTTP
+        try:
+            import httpx
+        except ImportError:
+            raise UsageError("bench-serve --base-url needs httpx: pip install httpx") from None
+        from .server import bench as http_bench
+
+        try:
+            res = http_bench.run(args.base_url, num_requests=args.num_requests, input_len=args.input_len,
+                                 output_len=args.output_len, rate=args.request_rate, concurrency=args.max_concurrency,
+                                 api_key=args.api_key, shared_prefix=args.shared_prefix)
+        except httpx.TransportError as e:
+            raise UsageError(f"--base-url {args.base_url}: cannot reach the server ({type(e).__name__}: {e})") from None
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        print(http_bench.format_table(res))
+        return 0
     import gptoss_ext as g
     import torch
 
@@ -163,8 +183,6 @@ def cmd_bench_serve(args) -> int:
         dev = resolve_device(args.device)
         model = g.random_model(args.preset, device=dev, init_device=dev if dev.type == "cuda" else None)
         label = f"preset {args.preset}, random weights"
-    if args.input_len < 1 or args.output_len < 1 or args.num_requests < 1:
-        raise UsageError("--input-len, --output-len and --num-requests must be >= 1")
     kwargs = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens)
     if args.num_blocks:
@@ -274,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", help="also write the results as JSON here")
     s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default: all at once)")
+    s.add_argument("--base-url", help="drive a running server (`serve`) through HTTP at this /v1 URL instead")
+    s.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"), help="with --base-url")
+    s.add_argument("--max-concurrency", type=int, default=256, help="with --base-url: requests in flight at most")
     for flag, default, doc in (("num-requests", 512, ""), ("input-len", 1024, "prompt tokens"),
                                ("output-len", 1024, "tokens generated (stops ignored)"),
                                ("shared-prefix", 0, "tokens every prompt starts with (prefix reuse)"),

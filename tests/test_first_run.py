@@ -73,13 +73,15 @@ def test_readme_chat_example_finishes_and_shows_what_was_generated(fresh_env):
 
 def readme_commands() -> list[str]:
     """Every `python3 -m gptoss_ext ...` line of the README that runs on any CPU machine as written
-    (not those that name a downloaded checkpoint, a tools file, write 13 GB, or need a GPU)."""
+    (not those that name a downloaded checkpoint, a tools file, write 13 GB, need a GPU, or start a
+    server that runs until stopped: tests/test_server.py starts and stops `serve`)."""
     out = []
     for ln in README.splitlines():
         ln = ln.split("  #")[0].strip()
         if "python3 -m gptoss_ext" not in ln or ln.startswith("python3 -m pip"):
             continue
-        if any(s in ln for s in ("--model", "tools.json", " bench", "make-checkpoint --preset gpt-oss", "&&")):
+        if any(s in ln for s in ("--model", "tools.json", " bench", "make-checkpoint --preset gpt-oss", "&&",
+                                 " serve")):
             continue
         out.append(ln)
     return out

@@ -449,9 +449,10 @@ def free_port():
 def test_serve_cli_starts_answers_and_stops_on_sigint(tmp_path):
     port = free_port()
     env = dict(os.environ, HOME=str(tmp_path))
+    log = open(tmp_path / "serve.log", "w+")           # a file, not a pipe nobody reads while it runs
     p = subprocess.Popen([sys.executable, "-m", "gptoss_ext", "serve", "--port", str(port), "--device", "cpu",
                           "--max-model-len", "512", "--served-model-name", "tiny-test"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                         stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
@@ -461,14 +462,29 @@ def test_serve_cli_starts_answers_and_stops_on_sigint(tmp_path):
                     break
             except httpx.HTTPError:
                 pass
-            assert p.poll() is None and time.monotonic() - t0 < 120, p.stdout.read() if p.poll() is not None else ""
+            assert p.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
         c = openai.OpenAI(base_url=url + "/v1", api_key="x")
         r = c.chat.completions.create(model="tiny-test", messages=user("hi"), max_tokens=4)
         assert r.usage.completion_tokens == 4
     finally:
         p.send_signal(signal.SIGINT)
-        out = p.communicate(timeout=60)[0]
+        p.wait(timeout=60)
+    out = (tmp_path / "serve.log").read_text()
     assert p.returncode == 0, out
     assert "built-in random" in out and f"http://127.0.0.1:{port}/v1" in out
     assert "in=" in out and "out=4" in out                  # one log line a request
+
+
+def test_bench_serve_drives_a_server_through_http(real, tmp_path, capsys):
+    from gptoss_ext.__main__ import main
+
+    out = tmp_path / "http.json"
+    assert main(["bench-serve", "--base-url", real, "--num-requests", "6", "--input-len", "8", "--output-len", "5",
+                 "--max-concurrency", "3", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["http"]["requests"] == 6 and res["http"]["output_tokens"] == 30      # ignore_eos: exactly 5 each
+    assert res["model"] == "tiny" and res["max_concurrency"] == 3
+    assert "output tok/s" in capsys.readouterr().out
+    assert main(["bench-serve", "--base-url", "http://127.0.0.1:9/v1", "--num-requests", "1"]) == 2
+    assert "cannot reach the server" in capsys.readouterr().err

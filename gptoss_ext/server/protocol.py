@@ -120,7 +120,8 @@ def sampling(body: Body, *, max_tokens: int | None, prompt_len: int, max_model_l
                        param=max_tokens_param, code="context_length_exceeded")
     seed = body.number("seed", None, -2**63, 2**63 - 1, integer=True)
     top_k = body.number("top_k", 0, -1, 1 << 30, integer=True)
-    return SamplingParams(max_tokens=max_tokens,
+    ignore = body.boolean("ignore_eos")          # vLLM's extension: benchmarks generate max_tokens every time
+    return SamplingParams(max_tokens=max_tokens, ignore_stops=ignore,
                           temperature=float(body.number("temperature", 1.0, 0.0, 2.0)),
                           top_p=float(body.number("top_p", 1.0, 0.0, 1.0, lo_open=True)),
                           top_k=0 if top_k == -1 else top_k,

@@ -164,5 +164,6 @@ class EngineRunner:
         out += [f'gptoss_requests_total{{status="{k}"}} {v}' for k, v in sorted(self.requests.items())]
         for h in (self.ttft, self.tpot, self.e2e):
             out += h.lines()
-        out.append(f'gptoss_model_info{{model="{model_name}"}} 1')
+        out += ["# HELP gptoss_model_info The model this server serves.", "# TYPE gptoss_model_info gauge",
+                f'gptoss_model_info{{model="{model_name}"}} 1']
         return "\n".join(out) + "\n"
