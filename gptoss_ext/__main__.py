@@ -127,6 +127,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _report(res: dict, json_path: str | None, table) -> int:
+    """A benchmark's results: JSON to --json if given, the markdown table to stdout."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=2)
+    print(table(res))
+    return 0
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -141,11 +150,7 @@ def cmd_bench(args) -> int:
                          "reinstall with `pip install --no-build-isolation -e .` on a machine with nvcc")
     res = benchmark.run(preset=None if args.model else args.preset, model_dir=args.model, peers=not args.no_peers,
                         new_tokens=args.new_tokens)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-    print(benchmark.format_table(res))
-    return 0
+    return _report(res, args.json, benchmark.format_table)
 
 
 def cmd_bench_serve(args) -> int:
@@ -164,11 +169,7 @@ def cmd_bench_serve(args) -> int:
                                  api_key=args.api_key, shared_prefix=args.shared_prefix)
         except httpx.TransportError as e:
             raise UsageError(f"--base-url {args.base_url}: cannot reach the server ({type(e).__name__}: {e})") from None
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
-        print(http_bench.format_table(res))
-        return 0
+        return _report(res, args.json, http_bench.format_table)
     import gptoss_ext as g
     import torch
 
@@ -191,11 +192,7 @@ def cmd_bench_serve(args) -> int:
         res = bench.run(model, num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
                         rate=args.request_rate, static_batch=args.static_batch, engine_kwargs=kwargs,
                         shared_prefix=args.shared_prefix, label=label)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-    print(bench.format_table(res))
-    return 0
+    return _report(res, args.json, bench.format_table)
 
 
 def cmd_serve(args) -> int:

@@ -211,6 +211,77 @@ async def drive(ctx, h, out, on_deltas=None):
     return reason, first, n
 
 
+class Choices:
+    """The n choices of a chat or text completion request, their engine requests and output adapters,
+    answered whole (`respond`) or streamed as SSE records (`stream`). `obj` / `field`: the response
+    object and where a choice's output goes ("chat.completion" + "message" / "delta", or
+    "text_completion" + "text"); `usage(counts)` the usage object from the tokens each generated."""
+
+    def __init__(self, ctx, prefix: str, obj: str, handles, outs, usage):
+        self.ctx, self.obj, self.handles, self.outs, self.usage = ctx, obj, handles, outs, usage
+        self.id, self.created, self.arrival = new_id(prefix), now(), time.perf_counter()
+
+    def _envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.ctx.model_name,
+                "choices": choices, **extra}
+
+    async def respond(self, request, field: str, value) -> dict:
+        """Every choice to its end (cancelled if the client goes away): the whole response, with
+        `value(out)` as each choice's `field`."""
+        ctx, hs, outs = self.ctx, self.handles, self.outs
+
+        async def one(i):
+            reason, first, n = await drive(ctx, hs[i], outs[i])
+            outs[i].finish()
+            ctx.finished(self.id, hs[i], self.arrival, first, n, reason)
+            return n
+
+        counts = await ctx.await_or_cancel(request, [one(i) for i in range(len(hs))], hs)
+        return self._envelope(self.obj, [{"index": i, field: value(o), "logprobs": None,
+                                          "finish_reason": o.finish_reason(hs[i].finish_reason)}
+                                         for i, o in enumerate(outs)], usage=self.usage(counts))
+
+    def stream(self, obj: str, field: str, opening, closing, include_usage: bool):
+        """The SSE records of every choice as they come (`opening` first if not None, `closing` with
+        the finish reason last), the usage record if asked, then `data: [DONE]`. The client going
+        away cancels the choices."""
+        ctx, hs, outs = self.ctx, self.handles, self.outs
+        counts = [0] * len(hs)
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(i, d, finish=None):
+            return sse(self._envelope(obj, [{"index": i, field: d, "logprobs": None, "finish_reason": finish}],
+                                      **extra))
+
+        async def one(i, put):
+            def emit(deltas):
+                for d in deltas:
+                    put(chunk(i, d))
+            if opening is not None:
+                emit([opening])
+            try:
+                reason, first, counts[i] = await drive(ctx, hs[i], outs[i], emit)
+                emit(outs[i].finish())
+                put(chunk(i, closing, outs[i].finish_reason(reason)))
+                ctx.finished(self.id, hs[i], self.arrival, first, counts[i], reason)
+            except ApiError as e:
+                put(sse(e.body()))
+                ctx.finished(self.id, hs[i], self.arrival, None, counts[i], hs[i].finish_reason)
+
+        async def events():
+            try:
+                async for item in fan_in(len(hs), one):
+                    yield item
+                if include_usage:
+                    yield sse(self._envelope(obj, [], usage=self.usage(counts)))
+                yield "data: [DONE]\n\n"
+            finally:                              # the client went away, or the server is stopping
+                for h in hs:
+                    ctx.runner.abort(h)
+
+        return events()
+
+
 def parse(ctx, body: Body):
     """Validate a chat request -> everything needed to run it."""
     common_checks(body)
@@ -225,12 +296,7 @@ def parse(ctx, body: Body):
     prefix, tools_on = forced_prefix(body.data.get("tool_choice"), tools)
     tools_in_prompt = tools if body.data.get("tool_choice") != "none" else None
     prompt = render_prompt(messages, tools_in_prompt, effort) + prefix
-    n = body.number("n", 1, 1, 128, integer=True)
-    stream = body.boolean("stream")
-    so = body.data.get("stream_options")
-    if so is not None and (not isinstance(so, dict) or not stream):
-        raise bad("stream_options", "stream_options must be an object and is only allowed with stream=true")
-    include_usage = bool(so and so.get("include_usage"))
+    n, stream, include_usage = body.choices_and_streaming()
     if body.data.get("logprobs") or body.data.get("top_logprobs"):
         raise bad("logprobs", "logprobs are not supported by this server", code="unsupported_parameter")
     rf = body.data.get("response_format")
@@ -248,64 +314,15 @@ def parse(ctx, body: Body):
 
 async def chat_completions(ctx, body: Body, request):
     prompt, prefix, tools_on, stops, params, stream, include_usage = parse(ctx, body)
-    arrival = time.perf_counter()
     handles = ctx.submit(prompt, params, "messages")
     outs = [ChatOutput(prefix, stops, tools_on) for _ in handles]
-    cid, created = new_id("chatcmpl-"), now()
 
-    def usage(gen_counts):
-        return {"prompt_tokens": len(prompt), "completion_tokens": sum(gen_counts),
-                "total_tokens": len(prompt) + sum(gen_counts),
+    def usage(counts):
+        return {"prompt_tokens": len(prompt), "completion_tokens": sum(counts), "total_tokens": len(prompt) + sum(counts),
                 "prompt_tokens_details": {"cached_tokens": handles[0].request.cached_tokens},
                 "completion_tokens_details": {"reasoning_tokens": sum(o.stream.reasoning_tokens for o in outs)}}
 
+    choices = Choices(ctx, "chatcmpl-", "chat.completion", handles, outs, usage)
     if not stream:
-        async def one(i):
-            reason, first, n = await drive(ctx, handles[i], outs[i])
-            outs[i].finish()
-            ctx.finished(cid, handles[i], arrival, first, n, reason)
-            return n
-
-        counts = await ctx.await_or_cancel(request, [one(i) for i in range(len(handles))], handles)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": ctx.model_name,
-                "choices": [{"index": i, "message": o.message(), "logprobs": None,
-                             "finish_reason": o.finish_reason(handles[i].finish_reason)} for i, o in enumerate(outs)],
-                "usage": usage(counts)}
-
-    def chunk(i, delta, finish=None):
-        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
-             "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            c["usage"] = None
-        return c
-
-    counts = [0] * len(handles)
-
-    async def one(i, put):
-        put(sse(chunk(i, {"role": "assistant", "content": ""})))
-
-        def emit(deltas):
-            for d in deltas:
-                put(sse(chunk(i, d)))
-        try:
-            reason, first, counts[i] = await drive(ctx, handles[i], outs[i], emit)
-            emit(outs[i].finish())
-            put(sse(chunk(i, {}, outs[i].finish_reason(reason))))
-            ctx.finished(cid, handles[i], arrival, first, counts[i], reason)
-        except ApiError as e:
-            put(sse(e.body()))
-            ctx.finished(cid, handles[i], arrival, None, counts[i], handles[i].finish_reason)
-
-    async def events():
-        try:
-            async for item in fan_in(len(handles), one):
-                yield item
-            if include_usage:
-                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
-                           "choices": [], "usage": usage(counts)})
-            yield "data: [DONE]\n\n"
-        finally:                                  # the client went away, or the server is stopping
-            for h in handles:
-                ctx.runner.abort(h)
-
-    return events()
+        return await choices.respond(request, "message", ChatOutput.message)
+    return choices.stream("chat.completion.chunk", "delta", {"role": "assistant", "content": ""}, {}, include_usage)

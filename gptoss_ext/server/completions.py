@@ -5,11 +5,10 @@ strings, or the token limit (16 by default, as OpenAI's)."""
 
 from __future__ import annotations
 
-import time
 
 from .. import tokenizer as tok
-from .chat import drive, fan_in, sse
-from .protocol import ApiError, Body, StopStrings, bad, common_checks, new_id, now, sampling, stop_strings
+from .chat import Choices
+from .protocol import Body, StopStrings, bad, common_checks, sampling, stop_strings
 
 END_IDS = (tok.ENDOFTEXT, tok.RETURN, tok.CALL)
 
@@ -76,12 +75,7 @@ async def completions(ctx, body: Body, request):
     for name in ("echo", "best_of", "suffix", "logprobs"):
         body.unsupported(name, ok=(None, False, 1) if name in ("echo", "best_of") else (None,))
     prompts = prompts_of(body.data.get("prompt"), ctx.vocab_size)
-    n = body.number("n", 1, 1, 128, integer=True)
-    stream = body.boolean("stream")
-    so = body.data.get("stream_options")
-    if so is not None and (not isinstance(so, dict) or not stream):
-        raise bad("stream_options", "stream_options must be an object and is only allowed with stream=true")
-    include_usage = bool(so and so.get("include_usage"))
+    n, stream, include_usage = body.choices_and_streaming()
     max_tokens = body.number("max_tokens", 16, 1, 1 << 30, integer=True)
     stops = stop_strings(body)
     jobs = []
@@ -90,7 +84,6 @@ async def completions(ctx, body: Body, request):
             jobs.append((p, sampling(body, max_tokens=max_tokens, prompt_len=len(p), max_model_len=ctx.max_model_len,
                                      stop_ids=END_IDS, max_tokens_param="max_tokens", prompt_param="prompt",
                                      choice=i)))
-    arrival = time.perf_counter()
     handles = []
     try:
         for p, params in jobs:
@@ -99,58 +92,10 @@ async def completions(ctx, body: Body, request):
         for h in handles:
             ctx.runner.abort(h)
         raise
-    outs = [TextOutput(stops) for _ in handles]
-    cid, created = new_id("cmpl-"), now()
-
-    def usage(counts):
-        pt = sum(len(p) for p in prompts)
-        return {"prompt_tokens": pt, "completion_tokens": sum(counts), "total_tokens": pt + sum(counts)}
-
+    pt = sum(len(p) for p in prompts)
+    choices = Choices(ctx, "cmpl-", "text_completion", handles, [TextOutput(stops) for _ in handles],
+                      lambda counts: {"prompt_tokens": pt, "completion_tokens": sum(counts),
+                                      "total_tokens": pt + sum(counts)})
     if not stream:
-        async def one(i):
-            reason, first, k = await drive(ctx, handles[i], outs[i])
-            outs[i].finish()
-            ctx.finished(cid, handles[i], arrival, first, k, reason)
-            return k
-
-        counts = await ctx.await_or_cancel(request, [one(i) for i in range(len(handles))], handles)
-        return {"id": cid, "object": "text_completion", "created": created, "model": ctx.model_name,
-                "choices": [{"index": i, "text": o.text, "logprobs": None,
-                             "finish_reason": o.finish_reason(handles[i].finish_reason)} for i, o in enumerate(outs)],
-                "usage": usage(counts)}
-
-    def chunk(i, text, finish=None):
-        c = {"id": cid, "object": "text_completion", "created": created, "model": ctx.model_name,
-             "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
-        if include_usage:
-            c["usage"] = None
-        return c
-
-    counts = [0] * len(handles)
-
-    async def one(i, put):
-        def emit(pieces):
-            for piece in pieces:
-                put(sse(chunk(i, piece)))
-        try:
-            reason, first, counts[i] = await drive(ctx, handles[i], outs[i], emit)
-            emit(outs[i].finish())
-            put(sse(chunk(i, "", outs[i].finish_reason(reason))))
-            ctx.finished(cid, handles[i], arrival, first, counts[i], reason)
-        except ApiError as e:
-            put(sse(e.body()))
-            ctx.finished(cid, handles[i], arrival, None, counts[i], handles[i].finish_reason)
-
-    async def events():
-        try:
-            async for item in fan_in(len(handles), one):
-                yield item
-            if include_usage:
-                yield sse({"id": cid, "object": "text_completion", "created": created, "model": ctx.model_name,
-                           "choices": [], "usage": usage(counts)})
-            yield "data: [DONE]\n\n"
-        finally:
-            for h in handles:
-                ctx.runner.abort(h)
-
-    return events()
+        return await choices.respond(request, "text", lambda o: o.text)
+    return choices.stream("text_completion", "text", None, "", include_usage)

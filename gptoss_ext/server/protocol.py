@@ -83,6 +83,15 @@ class Body:
             raise bad(name, f"{name} must be in {lo_s}, {hi_s}, got {v!r}")
         return v
 
+    def choices_and_streaming(self) -> tuple[int, bool, bool]:
+        """n, stream, and stream_options.include_usage (only allowed with stream)."""
+        n = self.number("n", 1, 1, 128, integer=True)
+        stream = self.boolean("stream")
+        so = self.data.get("stream_options")
+        if so is not None and (not isinstance(so, dict) or not stream):
+            raise bad("stream_options", "stream_options must be an object and is only allowed with stream=true")
+        return n, stream, bool(so and so.get("include_usage"))
+
     def unsupported(self, name: str, ok=(None, False, 0, 0.0, 1), why: str = "") -> None:
         """A field this server does not implement: accepted only at its no-op value."""
         v = self.data.get(name)
