@@ -278,7 +278,6 @@ class GptOss(nn.Module):
     def _run(self, tokens: torch.Tensor, step: Step, select=None, float_logits: bool = True) -> torch.Tensor:
         """Embedding -> blocks -> norm -> unembedding of the rows `select` (None: all). float32 logits
         (float_logits=False: in the model's dtype, as the unembedding gives them)."""
-        c = self.config
         x = self.embedding(tokens)                                           # [T, H] residual stream
         moe_out = None                                                       # the previous block's MoE output
         for blk in self.block:
