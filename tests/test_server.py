@@ -364,6 +364,8 @@ def test_an_engine_error_fails_its_requests_and_the_server_keeps_serving(tiny):
         eng._run = real_run
         assert c.chat.completions.create(model="gpt-oss", messages=user("hi")).choices[0].message.content
         assert eng.blocks.full.in_use() == 0
+        text = httpx.get(url[:-3] + "/metrics").text
+        assert 'gptoss_requests_total{status="error"} 1' in text and "gptoss_engine_step_errors_total 1" in text
 
 
 def test_a_client_that_disconnects_frees_its_blocks(tiny):
@@ -381,6 +383,7 @@ def test_a_client_that_disconnects_frees_its_blocks(tiny):
             time.sleep(0.02)
         assert not eng.scheduler.running and eng.blocks.full.in_use() == 0
         assert time.monotonic() - t0 < 2
+        assert 'gptoss_requests_total{status="aborted"} 1' in httpx.get(url[:-3] + "/metrics").text
 
 
 def test_graceful_shutdown_finishes_the_running_streams(tiny):

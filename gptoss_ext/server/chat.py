@@ -186,9 +186,10 @@ async def fan_in(n: int, run_one):
             t.cancel()
 
 
-async def drive(ctx, h, out, on_deltas=None):
-    """Feed a request's tokens to its output adapter until it ends (or a stop string cuts it).
-    Returns (finish_reason of the engine, time of the first token, tokens generated)."""
+async def drive(ctx, rid: str, arrival: float, h, out, on_deltas=None):
+    """Feed a request's tokens to its output adapter until it ends (or a stop string cuts it, or the
+    caller is cancelled), and record it (metrics, the log line) however it ended. Returns (finish
+    reason of the engine, tokens generated); an engine failure is an ApiError 500."""
     first, n = None, 0
     try:
         async for t in ctx.runner.tokens(h):
@@ -204,11 +205,12 @@ async def drive(ctx, h, out, on_deltas=None):
     finally:
         if not h.finished:
             ctx.runner.abort(h)
+        ctx.finished(rid, h, arrival, first, n, h.finish_reason)
     reason = h.finish_reason
     if reason and reason.startswith("error"):
         raise ApiError(500, f"the engine failed while running this request ({reason[len('error: '):]})",
                        code="engine_error")
-    return reason, first, n
+    return reason, n
 
 
 class Choices:
@@ -231,9 +233,8 @@ class Choices:
         ctx, hs, outs = self.ctx, self.handles, self.outs
 
         async def one(i):
-            reason, first, n = await drive(ctx, hs[i], outs[i])
+            _, n = await drive(ctx, self.id, self.arrival, hs[i], outs[i])
             outs[i].finish()
-            ctx.finished(self.id, hs[i], self.arrival, first, n, reason)
             return n
 
         counts = await ctx.await_or_cancel(request, [one(i) for i in range(len(hs))], hs)
@@ -260,13 +261,11 @@ class Choices:
             if opening is not None:
                 emit([opening])
             try:
-                reason, first, counts[i] = await drive(ctx, hs[i], outs[i], emit)
+                reason, counts[i] = await drive(ctx, self.id, self.arrival, hs[i], outs[i], emit)
                 emit(outs[i].finish())
                 put(chunk(i, closing, outs[i].finish_reason(reason)))
-                ctx.finished(self.id, hs[i], self.arrival, first, counts[i], reason)
             except ApiError as e:
                 put(sse(e.body()))
-                ctx.finished(self.id, hs[i], self.arrival, None, counts[i], hs[i].finish_reason)
 
         async def events():
             try:

@@ -272,9 +272,8 @@ async def create_response(ctx, body: Body, request):
 
     if not stream:
         async def run():
-            reason, first, n = await drive(ctx, h, out)
+            reason, n = await drive(ctx, rid, arrival, h, out)
             out.finish()
-            ctx.finished(rid, h, arrival, first, n, reason)
             return reason, n
 
         ((reason, n),) = await ctx.await_or_cancel(request, [run()], [h])
@@ -285,21 +284,18 @@ async def create_response(ctx, body: Body, request):
             for name, data in evs:
                 put(f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n")
 
-        n, first = 0, None
         start = dict(base, output=[], status="in_progress", usage=None)
         send([out.event("response.created", response=start), out.event("response.in_progress", response=start)])
         try:
-            reason, first, n = await drive(ctx, h, out, send)
+            reason, n = await drive(ctx, rid, arrival, h, out, send)
             send(out.finish())
             r = final(reason, n)
             send([out.event("response.incomplete" if r["status"] == "incomplete" else "response.completed",
                             response=r)])
-            ctx.finished(rid, h, arrival, first, n, reason)
         except ApiError as e:
             send([out.event("error", code=e.code, message=e.message, param=e.param),
                   out.event("response.failed", response=dict(base, output=out.items, status="failed",
                                                              error={"code": e.code, "message": e.message}))])
-            ctx.finished(rid, h, arrival, first, n, h.finish_reason)
 
     async def events():
         try:
