@@ -21,7 +21,8 @@ bool set_pdl_enabled(bool enabled) { return set_pdl(enabled); }
 
 c10::Dict<std::string, int64_t> limits() {
   const std::pair<const char*, int64_t> table[] = {
-      {"attention_head_dim", kAttnHeadDim},          {"rms_norm_max_hidden", kRmsNormMaxHidden},
+      {"attention_head_dim", kAttnHeadDim},          {"attention_min_block_rows", kAttnMinBlockRows},
+      {"rms_norm_max_hidden", kRmsNormMaxHidden},
       {"rope_max_head_dim", kRopeMaxHeadDim},        {"linear_skinny_max_rows", kSkinnyMaxM},
       {"linear_skinny_max_x_bytes", kSkinnyMaxXBytes}, {"moe_router_max_experts", kRouterMaxExperts},
       {"moe_router_max_top_k", kRouterMaxTopK},      {"moe_gate_router_max_tokens", kGateRouterMaxTokens},
@@ -65,11 +66,12 @@ TORCH_LIBRARY(gptoss_ext, m) {
   m.def("decode_prep(Tensor(a!) seq_lens, Tensor active, Tensor row0, Tensor(b!) positions, Tensor(c!) slots) -> ()");
 
   // ---- attention
-  // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer).
+  // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer),
+  // or with block_table (int32 [B, max_blocks]) a paged pool [blocks * block_size, Hkv, 64].
   // Varlen prefill: sequence b's queries q[cu_seqlens[b] : cu_seqlens[b+1]] sit at positions
   // start[b] ..; keys are cache rows 0 .. start[b] + q_len - 1 of batch row b. window 0 = full.
   m.def("attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? sinks, Tensor cu_seqlens, Tensor start, "
-        "int max_q_len, int window, float sm_scale, Tensor(a!) out) -> ()");
+        "int max_q_len, int window, float sm_scale, Tensor(a!) out, Tensor? block_table=None, int block_size=0) -> ()");
   // [chunk, splits, warps] for attention_decode on this device (depends on the shapes only: CUDA-graph safe)
   m.def("attention_decode_plan(int B, int Hq, int Hkv, int max_len, int window, int device) -> int[]",
         &gptoss::attention_decode_plan);
@@ -78,7 +80,7 @@ TORCH_LIBRARY(gptoss_ext, m) {
   // all but the newest cache rows were written two or more kernels back (loads may start early)
   m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? sinks, Tensor seq_lens, int window, "
         "float sm_scale, int chunk, int warps, Tensor(a!) ws_o, Tensor(b!) ws_ml, Tensor(c!) tickets, "
-        "Tensor(d!) out, bool kv_ready=False) -> ()");
+        "Tensor(d!) out, bool kv_ready=False, Tensor? block_table=None, int block_size=0) -> ()");
 
   // ---- linear
   // out = x weight^T + bias for 1..8 rows of x (decode projections), bf16. weight_constant: no

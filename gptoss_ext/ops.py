@@ -275,21 +275,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
 
 def paged_attention_supported(device) -> bool:
     """Whether attention over a paged KV cache (block tables) runs on `device`: the reference ops on
-    the CPU do; the CUDA kernels do not yet."""
-    return torch.device(device).type != "cuda"
+    the CPU, the kernels on CUDA (blocks of a power of two >= limits()['attention_min_block_rows'])."""
+    return torch.device(device).type != "cuda" or _extension.available()
 
 
-def _paged(op: str, q: torch.Tensor, k_pool: torch.Tensor, block_table, block_size) -> None:
-    """Checks of a paged call (k_pool [rows, Hkv, D], block_table [B, max_blocks] int32); the CUDA
-    kernels do not read paged pools yet: they say so instead of running something slower."""
+def _paged(op: str, q: torch.Tensor, k_pool: torch.Tensor, block_table, block_size) -> bool:
+    """Checks of a paged call (k_pool [rows, Hkv, D], block_table [B, max_blocks] int32); whether
+    the kernel runs it (else the reference)."""
     if k_pool.dim() != 3:
         raise ValueError(f"{op}: with a block table the cache is a pool [rows, kv_heads, head_dim], got shape "
                          f"{tuple(k_pool.shape)}")
     if not isinstance(block_size, int) or block_size <= 0 or k_pool.shape[0] % block_size:
         raise ValueError(f"{op}: block_size must divide the pool's {k_pool.shape[0]} rows, got {block_size!r}")
-    if q.is_cuda and not getattr(_local, "reference", False):
-        raise NotImplementedError(f"{op}: the CUDA attention kernels do not read a paged KV cache yet; run the "
-                                  "paged engine on the CPU, or inside ops.reference_mode() on the GPU")
+    if not _attn_kernel_ok(op, q):
+        return False
+    if block_size < limits()["attention_min_block_rows"] or block_size & (block_size - 1):
+        raise ValueError(f"{op}: the attention kernels read paged blocks of a power of two >= "
+                         f"{limits()['attention_min_block_rows']} rows, got {block_size}")
+    return True
 
 
 def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor | None,
@@ -305,7 +308,15 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
     if block_table is not None:        # a paged pool: sequence b's positions through its block table
-        _paged("attention_prefill", q, k_cache, block_table, block_size)
+        if _paged("attention_prefill", q, k_cache, block_table, block_size):
+            if max_q_len is None:
+                raise ValueError("attention_prefill: with a block table, give max_q_len")
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            torch.ops.gptoss_ext.attention_prefill(
+                q, k_cache, v_cache, _sinks32(sinks), cu_seqlens.to(q.device, torch.int32),
+                starts.to(q.device, torch.int32), int(max_q_len), int(sliding_window), _scale(sm_scale, q.shape[-1]),
+                out, block_table.to(q.device, torch.int32), int(block_size))
+            return out
         return ref.attention_prefill(q, k_cache, v_cache, sinks, _host_ints("cu_seqlens", cu_seqlens),
                                      _host_ints("starts", starts), sliding_window=sliding_window, sm_scale=sm_scale,
                                      block_table=block_table.tolist(), block_size=block_size)
@@ -372,7 +383,19 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
     if block_table is not None:
-        _paged("attention_decode", q, k_cache, block_table, block_size)
+        if _paged("attention_decode", q, k_cache, block_table, block_size):
+            B, Hq, D = q.shape
+            Hkv = k_cache.shape[1]
+            chunk, splits, warps = _decode_plan(B, Hq, Hkv, block_table.shape[1] * block_size, int(sliding_window),
+                                                q.device.index or 0)
+            ws_o = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+            ws_ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=q.device)
+            out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+            torch.ops.gptoss_ext.attention_decode(
+                q, k_cache, v_cache, _sinks32(sinks), seq_lens.to(q.device, torch.int32), int(sliding_window),
+                _scale(sm_scale, D), chunk, warps, ws_o, ws_ml, _decode_tickets(q.device, B, Hq, Hkv), out,
+                bool(kv_ready), block_table.to(q.device, torch.int32), int(block_size))
+            return out
         return ref.attention_decode(q, k_cache, v_cache, sinks, _host_ints("seq_lens", seq_lens),
                                     sliding_window=sliding_window, sm_scale=sm_scale,
                                     block_table=block_table.tolist(), block_size=block_size)

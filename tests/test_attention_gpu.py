@@ -359,3 +359,84 @@ def test_argument_errors():
         dec(q[:2], kc, vc, None, ones, 0, 0.125, 128, 4, ws, ml, tickets.long(), torch.empty_like(q[:2]))
     with pytest.raises(RuntimeError, match="'slots' must have dtype Long"):
         torch.ops.gptoss_ext.kv_write(q[:, :2], q[:, :2], torch.zeros(10, dtype=torch.int32, device=DEV), kc, vc)
+
+
+# ---- paged KV cache ---------------------------------------------------------------------------------
+
+def paged_copy(kc, vc, bs, g, window=0, lens=None):
+    """The contiguous cache [B, L, Hkv, D] as a pool of shuffled bs-row blocks and its block table
+    (with a window, blocks wholly before the window of each sequence's length are -1 and their pool
+    rows are NaN: the kernels must never read them)."""
+    B, L, Hkv, _ = kc.shape
+    nb = -(-L // bs)
+    perm = torch.randperm(B * nb + 3, generator=torch.Generator().manual_seed(int(g.initial_seed()) % 1000))
+    table = perm[:B * nb].view(B, nb).to(torch.int32)
+    kp = torch.full(((B * nb + 3) * bs, Hkv, D), float("nan"), dtype=kc.dtype, device=DEV)
+    vp = kp.clone()
+    for b in range(B):
+        for i in range(nb):
+            n = min(bs, L - i * bs)
+            row = int(table[b, i]) * bs
+            kp[row:row + n] = kc[b, i * bs:i * bs + n]
+            vp[row:row + n] = vc[b, i * bs:i * bs + n]
+            if window and lens is not None and (i + 1) * bs <= max(0, lens[b] - window - 64):
+                kp[row:row + bs] = float("nan")        # given back: garbage that must not be read
+                vp[row:row + bs] = float("nan")
+                table[b, i] = -1
+    return kp, vp, table.to(DEV)
+
+
+@pytest.mark.parametrize("window", [0, 128])
+@pytest.mark.parametrize("bs", [128, 256])
+def test_paged_prefill_equals_contiguous(window, bs):
+    """Varlen prefill with start offsets over shuffled blocks, partial last blocks, chunks crossing
+    block and window boundaries: the same bits as over the contiguous cache."""
+    g = torch.Generator(device=DEV).manual_seed(7 + bs + window)
+    Hq, Hkv, L = 64, 8, 700
+    kc, vc = make_cache(3, L, Hkv, g, poison=False)
+    pieces, starts = [130, 1, 333], [0, 250, 367]
+    T = sum(pieces)
+    q = rand((T, Hq, D), g)
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    cu = [0]
+    for n in pieces:
+        cu.append(cu[-1] + n)
+    want = ops.attention_prefill(q, kc, vc, sinks, cu, starts, sliding_window=window)
+    kp, vp, table = paged_copy(kc, vc, bs, g)
+    got = ops.attention_prefill(q, kp, vp, sinks, torch.tensor(cu), torch.tensor(starts), sliding_window=window,
+                                max_q_len=max(pieces), block_table=table, block_size=bs)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("window", [0, 128])
+def test_paged_decode_equals_contiguous(window):
+    """Decode over shuffled blocks with mixed lengths (blocks wholly outside the window given back):
+    the same bits as the contiguous cache, in every CTA shape the plan picks."""
+    g = torch.Generator(device=DEV).manual_seed(11 + window)
+    Hq, Hkv, bs = 64, 8, 128
+    for B, L in ((1, 2048), (5, 1000), (64, 520)):
+        kc, vc = make_cache(B, L, Hkv, g, poison=False)
+        lens = [L - (7 * b) % 97 for b in range(B)]
+        q = rand((B, Hq, D), g)
+        sinks = torch.randn(Hq, device=DEV, generator=g)
+        want = ops.attention_decode(q, kc, vc, sinks, lens, sliding_window=window)
+        kp, vp, table = paged_copy(kc, vc, bs, g, window, lens)
+        got = ops.attention_decode(q, kp, vp, sinks, torch.tensor(lens, dtype=torch.int32), sliding_window=window,
+                                   block_table=table, block_size=bs)
+        assert not got.isnan().any()
+        assert torch.equal(got, want), (B, L)
+
+
+def test_paged_arguments_are_checked():
+    g = torch.Generator(device=DEV).manual_seed(3)
+    kc, vc = make_cache(1, 256, 8, g, poison=False)
+    kp, vp, table = paged_copy(kc, vc, 128, g)
+    q = rand((1, 64, D), g)
+    with pytest.raises(ValueError, match="power of two >= 128"):
+        ops.attention_decode(q, kp, vp, None, torch.tensor([10], dtype=torch.int32), block_table=table, block_size=64)
+    with pytest.raises(RuntimeError, match="'block_table' must have dtype Int"):
+        torch.ops.gptoss_ext.attention_decode(q, kp, vp, None, torch.tensor([10], dtype=torch.int32, device=DEV), 0,
+                                              0.125, 256, 8, torch.empty(1, 64, 1, D, device=DEV),
+                                              torch.empty(1, 64, 1, 2, device=DEV),
+                                              torch.zeros(64, dtype=torch.int32, device=DEV), torch.empty_like(q),
+                                              False, table.long(), 128)

@@ -178,11 +178,12 @@ def test_a_failed_step_fails_its_requests_and_the_engine_carries_on(model):
 
 
 @pytest.mark.gpu
-def test_on_cuda_the_engine_says_its_attention_kernels_are_missing():
-    from gptoss_ext import random_model
+def test_on_cuda_the_engine_checks_the_block_size():
+    from gptoss_ext import ops, random_model
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     m = random_model("tiny", seed=0, device="cuda")
-    with pytest.raises(NotImplementedError, match="paged KV cache"):
+    with pytest.raises(ValueError, match="power of two"):
         Engine(m, num_blocks=8, block_size=16)
+    assert ops.paged_attention_supported(m.device)

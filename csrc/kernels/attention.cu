@@ -60,22 +60,48 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 
-// Copy rows [key0, key0 + 8 * NB) of one KV head into a tile; rows >= key_end are zero-filled.
-// Thread tid copies 16-byte chunk tid % 8 of rows tid / 8 + k * NT / 8: one source pointer and
-// (for NT >= 64, where the swizzle's row bits stay put) one destination offset per thread.
+// Sequence b's positions -> cache rows (attention.h): a contiguous cache's row b * max_len + p, or
+// a paged pool's row through the block table.
+struct KvRows {
+  const int32_t* table;   // the sequence's row of the block table, or null
+  int shift;
+  int64_t first;          // contiguous: b * max_len
+  __device__ __forceinline__ int64_t row(int pos) const {
+    return table ? ((static_cast<int64_t>(table[pos >> shift]) << shift) | (pos & ((1 << shift) - 1))) : first + pos;
+  }
+  // The first position past pos's block (contiguous: never).
+  __device__ __forceinline__ int block_end(int pos) const { return table ? ((pos >> shift) + 1) << shift : INT32_MAX; }
+};
+
+__device__ __forceinline__ KvRows kv_rows(const KvLayout& l, int b, int max_len) {
+  KvRows r;
+  r.table = l.block_table ? l.block_table + static_cast<int64_t>(b) * l.table_stride : nullptr;
+  r.shift = l.block_shift;
+  r.first = static_cast<int64_t>(b) * max_len;
+  return r;
+}
+
+// Copy positions [key0, key0 + 8 * NB) of one KV head (base: the cache at that head) into a tile;
+// positions >= key_end are zero-filled. Thread tid copies 16-byte chunk tid % 8 of rows tid / 8 +
+// k * NT / 8. The tile's rows are consecutive in the cache up to a block boundary and from there
+// in the next block (a block holds at least a tile, so there are at most two runs).
 template <int NT, int NB = 8>
-__device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_t row_stride, int key0, int key_end,
-                                          int tid) {
+__device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_t row_stride, const KvRows& rows,
+                                          int key0, int key_end, int tid) {
   constexpr int kRowsPerPass = NT / 8;
   const int c = tid & 7, r0 = tid >> 3;
-  const bf16* src = base + (int64_t)(key0 + r0) * row_stride + c * 8;
+  const int split = min(rows.block_end(key0), key_end) - key0;               // rows in key0's block
+  const int64_t run0 = rows.row(key0);
+  const int64_t run1 = split < NB * 8 && key0 + split < key_end ? rows.row(key0 + split) - split : run0;
+  const bf16* src0 = base + (run0 + r0) * row_stride + c * 8;
+  const bf16* src1 = base + (run1 + r0) * row_stride + c * 8;
   const int64_t step = (int64_t)kRowsPerPass * row_stride;
 #pragma unroll
   for (int k = 0; k < NB * 8 / kRowsPerPass; ++k) {
     const int r = r0 + k * kRowsPerPass;
     const bool valid = key0 + r < key_end;
     const uint32_t d = kRowsPerPass % 8 == 0 ? dst + swz128(r0, c) + k * kRowsPerPass * 128 : dst + swz128(r, c);
-    cp_async16(d, valid ? src + k * step : base, valid);
+    cp_async16(d, valid ? (r < split ? src0 : src1) + k * step : base, valid);
   }
 }
 
@@ -250,9 +276,9 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
   const int t_lo = key_lo / TB, t_hi = (key_end + TB - 1) / TB;
   const int kvh = h / (a.Hq / a.Hkv);
   const int64_t kv_row = (int64_t)a.Hkv * D;
-  const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
-  const bf16* kb = a.k_cache + kv_off;
-  const bf16* vb = a.v_cache + kv_off;
+  const KvRows kr = kv_rows(a.layout, b, a.max_len);
+  const bf16* kb = a.k_cache + (int64_t)kvh * D;
+  const bf16* vb = a.v_cache + (int64_t)kvh * D;
 
   const bf16* qb = a.q + (int64_t)(q0 + row0) * a.q_stride + (int64_t)h * D;
   for (int i = tid; i < BM * 8; i += NT) {
@@ -260,8 +286,8 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
     const bool valid = r < rows;
     cp_async16(sQ + swz128(r, c), valid ? qb + (int64_t)r * a.q_stride + c * 8 : qb, valid);
   }
-  load_tile<NT, NB>(sK, kb, kv_row, t_lo * TB, key_end, tid);
-  load_tile<NT, NB>(sV, vb, kv_row, t_lo * TB, key_end, tid);
+  load_tile<NT, NB>(sK, kb, kv_row, kr, t_lo * TB, key_end, tid);
+  load_tile<NT, NB>(sV, vb, kv_row, kr, t_lo * TB, key_end, tid);
   cp_async_commit();
 
   const float sl2 = a.sm_scale * kLog2e;
@@ -279,8 +305,8 @@ __global__ void __launch_bounds__(128) attn_prefill_kernel(const AttnPrefillArgs
   for (int t = t_lo; t < t_hi; ++t) {
     const int buf = (t - t_lo) & 1;
     if (t + 1 < t_hi) {
-      load_tile<NT, NB>(sK + (buf ^ 1) * kTB, kb, kv_row, (t + 1) * TB, key_end, tid);
-      load_tile<NT, NB>(sV + (buf ^ 1) * kTB, vb, kv_row, (t + 1) * TB, key_end, tid);
+      load_tile<NT, NB>(sK + (buf ^ 1) * kTB, kb, kv_row, kr, (t + 1) * TB, key_end, tid);
+      load_tile<NT, NB>(sV + (buf ^ 1) * kTB, vb, kv_row, kr, (t + 1) * TB, key_end, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -386,17 +412,17 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
   for (int d = 0; d < 8; ++d) o[0][d][0] = o[0][d][1] = o[0][d][2] = o[0][d][3] = 0.f;
   const uint32_t sK = smem_u32(smem) + warp * kWarpBytes, sV = sK + NS * kDecTileBytes;
   const int64_t kv_row = (int64_t)a.Hkv * D;
-  const int64_t kv_off = (int64_t)b * a.max_len * kv_row + (int64_t)kvh * D;
-  const bf16* kb = a.k_cache + kv_off;
-  const bf16* vb = a.v_cache + kv_off;
+  const KvRows kr = kv_rows(a.layout, b, a.max_len);
+  const bf16* kb = a.k_cache + (int64_t)kvh * D;
+  const bf16* vb = a.v_cache + (int64_t)kvh * D;
   const int ntiles = kbeg < kend ? (kend - kbeg + kDecBN - 1) / kDecBN : 0;
   // The ring's first NS tiles (one commit group each, empty past the end).
   const auto prologue = [&] {
 #pragma unroll
     for (int st = 0; st < NS; ++st) {
       if (st < ntiles) {
-        load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + st * kDecBN, kend, lane);
-        load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + st * kDecBN, kend, lane);
+        load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kr, kbeg + st * kDecBN, kend, lane);
+        load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kr, kbeg + st * kDecBN, kend, lane);
       }
       cp_async_commit();
     }
@@ -442,8 +468,8 @@ __global__ void __launch_bounds__(NW * 32) attn_decode_kernel(const AttnDecodeAr
       __syncwarp();
       const int nt = t + NS;  // into the slot just read
       if (nt < ntiles) {
-        load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kbeg + nt * kDecBN, kend, lane);
-        load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kbeg + nt * kDecBN, kend, lane);
+        load_tile<32, kDecNB>(sK + st * kDecTileBytes, kb, kv_row, kr, kbeg + nt * kDecBN, kend, lane);
+        load_tile<32, kDecNB>(sV + st * kDecTileBytes, vb, kv_row, kr, kbeg + nt * kDecBN, kend, lane);
       }
       cp_async_commit();
     }

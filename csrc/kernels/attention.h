@@ -1,8 +1,15 @@
 // Sink-aware causal GQA attention over a KV cache (torch-free launchers), head_dim 64.
 //
-// KV cache layout (one layer): k_cache, v_cache [B, max_len, Hkv, 64] bf16, contiguous; row
-// (b, pos) holds the key/value of sequence b at position pos (written through slots, kv_cache.h).
-// Sliding-window layers keep every position too (the kernels read only the last `window`).
+// KV cache layout (one layer), either
+//   contiguous: k_cache, v_cache [B, max_len, Hkv, 64] bf16; sequence b's position p is row
+//               b * max_len + p (block_table null), or
+//   paged:      a pool [rows, Hkv, 64] of blocks of 2^block_shift rows; sequence b's position p is
+//               row block_table[b][p >> block_shift] * 2^block_shift + p % 2^block_shift
+//               (block_table int32 [B, table_stride]; max_len = table_stride << block_shift). A
+//               block holds at least kAttnMinBlockRows rows, so a key tile of the kernels touches
+//               at most two blocks.
+// Rows are written through slots (kv_cache.h). Window layers' kernels read only the last `window`
+// positions (a paged window layer's table may have given older blocks back: -1 there is never read).
 //
 // Attention of a query at position i over keys j: causal (j <= i), and with window W > 0 also
 // i - j < W. scores = q.k * sm_scale; the per-head sink logit joins the softmax denominator
@@ -15,6 +22,14 @@
 namespace gptoss {
 
 constexpr int kAttnHeadDim = 64;
+constexpr int kAttnMinBlockRows = 128;   // paged blocks: at least the largest key tile (prefill, 128 keys)
+
+// Where a sequence's positions are (see above): one per launch, per sequence b.
+struct KvLayout {
+  const int32_t* block_table;   // [B, table_stride] or null (contiguous)
+  int64_t table_stride;
+  int block_shift;              // paged: log2 of the block rows
+};
 
 // Prefill / chunked prefill / prompt continuation, varlen: sequence b has q_len = cu_seqlens[b+1]
 // - cu_seqlens[b] new queries (rows cu_seqlens[b] .. of q) at positions start[b] .. start[b] +
@@ -31,6 +46,7 @@ struct AttnPrefillArgs {
   int B, Hq, Hkv, max_len, max_q_len, window;
   int total_q;                   // Ttot (rows of q and out)
   float sm_scale;
+  KvLayout layout;
 };
 cudaError_t launch_attn_prefill(const AttnPrefillArgs& a, cudaStream_t stream);
 
@@ -56,6 +72,7 @@ struct AttnDecodeArgs {
   int64_t q_stride, out_stride;
   int B, Hq, Hkv, max_len, window, chunk, num_splits, warps;
   float sm_scale;
+  KvLayout layout;
   // seq_lens and every cache row but each sequence's newest were written two or more kernels back
   // in the stream (the model's decode step: the qkv kernel just before writes only q and the
   // newest rows): loads of the older rows may start before the programmatic-launch wait.

@@ -18,10 +18,54 @@ const float* sinks_ptr(const char* op, const std::optional<at::Tensor>& sinks, i
   return sinks->data_ptr<float>();
 }
 
+// The cache of a launch for B sequences: contiguous [B', max_len, Hkv, 64] (B <= B'), or with a
+// block table a pool [rows, Hkv, 64] of block_size-row blocks (attention.h). Sets layout, Hkv and
+// max_len (positions a sequence can hold).
+void check_layout(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& ref,
+                  int64_t B, const std::optional<at::Tensor>& block_table, int64_t block_size, KvLayout& layout,
+                  int64_t& Hkv, int64_t& max_len) {
+  layout = KvLayout{};
+  if (!block_table.has_value()) {
+    check_cache(op, k_cache, v_cache, ref);
+    TORCH_CHECK(B <= k_cache.size(0), "gptoss_ext.", op, ": ", B, " sequences but the cache has ", k_cache.size(0),
+                " batch rows");
+    Hkv = k_cache.size(2);
+    max_len = k_cache.size(1);
+    return;
+  }
+  check_bf16_tensor(op, "k_cache", k_cache, 3, ref);
+  check_bf16_tensor(op, "v_cache", v_cache, 3, ref);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == kAttnHeadDim, "gptoss_ext.", op,
+              ": a paged cache is k_cache and v_cache [rows, Hkv, 64] of the same shape, got ", shape_str(k_cache),
+              " and ", shape_str(v_cache));
+  TORCH_CHECK(block_size >= kAttnMinBlockRows && (block_size & (block_size - 1)) == 0 &&
+                  k_cache.size(0) % block_size == 0,
+              "gptoss_ext.", op, ": block_size must be a power of two >= ", kAttnMinBlockRows,
+              " dividing the pool's ", k_cache.size(0), " rows, got ", block_size);
+  const at::Tensor& t = *block_table;
+  check_cuda(op, "block_table", t);
+  check_same_device(op, "block_table", t, ref);
+  check_dtype(op, "block_table", t, at::kInt);
+  check_dim(op, "block_table", t, 2);
+  check_contiguous(op, "block_table", t);
+  TORCH_CHECK(t.size(0) >= B, "gptoss_ext.", op, ": 'block_table' has ", t.size(0), " rows for ", B, " sequences");
+  check_aligned16(op, "k_cache", k_cache);
+  check_aligned16(op, "v_cache", v_cache);
+  int shift = 0;
+  while ((int64_t{1} << shift) < block_size) ++shift;
+  max_len = t.size(1) * block_size;
+  TORCH_CHECK(max_len <= INT32_MAX, "gptoss_ext.", op, ": block_table x block_size covers too many positions");
+  Hkv = k_cache.size(1);
+  layout.block_table = t.data_ptr<int32_t>();
+  layout.table_stride = t.size(1);
+  layout.block_shift = shift;
+}
+
 // The fields both launches share: q, the cache, sinks, out, their strides and head counts.
 template <class Args>
 void fill_common(Args& a, const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const std::optional<at::Tensor>& sinks, at::Tensor& out) {
+                 const std::optional<at::Tensor>& sinks, at::Tensor& out, const KvLayout& layout, int64_t Hkv,
+                 int64_t max_len) {
   a.q = bf16_ptr(q);
   a.k_cache = bf16_ptr(k_cache);
   a.v_cache = bf16_ptr(v_cache);
@@ -30,27 +74,29 @@ void fill_common(Args& a, const char* op, const at::Tensor& q, const at::Tensor&
   a.q_stride = q.stride(0);
   a.out_stride = out.stride(0);
   a.Hq = static_cast<int>(q.size(1));
-  a.Hkv = static_cast<int>(k_cache.size(2));
-  a.max_len = static_cast<int>(k_cache.size(1));
+  a.Hkv = static_cast<int>(Hkv);
+  a.max_len = static_cast<int>(max_len);
+  a.layout = layout;
 }
 
 }  // namespace
 
 void attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const std::optional<at::Tensor>& sinks, const at::Tensor& cu_seqlens, const at::Tensor& start,
-                       int64_t max_q_len, int64_t window, double sm_scale, at::Tensor& out) {
+                       int64_t max_q_len, int64_t window, double sm_scale, at::Tensor& out,
+                       const std::optional<at::Tensor>& block_table, int64_t block_size) {
   const char* op = "attention_prefill";
   check_heads(op, "q", q, q);
-  check_cache(op, k_cache, v_cache, q);
   check_heads(op, "out", out, q);
-  const int64_t T = q.size(0), Hq = q.size(1), Hkv = k_cache.size(2), B = start.numel();
+  const int64_t T = q.size(0), Hq = q.size(1), B = start.numel();
+  KvLayout layout;
+  int64_t Hkv = 0, max_len = 0;
+  check_layout(op, k_cache, v_cache, q, B, block_table, block_size, layout, Hkv, max_len);
   check_gqa(op, Hq, Hkv);
   TORCH_CHECK(out.size(0) == T && out.size(1) == Hq, "gptoss_ext.", op, ": 'out' must be ", shape_str(q),
               " like q, got ", shape_str(out));
   check_int32_vec(op, "start", start, B, q, "sequences");
   check_int32_vec(op, "cu_seqlens", cu_seqlens, B + 1, q, "sequences + 1");
-  TORCH_CHECK(B <= k_cache.size(0), "gptoss_ext.", op, ": ", B, " sequences but the cache has ", k_cache.size(0),
-              " batch rows");
   TORCH_CHECK(B <= 65535, "gptoss_ext.", op, ": at most 65535 sequences a launch, got ", B);
   TORCH_CHECK(max_q_len >= 0 && max_q_len <= T, "gptoss_ext.", op, ": max_q_len must be in [0, ", T, "], got ",
               max_q_len);
@@ -58,7 +104,7 @@ void attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at:
   TORCH_CHECK(T <= INT32_MAX, "gptoss_ext.", op, ": too many tokens (", T, ")");
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   AttnPrefillArgs a{};
-  fill_common(a, op, q, k_cache, v_cache, sinks, out);
+  fill_common(a, op, q, k_cache, v_cache, sinks, out, layout, Hkv, max_len);
   a.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
   a.start = start.data_ptr<int32_t>();
   a.B = static_cast<int>(B);
@@ -88,17 +134,18 @@ std::vector<int64_t> attention_decode_plan(int64_t B, int64_t Hq, int64_t Hkv, i
 void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const std::optional<at::Tensor>& sinks, const at::Tensor& seq_lens, int64_t window,
                       double sm_scale, int64_t chunk, int64_t warps, at::Tensor& ws_o, at::Tensor& ws_ml,
-                      at::Tensor& tickets, at::Tensor& out, bool kv_ready) {
+                      at::Tensor& tickets, at::Tensor& out, bool kv_ready,
+                      const std::optional<at::Tensor>& block_table, int64_t block_size) {
   const char* op = "attention_decode";
   check_heads(op, "q", q, q);
-  check_cache(op, k_cache, v_cache, q);
   check_heads(op, "out", out, q);
-  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k_cache.size(2), max_len = k_cache.size(1);
+  const int64_t B = q.size(0), Hq = q.size(1);
+  KvLayout layout;
+  int64_t Hkv = 0, max_len = 0;
+  check_layout(op, k_cache, v_cache, q, B, block_table, block_size, layout, Hkv, max_len);
   check_gqa(op, Hq, Hkv);
   TORCH_CHECK(out.size(0) == B && out.size(1) == Hq, "gptoss_ext.", op, ": 'out' must be ", shape_str(q),
               " like q, got ", shape_str(out));
-  TORCH_CHECK(B <= k_cache.size(0), "gptoss_ext.", op, ": ", B, " sequences but the cache has ", k_cache.size(0),
-              " batch rows");
   TORCH_CHECK(B <= 65535, "gptoss_ext.", op, ": at most 65535 sequences a launch, got ", B);
   check_int32_vec(op, "seq_lens", seq_lens, B, q, "sequences");
   TORCH_CHECK(window >= 0, "gptoss_ext.", op, ": window must be >= 0 (0 = full causal), got ", window);
@@ -135,7 +182,7 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
               " zeroed int32 counters (B x KV heads x head chunks), got ", tickets.numel());
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   AttnDecodeArgs a{};
-  fill_common(a, op, q, k_cache, v_cache, sinks, out);
+  fill_common(a, op, q, k_cache, v_cache, sinks, out, layout, Hkv, max_len);
   a.seq_lens = seq_lens.data_ptr<int32_t>();
   a.ws_o = ws_o.data_ptr<float>();
   a.ws_ml = ws_ml.data_ptr<float>();

@@ -49,13 +49,14 @@ void moe_combine_add_rms_norm(const at::Tensor& y, const at::Tensor& residual, c
 
 void attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const std::optional<at::Tensor>& sinks, const at::Tensor& cu_seqlens, const at::Tensor& start,
-                  int64_t max_q_len, int64_t window, double sm_scale, at::Tensor& out);
+                  int64_t max_q_len, int64_t window, double sm_scale, at::Tensor& out,
+                  const std::optional<at::Tensor>& block_table, int64_t block_size);
 std::vector<int64_t> attention_decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_t max_len, int64_t window,
                                            int64_t device);
 void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const std::optional<at::Tensor>& sinks, const at::Tensor& seq_lens, int64_t window, double sm_scale,
                  int64_t chunk, int64_t warps, at::Tensor& ws_o, at::Tensor& ws_ml, at::Tensor& tickets,
-                 at::Tensor& out, bool kv_ready);
+                 at::Tensor& out, bool kv_ready, const std::optional<at::Tensor>& block_table, int64_t block_size);
 // the decode qkv projection (linear_skinny) with RoPE on its q / k heads and the k / v rows written to
 // the KV cache (rope_kv_) in its epilogue: one launch; out [M, (Hq + 2 Hkv) x 64] as rope_kv_ leaves it
 void linear_rope_kv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -69,8 +69,12 @@ class Engine:
         if not ops.paged_attention_supported(model.device):
             raise NotImplementedError(
                 f"the serving engine needs attention kernels that read a paged KV cache, which {model.device} does "
-                "not have yet in this version: on the GPU use generate() / chat() (static batches), or run the "
-                "engine on the CPU (--device cpu)")
+                "not have here (the CUDA extension is not loaded): run the engine on the CPU (--device cpu)")
+        if model.device.type == "cuda":
+            least = ops.limits()["attention_min_block_rows"]
+            if block_size < least or block_size & (block_size - 1):
+                raise ValueError(f"block_size {block_size}: the CUDA attention kernels read blocks of a power of two "
+                                 f">= {least} positions")
         c = model.config
         self.model, self.config = model, c
         self.block_size = block_size
