@@ -187,3 +187,24 @@ def test_on_cuda_the_engine_checks_the_block_size():
     with pytest.raises(ValueError, match="power of two"):
         Engine(m, num_blocks=8, block_size=16)
     assert ops.paged_attention_supported(m.device)
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_gives_generates_greedy_tokens():
+    """The paged kernels under the engine (requests joining at different steps, a prompt longer than
+    a block and the window) give each request the tokens generate() gives it alone."""
+    from gptoss_ext import random_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = random_model("tiny", seed=0, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(0, 200000, (n,), generator=g).tolist() for n in (5, 300, 140)]
+    eng = Engine(m, num_blocks=32, block_size=128, max_num_batched_tokens=256)
+    hs = [eng.add_request(ps[0], SamplingParams(max_tokens=8, **GREEDY))]
+    eng.step()
+    hs += [eng.add_request(p, SamplingParams(max_tokens=8, **GREEDY)) for p in ps[1:]]
+    eng.run_until_done()
+    for h, p in zip(hs, ps):
+        assert h.request.output == m.generate(p, max_new_tokens=8, temperature=0.0), h.request.id
+    assert eng.blocks.full.in_use() == 0
