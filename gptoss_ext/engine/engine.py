@@ -80,11 +80,14 @@ class Engine:
         self.block_size = block_size
         self.max_model_len = min(max_model_len or c.context_length, c.context_length)
         window = max((c.layer_window(i) for i in range(c.num_hidden_layers)), default=0)
+        # Window blocks: a window's worth (+1 block) for every running sequence, and the blocks a
+        # step's prefill chunks write before the older ones go back.
+        per_seq = -(-window // block_size) + 1 if window else 0
+        win_need = max_num_seqs * per_seq + (-(-max_num_batched_tokens // block_size) + 1 if window else 0)
+        if num_window_blocks is None:
+            num_window_blocks = win_need if num_blocks is None else min(num_blocks, win_need)
         if num_blocks is None:
-            num_blocks = self._blocks_for_memory(memory_fraction, block_size)
-        if num_window_blocks is None:       # a window's worth (+1 block) for every sequence, or as many as full ones
-            per_seq = -(-window // block_size) + 1 if window else 0
-            num_window_blocks = min(num_blocks, max_num_seqs * per_seq) if window else 0
+            num_blocks = self._blocks_for_memory(memory_fraction, block_size, num_window_blocks)
         self.cache = PagedKVCache(c, num_blocks, max(num_window_blocks, 1), block_size, model.device, model.dtype)
         self.blocks = BlockManager(num_blocks, max(num_window_blocks, 1), block_size, window)
         self.scheduler = Scheduler(self.blocks, self.max_model_len, max_num_seqs, max_num_batched_tokens)
@@ -95,13 +98,14 @@ class Engine:
         self._gen.manual_seed(seed)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0}
 
-    def _blocks_for_memory(self, fraction: float, block_size: int) -> int:
+    def _blocks_for_memory(self, fraction: float, block_size: int, num_window_blocks: int) -> int:
+        """Full-attention blocks that fit in `fraction` of the free memory beside the window pool."""
         dev = self.model.device
         if dev.type != "cuda":
             return 256
         free, _ = torch.cuda.mem_get_info(dev)
-        per = sum(PagedKVCache.bytes_per_block(self.config, block_size, self.model.dtype).values())
-        return max(16, int(free * fraction) // per)
+        per = PagedKVCache.bytes_per_block(self.config, block_size, self.model.dtype)
+        return max(16, (int(free * fraction) - num_window_blocks * per["window"]) // max(1, per["full"]))
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams | None = None,
@@ -166,12 +170,12 @@ class Engine:
         return touched
 
     def _tables(self, chunks, group: str) -> torch.Tensor:
-        width = self.max_blocks_per_seq
-        rows = []
-        for c in chunks:
-            t = getattr(self.blocks.tables(c.req.id), "full" if group == "full" else "window")
-            rows.append((t + [-1] * (width - len(t)))[:width])
-        return torch.tensor(rows, dtype=torch.int32)
+        """The chunks' block tables [len(chunks), width] int32 (-1 past a table's end); width covers
+        the longest, rounded up to a power of two (the kernels read only up to each sequence's end)."""
+        tabs = [getattr(self.blocks.tables(c.req.id), group) for c in chunks]
+        need = max((len(t) for t in tabs), default=1)
+        width = min(self.max_blocks_per_seq, 1 << max(0, need - 1).bit_length())
+        return torch.tensor([(t + [-1] * (width - len(t)))[:width] for t in tabs], dtype=torch.int32)
 
     def _slots(self, chunks, group: str) -> list[int]:
         bs, out = self.block_size, []
