@@ -125,6 +125,14 @@ class Attention(nn.Module):
         T, D = t.shape[0], self.head_dim
         group, kp, vp = step.paged.layer(self.layer)                        # pools [rows, Hkv, D]
         bs = step.paged.block_size
+        if step.num_decode == T:          # decode only: the fused projection + RoPE + write, as decode()
+            qkv = ops.linear_rope_kv(t, self.qkv.weight, self.qkv.bias, step.positions, kp.unsqueeze(0),
+                                     vp.unsqueeze(0), step.slots[group], self.n_heads, self.n_kv,
+                                     weight_constant=True, **self.rope_kwargs)
+            q = qkv[:, :self.n_heads * D].view(T, self.n_heads, D)
+            o = ops.attention_decode(q, kp, vp, sinks, step.seq_lens, sliding_window=self.window, kv_ready=True,
+                                     block_table=step.decode_tables[group], block_size=bs)
+            return self.out(o.reshape(T, -1))
         qkv = self.qkv(t)
         q_end, k_end = self.n_heads * D, (self.n_heads + self.n_kv) * D
         q = qkv[:, :q_end].view(T, self.n_heads, D)

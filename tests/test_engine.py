@@ -192,19 +192,55 @@ def test_on_cuda_the_engine_checks_the_block_size():
 @pytest.mark.gpu
 def test_engine_on_cuda_gives_generates_greedy_tokens():
     """The paged kernels under the engine (requests joining at different steps, a prompt longer than
-    a block and the window) give each request the tokens generate() gives it alone."""
+    a block and the window; decode steps eager and from CUDA graphs, padded batches) give each
+    request the tokens generate() gives it alone, up to near-ties (batches pick other kernel tilings,
+    see test_model_gpu.test_batch_generation_equals_one_at_a_time)."""
     from gptoss_ext import random_model
+    from gpu_helpers import assert_same_up_to_near_ties, fp32_logits
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     m = random_model("tiny", seed=0, device="cuda")
     g = torch.Generator().manual_seed(1)
     ps = [torch.randint(0, 200000, (n,), generator=g).tolist() for n in (5, 300, 140)]
-    eng = Engine(m, num_blocks=32, block_size=128, max_num_batched_tokens=256)
-    hs = [eng.add_request(ps[0], SamplingParams(max_tokens=8, **GREEDY))]
-    eng.step()
-    hs += [eng.add_request(p, SamplingParams(max_tokens=8, **GREEDY)) for p in ps[1:]]
-    eng.run_until_done()
-    for h, p in zip(hs, ps):
-        assert h.request.output == m.generate(p, max_new_tokens=8, temperature=0.0), h.request.id
-    assert eng.blocks.full.in_use() == 0
+    with fp32_logits(m):
+        alone = [m.generate(p, max_new_tokens=24, temperature=0.0) for p in ps]
+        for graphs in (False, True):
+            eng = Engine(m, num_blocks=32, block_size=128, max_num_batched_tokens=256, use_graphs=graphs)
+            hs = [eng.add_request(ps[0], SamplingParams(max_tokens=24, **GREEDY))]
+            eng.step()
+            hs += [eng.add_request(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(ps[1:], (24, 12))]
+            eng.run_until_done()
+            assert (eng.stats["graph_steps"] > 10) == graphs
+            for h, p, a in zip(hs, ps, alone):
+                assert_same_up_to_near_ties(m, p, h.request.output, a[:len(h.request.output)])
+            assert eng.blocks.full.in_use() == 0
+
+
+def test_decode_graph_buckets():
+    from gptoss_ext.engine.decode_graphs import batch_bucket, width_bucket
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 17, 32, 33, 64, 65, 250)] == [1, 2, 4, 8, 32, 32, 64, 64, 96, 256]
+    assert [width_bucket(b, 1024) for b in (1, 2, 3, 9, 16, 2000)] == [1, 2, 4, 16, 16, 1024]
+
+
+@pytest.mark.gpu
+def test_engine_decode_graphs_give_the_eager_steps_tokens():
+    """Decode-only steps replayed from CUDA graphs give the tokens of the same engine run eagerly
+    (four requests decoding together to the end, so both runs launch the same kernels; tables grow
+    past a width bucket on the way)."""
+    from gptoss_ext import random_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = random_model("tiny", seed=0, device="cuda")
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(0, 200000, (n,), generator=g).tolist() for n in (5, 200, 130, 60)]
+    outs = []
+    for graphs in (False, True):
+        eng = Engine(m, num_blocks=32, block_size=128, use_graphs=graphs)
+        hs = [eng.add_request(p, SamplingParams(max_tokens=150, **GREEDY)) for p in ps]
+        eng.run_until_done()
+        outs.append([h.request.output for h in hs])
+        assert (eng.stats["graph_steps"] == 149) == graphs
+    assert outs[0] == outs[1]

@@ -63,7 +63,8 @@ class RequestHandle:
 class Engine:
     def __init__(self, model, *, num_blocks: int | None = None, block_size: int = 128,
                  num_window_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 max_model_len: int | None = None, memory_fraction: float = 0.9, seed: int = 0):
+                 max_model_len: int | None = None, memory_fraction: float = 0.9, seed: int = 0,
+                 use_graphs: bool | None = None):
         from .. import ops
 
         if not ops.paged_attention_supported(model.device):
@@ -96,7 +97,17 @@ class Engine:
         self._lock = threading.Lock()
         self._gen = torch.Generator(device=model.device)
         self._gen.manual_seed(seed)
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0,
+                      "graph_steps": 0}
+        if use_graphs is None:
+            use_graphs = model.device.type == "cuda" and ops.kernels_available() and model.dtype == torch.bfloat16
+        if use_graphs and model.device.type != "cuda":
+            raise ValueError("use_graphs: CUDA-graph decode steps need the model on a CUDA device")
+        self.graphs = None
+        if use_graphs:
+            from .decode_graphs import DecodeGraphs
+            model.prepare_kernels()
+            self.graphs = DecodeGraphs(model, self.cache, self._groups(), self.max_blocks_per_seq)
 
     def _blocks_for_memory(self, fraction: float, block_size: int, num_window_blocks: int) -> int:
         """Full-attention blocks that fit in `fraction` of the free memory beside the window pool."""
@@ -180,9 +191,12 @@ class Engine:
     def _slots(self, chunks, group: str) -> list[int]:
         bs, out = self.block_size, []
         for c in chunks:
-            t = getattr(self.blocks.tables(c.req.id), "full" if group == "full" else "window")
+            t = getattr(self.blocks.tables(c.req.id), group)
             out.extend(t[p // bs] * bs + p % bs for p in range(c.start, c.end))
         return out
+
+    def _groups(self) -> list[str]:
+        return [g for g in ("full", "window") if self.cache.k[g].shape[0]]
 
     def _run(self, plan: StepPlan) -> dict[int, int]:
         """The model over the step's tokens; samples the next token of each chunk that asks."""
@@ -194,7 +208,13 @@ class Engine:
         for c in chunks:
             tokens.extend(c.req.tokens[c.start:c.end])
             positions.extend(range(c.start, c.end))
-        groups = [g for g in ("full", "window") if self.cache.k[g].shape[0]]
+        groups = self._groups()
+        if self.graphs is not None and not plan.prefills:          # decode only: a captured graph
+            tabs = {g: [getattr(self.blocks.tables(c.req.id), g) for c in chunks] for g in groups}
+            logits = self.graphs.run(tokens, positions, [c.end for c in chunks],
+                                     {g: self._slots(chunks, g) for g in groups}, tabs)
+            self.stats["graph_steps"] += 1
+            return self._sample(logits, [c.req for c in chunks])
         slots = {g: torch.tensor(self._slots(chunks, g), dtype=torch.int64, device=dev) for g in groups}
         Bd = len(plan.decodes)
         cu, starts = [0], []
