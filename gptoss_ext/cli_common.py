@@ -48,7 +48,10 @@ def load_or_embedded(args):
         if info.tokenizer_check:
             print(f"[tokenizer: {info.tokenizer_check}]", file=sys.stderr)
     else:
-        model = g.random_model(args.preset, seed=args.weights_seed, device=device, dtype=_dtype(args.dtype))
+        # Real-sized presets are drawn on the GPU (minutes on the CPU; other values, same layout).
+        init = device if device.type == "cuda" and args.preset.startswith("gpt-oss") else None
+        model = g.random_model(args.preset, seed=args.weights_seed, device=device, dtype=_dtype(args.dtype),
+                               init_device=init)
         print(f"[no --model given: using the built-in random '{args.preset}' model (seed {args.weights_seed}) on "
               f"{device}; its output is meaningless text. Point --model at a gpt-oss checkpoint folder for real "
               "output]", file=sys.stderr)
