@@ -106,6 +106,7 @@ class SeqBlocks:
     window: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)    # hashes of its full blocks registered so far
     cached_tokens: int = 0                              # positions taken from the prefix cache
+    window_released: int = 0                            # window entries before this one are given back
 
 
 class BlockManager:
@@ -125,6 +126,15 @@ class BlockManager:
     def _window_first_block(self, next_pos: int) -> int:
         """The first logical block the queries at positions >= next_pos can read in a window layer."""
         return max(0, next_pos - self.window + 1) // self.block_size
+
+    def holds(self, seq_id: int, pos: int) -> bool:
+        """The sequence already has the blocks a decode query at pos needs (most steps: no block
+        boundary crossed)."""
+        s = self.seqs.get(seq_id)
+        i = pos // self.block_size
+        return (s is not None and i < len(s.full) and
+                (self.win is None or (i < len(s.window) and s.window[i] >= 0
+                                      and self._window_first_block(pos) >= s.window_released)))
 
     def can_allocate(self, seq_id: int, start: int, end: int) -> bool:
         f, w = self._needed(seq_id, start, end)
@@ -166,17 +176,20 @@ class BlockManager:
         blocks for prefix reuse and give back window blocks no later query can read."""
         s = self.seqs[seq_id]
         bs = self.block_size
-        hashes = block_hashes(tokens[:written], bs)
-        for i in range(len(s.hashes), len(hashes)):
-            self.full.register(s.full[i], hashes[i])
+        h = s.hashes[-1] if s.hashes else 0
+        for i in range(len(s.hashes), written // bs):      # only the blocks completed since (a chain)
+            h = hash((h, tuple(tokens[i * bs:(i + 1) * bs])))
+            s.hashes.append(h)
+            self.full.register(s.full[i], h)
             if self.win is not None and i < len(s.window) and s.window[i] >= 0:
-                self.win.register(s.window[i], hashes[i])
-        s.hashes = hashes
+                self.win.register(s.window[i], h)
         if self.win is not None:
-            for i in range(self._window_first_block(written)):
-                if i < len(s.window) and s.window[i] >= 0:
+            first = min(self._window_first_block(written), len(s.window))
+            for i in range(s.window_released, first):
+                if s.window[i] >= 0:
                     self.win.release(s.window[i])
                     s.window[i] = -1
+            s.window_released = max(s.window_released, first)
 
     def match_prefix(self, seq_id: int, prompt: list[int]) -> int:
         """Take the longest reusable cached prefix of prompt (whole blocks, at least one prompt token
@@ -195,6 +208,7 @@ class BlockManager:
                 break
             m -= 1
         s = SeqBlocks()
+        s.window_released = self._window_first_block(m * bs) if self.win is not None else 0
         for i in range(m):
             s.full.append(self.full.take_cached(hashes[i]))
         if self.win is not None:

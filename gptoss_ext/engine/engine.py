@@ -206,7 +206,7 @@ class Engine:
         chunks = plan.decodes + plan.prefills
         tokens, positions = [], []
         for c in chunks:
-            tokens.extend(c.req.tokens[c.start:c.end])
+            tokens.extend(c.req.token_slice(c.start, c.end))
             positions.extend(range(c.start, c.end))
         groups = self._groups()
         if self.graphs is not None and not plan.prefills:          # decode only: a captured graph

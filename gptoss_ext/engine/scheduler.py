@@ -51,7 +51,7 @@ class SamplingParams:
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
-@dataclass
+@dataclass(eq=False)                    # compared by identity (the per-step paths test membership)
 class Request:
     """A sequence in the engine: its prompt, what it generated, where it stands."""
     id: int
@@ -69,6 +69,19 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_slice(self, a: int, b: int) -> list[int]:
+        """tokens[a:b] without building the whole list (the per-step paths)."""
+        P = len(self.prompt)
+        if b <= P:
+            return self.prompt[a:b]
+        if a >= P:
+            return self.output[a - P:b - P]
+        return self.prompt[a:] + self.output[:b - P]
+
+    @property
+    def view(self) -> "_TokenView":
+        return _TokenView(self)
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +116,21 @@ class StepPlan:
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
+
+
+class _TokenView:
+    """A request's tokens (prompt + output) for slicing, without concatenating them."""
+    __slots__ = ("req",)
+
+    def __init__(self, req: Request):
+        self.req = req
+
+    def __len__(self) -> int:
+        return self.req.num_tokens
+
+    def __getitem__(self, s: slice) -> list[int]:
+        a, b, _ = s.indices(self.req.num_tokens)
+        return self.req.token_slice(a, b)
 
 
 class Scheduler:
@@ -174,13 +202,17 @@ class Scheduler:
         # 1. decodes of running sequences, oldest first; a sequence that needs a block it cannot get
         #    makes the newest sequence give way (possibly itself)
         for req in sorted(self.running, key=lambda r: r.arrival):
-            if req not in self.running or req.prefilling or budget == 0:
+            if req.state != RUNNING or req.prefilling or budget == 0:
                 continue
             pos = req.num_tokens - 1
+            if self.blocks.holds(req.id, pos):
+                plan.decodes.append(Chunk(req, pos, pos + 1, True))
+                budget -= 1
+                continue
             while not self.blocks.can_allocate(req.id, pos, pos + 1):
                 if self._preempt(plan) is req:
                     break
-            if req not in self.running:
+            if req.state != RUNNING:
                 continue
             self.blocks.allocate(req.id, pos, pos + 1)
             plan.decodes.append(Chunk(req, pos, pos + 1, True))
@@ -229,13 +261,13 @@ class Scheduler:
                 continue
             req.computed = c.end
             if not c.sample:
-                self.blocks.advance(req.id, req.tokens, req.computed)
+                self.blocks.advance(req.id, req.view, req.computed)
                 continue
             tok = sampled[req.id]
             req.output.append(tok)
             if req.first_token_time is None:
                 req.first_token_time = now
-            self.blocks.advance(req.id, req.tokens, req.computed)
+            self.blocks.advance(req.id, req.view, req.computed)
             p = req.params
             reason = None
             if not p.ignore_stops and tok in p.stop_token_ids:
