@@ -161,7 +161,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_carries_on(model):
     a = eng.add_request(ps[0], SamplingParams(max_tokens=4, **GREEDY))
     real, calls = eng._run, []
 
-    def broken(plan):
+    def broken(plan, prev=None):
         calls.append(plan)
         raise RuntimeError("injected")
 
@@ -244,3 +244,53 @@ def test_engine_decode_graphs_give_the_eager_steps_tokens():
         outs.append([h.request.output for h in hs])
         assert (eng.stats["graph_steps"] == 149) == graphs
     assert outs[0] == outs[1]
+
+
+class _AheadEngine(Engine):
+    """The engine's bookkeeping with a stand-in forward whose next token depends only on (request,
+    position); `ahead`: decode-only steps run one ahead as they do on CUDA graphs."""
+
+    def __init__(self, model, ahead: bool, **kw):
+        super().__init__(model, **kw)
+        if ahead:
+            self.graphs = object()
+
+    @staticmethod
+    def token(rid, pos):
+        return (rid * 7919 + pos * 31) % 1000
+
+    def _run(self, plan, prev=None):
+        sampling = [c for c in plan.decodes + plan.prefills if c.sample]
+        toks = torch.tensor([self.token(c.req.id, c.end) for c in sampling], dtype=torch.int64)
+        return self._emit(plan, [c.req for c in sampling], toks, graph=not plan.prefills)
+
+
+def test_steps_run_ahead_give_the_same_tokens_stops_and_blocks(model):
+    """Running decode steps one ahead (the next launched before the tokens of the current are read)
+    changes nothing a caller sees: the same tokens, a stop token ends its request with nothing after
+    it, max_tokens is kept, a request joining mid-way waits for the step in flight, blocks go back."""
+    ps = prompts()
+    results = []
+    for ahead in (False, True):
+        eng = _AheadEngine(model, ahead, num_blocks=64, block_size=16, max_num_batched_tokens=64)
+        stop = _AheadEngine.token(1, len(ps[1]) + 5)          # request 1 samples it as its 6th token
+        hs = [eng.add_request(p, SamplingParams(max_tokens=n, stop_token_ids=(stop,) if i == 1 else (), **GREEDY))
+              for i, (p, n) in enumerate(zip(ps[:3], (40, 40, 25)))]
+        got = {h.request.id: [] for h in hs}
+        for _ in range(10):
+            for h in eng.step():
+                got[h.request.id].extend(h._pending)
+                h._pending.clear()
+        late = eng.add_request(ps[0] + [1, 2, 3], SamplingParams(max_tokens=7, **GREEDY))
+        hs.append(late)
+        got[late.request.id] = []
+        while eng.has_work():
+            for h in eng.step():
+                got[h.request.id].extend(h._pending)
+                h._pending.clear()
+        assert [len(got[h.request.id]) for h in hs] == [40, 6, 25, 7]
+        assert got[hs[1].request.id][-1] == stop and hs[1].finish_reason == "stop"
+        assert all(got[h.request.id] == h.request.output for h in hs)
+        assert eng.blocks.full.in_use() == 0 and (eng.stats["ahead_steps"] > 20) == ahead
+        results.append([h.request.output for h in hs])
+    assert results[0] == results[1]

@@ -65,16 +65,17 @@ class ScriptedEngine(Engine):
             self.prompts.append(req.prompt)
         return s
 
-    def _run(self, plan):
+    def _run(self, plan, prev=None):
         if self.delay:
             time.sleep(self.delay)
-        out = {}
+        reqs, out = [], []
         for c in plan.decodes + plan.prefills:
             if c.sample:
                 s = self._script(c.req)
                 n = len(c.req.output)
-                out[c.req.id] = s[n] if n < len(s) else tok.encode(" x")[0]
-        return out
+                reqs.append(c.req)
+                out.append(s[n] if n < len(s) else tok.encode(" x")[0])
+        return self._emit(plan, reqs, torch.tensor(out, dtype=torch.int64), graph=False)
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +358,7 @@ def test_an_engine_error_fails_its_requests_and_the_server_keeps_serving(tiny):
     with ServerThread(make_server(tiny, port=0, engine=eng, log_level="critical")) as url:
         c = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         real_run = eng._run
-        eng._run = lambda plan: (_ for _ in ()).throw(RuntimeError("device lost"))
+        eng._run = lambda plan, prev=None: (_ for _ in ()).throw(RuntimeError("device lost"))
         with pytest.raises(openai.InternalServerError) as e:
             c.chat.completions.create(model="gpt-oss", messages=user("hi"))
         assert "device lost" in e.value.body["message"] and e.value.body["code"] == "engine_error"

@@ -35,11 +35,14 @@ class DecodeGraphs:
         self.dev = model.device
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple] = {}
+        # The previous step's samples (written by the engine after each graph step): a row whose
+        # `src` field is i >= 0 takes its input token from sampled[i] (the step ran one ahead).
+        self.sampled = torch.zeros(1024, dtype=torch.int64, device=self.dev)
 
     def _layout(self, B: int, W: int) -> tuple[int, dict]:
         """Offsets of each field in the packed int32 buffer of a (B, W) step."""
         off, n = {}, 0
-        for name, size in (("tokens", B), ("positions", B), ("seq_lens", B)):
+        for name, size in (("tokens", B), ("src", B), ("positions", B), ("seq_lens", B)):
             off[name] = (n, size)
             n += size
         for g in self.groups:
@@ -61,6 +64,7 @@ class DecodeGraphs:
             return packed[a:a + size]
 
         field("seq_lens").fill_(1)
+        field("src").fill_(-1)
         for g in self.groups:
             field("slots_" + g).fill_(-1)
         host = torch.empty(n, dtype=torch.int32, pin_memory=True)
@@ -69,7 +73,9 @@ class DecodeGraphs:
             step = Step(field("positions").long(), slots={g: field("slots_" + g).long() for g in self.groups},
                         seq_lens=field("seq_lens"), paged=self.cache, num_decode=B,
                         decode_tables={g: field("table_" + g).view(B, W) for g in self.groups})
-            return self.model._run(field("tokens").long(), step, float_logits=False)
+            src = field("src").long()
+            tokens = torch.where(src >= 0, self.sampled[src.clamp(min=0)], field("tokens").long())
+            return self.model._run(tokens, step, float_logits=False)
 
         side = torch.cuda.Stream(self.dev)
         side.wait_stream(torch.cuda.current_stream())
@@ -84,17 +90,23 @@ class DecodeGraphs:
         self.graphs[(B, W)] = entry
         return entry
 
-    def run(self, tokens: list[int], positions: list[int], seq_lens: list[int], slots: dict[str, list[int]],
-            tables: dict[str, list[list[int]]]) -> torch.Tensor:
-        """Logits [len(tokens), V] (the model's dtype) of one decode step."""
+    def run(self, tokens: list[int], src: list[int], positions: list[int], seq_lens: list[int],
+            slots: dict[str, list[int]], tables: dict[str, list[list[int]]]) -> torch.Tensor:
+        """Logits [len(tokens), V] (the model's dtype) of one decode step; row i's input token is
+        sampled[src[i]] where src[i] >= 0, else tokens[i]."""
         n = len(tokens)
         B = batch_bucket(n)
+        if B > self.sampled.numel():
+            self.sampled = torch.zeros(B, dtype=torch.int64, device=self.dev)
+            self.graphs.clear()                  # they read the old buffer
         W = width_bucket(max((len(t) for ts in tables.values() for t in ts), default=1), self.max_blocks)
         entry = self.graphs.get((B, W)) or self._capture(B, W)
         graph, packed, host, off, logits = entry
         h = host.numpy()
         h[:] = 0
-        for name, vals in (("tokens", tokens), ("positions", positions), ("seq_lens", seq_lens)):
+        a, _ = off["src"]
+        h[a:a + B] = -1
+        for name, vals in (("tokens", tokens), ("src", src), ("positions", positions), ("seq_lens", seq_lens)):
             a, _ = off[name]
             h[a:a + n] = vals
         a, _ = off["seq_lens"]

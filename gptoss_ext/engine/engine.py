@@ -36,6 +36,17 @@ class EngineStepError(RuntimeError):
 
 
 @dataclass
+class _Launched:
+    """A step on its way: its plan, the requests it samples for (in order), the host buffer its
+    tokens are copied to and the event that says they are there."""
+    plan: StepPlan
+    reqs: list
+    host: torch.Tensor
+    ready: object
+    graph: bool
+
+
+@dataclass
 class RequestHandle:
     """What a caller holds of a request: its tokens as they come, and how it ended."""
     request: Request
@@ -98,12 +109,15 @@ class Engine:
         self._gen = torch.Generator(device=model.device)
         self._gen.manual_seed(seed)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0,
-                      "graph_steps": 0}
+                      "graph_steps": 0, "ahead_steps": 0}
         if use_graphs is None:
             use_graphs = model.device.type == "cuda" and ops.kernels_available() and model.dtype == torch.bfloat16
         if use_graphs and model.device.type != "cuda":
             raise ValueError("use_graphs: CUDA-graph decode steps need the model on a CUDA device")
         self.graphs = None
+        self._inflight: _Launched | None = None
+        self._host, self._host_turn = None, 0
+        self._side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         if use_graphs:
             from .decode_graphs import DecodeGraphs
             model.prepare_kernels()
@@ -139,31 +153,74 @@ class Engine:
         handle._deliver([], True)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestHandle]:
-        """Schedule and run one step; returns the handles that got tokens or finished."""
-        with self._lock:
-            plan = self.scheduler.schedule()
-        if not plan:
-            return []
+        """Schedule and launch one step; returns the handles that got tokens or finished.
+
+        Decode-only steps run one ahead on CUDA graphs: while the GPU runs step n, the host has
+        already scheduled and launched step n + 1 (its input tokens come from step n's samples on the
+        device) and then hands out step n's tokens. A request that stops at step n had one more
+        position computed by step n + 1, which is dropped. Any other step (a prefill, a request
+        waiting, a block to find) first waits for the step in flight."""
+        prev, plan = self._inflight, None
+        if prev is not None and self.graphs is not None and prev.graph:
+            with self._lock:
+                plan = self.scheduler.schedule_ahead()
+            self.stats["ahead_steps"] += plan is not None
+        touched: list[RequestHandle] = []
+        if plan is None:
+            if prev is not None:
+                self._inflight = None
+                touched = self._resolve(prev)
+                prev = None
+            with self._lock:
+                plan = self.scheduler.schedule()
+            if not plan:
+                return touched
         self.stats["preemptions"] += len(plan.preempted)   # they resume later, nothing they had is lost
         try:
-            sampled = self._run(plan)
+            launched = self._run(plan, prev)
         except Exception as e:
-            # The step's requests fail (finish_reason "error: ..."), their blocks go back; the others
-            # and the engine carry on. The caller sees the error.
-            reason = f"error: {type(e).__name__}: {e}"
-            for c in plan.decodes + plan.prefills:
-                h = self.handles.get(c.req.id)
-                if h is not None:
-                    self.abort(h, reason)
-                else:
-                    with self._lock:
-                        self.scheduler.abort(c.req, reason)
-            self.stats["failed_steps"] = self.stats.get("failed_steps", 0) + 1
-            raise EngineStepError(reason, [c.req.id for c in plan.decodes + plan.prefills]) from e
+            self._inflight = None
+            if prev is not None:
+                touched = self._resolve(prev)
+            self._fail(plan, e)
+        with self._lock:
+            self.scheduler.launched(plan)
+        self._inflight = launched
+        if prev is not None:
+            touched = self._resolve(prev)
+        if self.graphs is None or not launched.graph:    # nothing runs ahead of an eager step
+            self._inflight = None
+            touched += self._resolve(launched)
+        return touched
+
+    def _fail(self, plan: StepPlan, e: Exception):
+        """The step's requests fail (finish_reason "error: ..."), their blocks go back; the others
+        and the engine carry on. The caller sees the error."""
+        reason = f"error: {type(e).__name__}: {e}"
+        for c in plan.decodes + plan.prefills:
+            h = self.handles.get(c.req.id)
+            if h is not None:
+                self.abort(h, reason)
+            else:
+                with self._lock:
+                    self.scheduler.abort(c.req, reason)
+        self.stats["failed_steps"] = self.stats.get("failed_steps", 0) + 1
+        raise EngineStepError(reason, [c.req.id for c in plan.decodes + plan.prefills]) from e
+
+    def _resolve(self, launched: "_Launched") -> list[RequestHandle]:
+        """Wait for a launched step's tokens and hand them out."""
+        plan = launched.plan
+        try:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            toks = launched.host[:len(launched.reqs)].tolist()
+        except Exception as e:
+            self._fail(plan, e)
+        sampled = {r.id: t for r, t in zip(launched.reqs, toks)}
         with self._lock:
             finished = self.scheduler.update(plan, sampled)
         self.stats["steps"] += 1
@@ -198,23 +255,38 @@ class Engine:
     def _groups(self) -> list[str]:
         return [g for g in ("full", "window") if self.cache.k[g].shape[0]]
 
-    def _run(self, plan: StepPlan) -> dict[int, int]:
-        """The model over the step's tokens; samples the next token of each chunk that asks."""
+    def _run(self, plan: StepPlan, prev: "_Launched | None" = None) -> "_Launched":
+        """Launch the model over the step's tokens and the sampling of each chunk that asks (a
+        decode-only step from a CUDA graph; a request whose newest token `prev` is still sampling
+        takes it from the device)."""
         from ..model import Step
 
         dev = self.model.device
         chunks = plan.decodes + plan.prefills
+        groups = self._groups()
+        if self.graphs is not None and not plan.prefills:          # decode only: a captured graph
+            where = {r.id: i for i, r in enumerate(prev.reqs)} if prev is not None else {}
+            tokens, src = [], []
+            for c in chunks:
+                r = c.req
+                if r.pending:
+                    tokens.append(0)
+                    src.append(where[r.id])
+                else:
+                    tokens.append(r.token_slice(c.start, c.end)[0])
+                    src.append(-1)
+            tabs = {g: [getattr(self.blocks.tables(c.req.id), g) for c in chunks] for g in groups}
+            logits = self.graphs.run(tokens, src, [c.start for c in chunks], [c.end for c in chunks],
+                                     {g: self._slots(chunks, g) for g in groups}, tabs)
+            self.stats["graph_steps"] += 1
+            reqs = [c.req for c in chunks]
+            out = self._sample(logits, reqs)
+            self.graphs.sampled[:len(reqs)].copy_(out)              # the next step's input tokens
+            return self._emit(plan, reqs, out, graph=True)
         tokens, positions = [], []
         for c in chunks:
             tokens.extend(c.req.token_slice(c.start, c.end))
             positions.extend(range(c.start, c.end))
-        groups = self._groups()
-        if self.graphs is not None and not plan.prefills:          # decode only: a captured graph
-            tabs = {g: [getattr(self.blocks.tables(c.req.id), g) for c in chunks] for g in groups}
-            logits = self.graphs.run(tokens, positions, [c.end for c in chunks],
-                                     {g: self._slots(chunks, g) for g in groups}, tabs)
-            self.stats["graph_steps"] += 1
-            return self._sample(logits, [c.req for c in chunks])
         slots = {g: torch.tensor(self._slots(chunks, g), dtype=torch.int64, device=dev) for g in groups}
         Bd = len(plan.decodes)
         cu, starts = [0], []
@@ -238,32 +310,63 @@ class Engine:
         with torch.inference_mode():
             logits = self.model._run(torch.tensor(tokens, dtype=torch.int64, device=dev), step,
                                      select=torch.tensor(rows, device=dev) if rows else slice(0, 0))
-        return self._sample(logits, who)
+        return self._emit(plan, who, self._sample(logits, who), graph=False)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> dict[int, int]:
-        """The next token of each request from its row of logits, by its own sampling parameters:
-        rows sharing (temperature, top-k, top-p) are sampled together on the device; a request with a
-        seed draws from its own generator (the same seed gives the same tokens in any batch)."""
+    def _emit(self, plan: StepPlan, reqs: list[Request], out: torch.Tensor, graph: bool) -> "_Launched":
+        """Start the copy of the sampled tokens to the host (on a side stream, so the next launch
+        does not queue behind it)."""
+        n = len(reqs)
+        cuda = out.is_cuda
+        if self._host is None or self._host[0].numel() < n:
+            size = max(n, self.scheduler.max_num_seqs)
+            self._host = [torch.empty(size, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        host = self._host[self._host_turn]
+        self._host_turn ^= 1
+        ready = None
+        if cuda:
+            sampled = torch.cuda.Event()
+            sampled.record()
+            self._side.wait_event(sampled)
+            with torch.cuda.stream(self._side):
+                host[:n].copy_(out, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self._side)
+            out.record_stream(self._side)
+        else:
+            host[:n].copy_(out)
+        return _Launched(plan, reqs, host, ready, graph)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """The next token of each request from its row of logits, by its own sampling parameters,
+        on the device (int64 [len(reqs)]): rows sharing (temperature, top-k, top-p) are sampled
+        together; a request with a seed draws from its own generator (the same seed gives the same
+        tokens in any batch)."""
         from ..generate import sample
 
-        out = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
         groups: dict[tuple, list[int]] = {}
+        seeded = []
         for i, r in enumerate(reqs):
             p = r.params
             if p.seed is not None and p.temperature > 0:
-                g = getattr(r, "_generator", None)
-                if g is None:
-                    g = torch.Generator(device=logits.device)
-                    g.manual_seed(p.seed)
-                    r._generator = g
-                out[i] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, g)[0]
+                seeded.append(i)
             else:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        if not seeded and len(groups) == 1:                       # one kind of request: one launch
+            (t, k, tp), = groups
+            return sample(logits, t, k, tp, self._gen)
+        out = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
+        for i in seeded:
+            r, p = reqs[i], reqs[i].params
+            g = getattr(r, "_generator", None)
+            if g is None:
+                g = torch.Generator(device=logits.device)
+                g.manual_seed(p.seed)
+                r._generator = g
+            out[i] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, g)[0]
         for (t, k, tp), idx in groups.items():
             sel = torch.tensor(idx, device=logits.device)
             out[sel] = sample(logits[sel], t, k, tp, self._gen)
-        toks = out.tolist()
-        return {r.id: t for r, t in zip(reqs, toks)}
+        return out
 
     # ---- consuming -----------------------------------------------------------------------------------
     def stream(self, handle: RequestHandle) -> Iterator[int]:

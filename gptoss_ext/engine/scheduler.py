@@ -65,6 +65,7 @@ class Request:
     first_token_time: float | None = None
     preemptions: int = 0
     cached_tokens: int = 0              # prompt positions served from the prefix cache (last admission)
+    pending: int = 0                    # tokens sampled by a launched step, not back on the host yet
 
     @property
     def tokens(self) -> list[int]:
@@ -85,7 +86,8 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        """Positions it has: prompt, output and the tokens still on their way (pending)."""
+        return len(self.prompt) + len(self.output) + self.pending
 
     @property
     def prefilling(self) -> bool:
@@ -250,6 +252,36 @@ class Scheduler:
         plan.prefills.append(Chunk(req, start, end, end == total))
         return budget - (end - start)
 
+    def schedule_ahead(self) -> StepPlan | None:
+        """The next decode-only step while the current one's tokens are still on the GPU (each
+        running request's newest token pending): every running request decodes its next position.
+        None when the step must be scheduled the usual way, after those tokens are back (a request
+        waits or prefills, a block is short)."""
+        if self.waiting:
+            return None
+        plan = StepPlan()
+        for req in sorted(self.running, key=lambda r: r.arrival):
+            if req.prefilling:
+                return None
+            if len(req.output) + req.pending >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                continue                   # its last token is on the way: it ends when that comes back
+            pos = req.num_tokens - 1
+            if not self.blocks.holds(req.id, pos):
+                if not self.blocks.can_allocate(req.id, pos, pos + 1):
+                    return None
+                self.blocks.allocate(req.id, pos, pos + 1)
+            plan.decodes.append(Chunk(req, pos, pos + 1, True))
+        if not plan or len(plan.decodes) > self.max_num_batched_tokens:
+            return None
+        return plan
+
+    def launched(self, plan: StepPlan) -> None:
+        """The step is on the GPU: its positions count as computed, its samples as pending."""
+        for c in plan.decodes + plan.prefills:
+            if c.req.state == RUNNING:
+                c.req.computed = max(c.req.computed, c.end)
+                c.req.pending += c.sample
+
     def update(self, plan: StepPlan, sampled: dict[int, int], now: float | None = None) -> list[Request]:
         """After the step ran: the chunks' positions are computed; each sampling chunk's request
         gets its sampled token (request id -> token). Returns the requests that finished."""
@@ -257,24 +289,26 @@ class Scheduler:
         done = []
         for c in plan.decodes + plan.prefills:
             req = c.req
-            if req.state == FINISHED:            # aborted while the step ran
+            if req.state == FINISHED:            # aborted, or ended while this step ran ahead
                 continue
-            req.computed = c.end
+            req.computed = max(req.computed, c.end)
+            if c.sample:
+                req.pending = max(0, req.pending - 1)
+                req.output.append(sampled[req.id])
+            known = len(req.prompt) + len(req.output)
+            self.blocks.advance(req.id, req.view, min(req.computed, known))
             if not c.sample:
-                self.blocks.advance(req.id, req.view, req.computed)
                 continue
-            tok = sampled[req.id]
-            req.output.append(tok)
+            tok = req.output[-1]
             if req.first_token_time is None:
                 req.first_token_time = now
-            self.blocks.advance(req.id, req.view, req.computed)
             p = req.params
             reason = None
             if not p.ignore_stops and tok in p.stop_token_ids:
                 reason = "stop"
             elif len(req.output) >= p.max_tokens:
                 reason = "length"
-            elif req.num_tokens >= self.max_model_len:
+            elif known >= self.max_model_len:
                 reason = "length"
             if reason:
                 self.running.remove(req)
