@@ -245,13 +245,15 @@ def test_every_kernel_serves_decode_shapes(kernel, T, E, HI):
 
 def test_plan_picks_by_pairs_an_expert():
     """The plan: 20b / 120b decode at T = 1 the split-K tiles, T = 2 the tiles, T >= 4 the
-    persistent kernel; ~8-32 pairs an expert the small-batch kernel; prefill the wgmma kernel on
-    Hopper (else mma.sync), the exact one when a scale is too large to fold."""
+    persistent kernel; beyond 8 pairs an expert (batched decode, prefill) the wgmma kernel on Hopper,
+    else mma.sync from 32 pairs an expert and the small-batch kernel below; the exact one (or the
+    small-batch one) when a scale is too large to fold."""
     plan = ops.moe_experts_plan
     assert plan(4, 32, 5760, 2880, 128) == "decode_tiles_splitk"
     assert plan(8, 32, 5760, 2880, 128) == "decode_tiles"
     assert plan(16, 32, 5760, 2880, 128) == plan(32, 128, 2880, 2880, 128) == "decode_persistent"
-    assert plan(32 * 16, 32, 5760, 2880, 128) == "small_batch"
+    assert plan(32 * 16, 32, 5760, 2880, 128) == ("prefill_wgmma64" if wgmma_here() else "small_batch")
+    assert plan(32 * 16, 32, 5760, 2880, 129) == "small_batch"
     prefill = "prefill_wgmma128" if wgmma_here() else "prefill_mma"
     assert plan(4096 * 4, 32, 5760, 2880, 128) == prefill
     assert plan(4096 * 4, 32, 5760, 2880, 129) == "prefill_exact"

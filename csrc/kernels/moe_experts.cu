@@ -86,15 +86,15 @@ MoeKernel moe_plan(const MoeGemmArgs& a, const MoeDevice& d) {
     if (a.P >= 16 && !moe_kernel_unsupported(MoeKernel::kDecodePersistent, a, d)) return MoeKernel::kDecodePersistent;
     return std::min<int64_t>(a.E, a.P) >= 8 ? MoeKernel::kDecodeTiles : MoeKernel::kDecodeTilesSplitK;
   }
-  if (per_expert <= 32) return MoeKernel::kSmallBatch;
   if (a.max_scale <= 128) {
     // 128-token wgmma tiles where experts average >= 128 routed tokens, else 64 (less of a tile
-    // wasted on an expert's last few tokens)
+    // wasted on an expert's last few tokens; an expert with <= 32 runs a 32-token tile)
     const MoeKernel wg = per_expert >= 128 ? MoeKernel::kPrefillWgmma128 : MoeKernel::kPrefillWgmma64;
     if (!moe_kernel_unsupported(wg, a, d)) return wg;
+    if (per_expert <= 32) return MoeKernel::kSmallBatch;
     return MoeKernel::kPrefillMma;
   }
-  return MoeKernel::kPrefillExact;
+  return per_expert <= 32 ? MoeKernel::kSmallBatch : MoeKernel::kPrefillExact;
 }
 
 namespace {

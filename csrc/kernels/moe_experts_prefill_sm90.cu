@@ -124,9 +124,10 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
   };
 #pragma unroll
   for (int d = 0; d < kWgDepth; ++d) load_w(d, wc[d], wsc[d]);
-  // An expert's last tile often holds few tokens: one of <= 64 runs as an N = 64 tile (half the MMA
-  // work; at T = 2048 on 32 experts about half the experts end in one).
-  const int n_tile = (BN > 64 && count <= 64) ? 64 : BN;
+  // An expert's last tile often holds few tokens: one of <= 64 runs as an N = 64 tile, one of <= 32
+  // as N = 32 (less MMA work and fewer activation rows staged: at T = 2048 on 32 experts about half
+  // the experts end in such a tile, and in batched decode most experts have only that many tokens).
+  const int n_tile = count <= 32 ? 32 : ((BN > 64 && count <= 64) ? 64 : BN);
   load_stage(0, n_tile * 8 / kWgThreads);
   load_stage(1, n_tile * 8 / kWgThreads);
 
@@ -183,8 +184,10 @@ __global__ void __launch_bounds__(kWgThreads, BN <= 128 ? 2 : 1) moe_wgmma_kerne
   };
   if (n_tile == BN) {
     run(std::integral_constant<int, BN>{});
-  } else {
+  } else if (n_tile == 64) {
     run(std::integral_constant<int, 64>{});
+  } else {
+    run(std::integral_constant<int, 32>{});
   }
 #else
   __trap();   // launched only where the sm_90a code exists (see moe_wgmma_loaded)

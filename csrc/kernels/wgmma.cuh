@@ -30,6 +30,19 @@ __device__ __forceinline__ void wgmma_wait() {
 // warp's 16 rows (the mma.m16n8k16 A layout; warp w of the warpgroup holds rows 16w..16w+15).
 // D: d[4j + {0,1}] = (row g, columns 8j + 2q + {0,1}), d[4j + {2,3}] = row g + 8 (g = lane / 4,
 // q = lane % 4), the m16n8 accumulator layout repeated over N / 8 column tiles. scale_d = 0: D = A*B.
+__device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
 __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\n"
@@ -104,8 +117,10 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint3
 
 template <int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
-  static_assert(N == 64 || N == 128 || N == 256, "wgmma_rs: N must be 64, 128 or 256");
-  if constexpr (N == 64) {
+  static_assert(N == 32 || N == 64 || N == 128 || N == 256, "wgmma_rs: N must be 32, 64, 128 or 256");
+  if constexpr (N == 32) {
+    wgmma_m64n32k16_rs(d, a, desc_b, scale_d);
+  } else if constexpr (N == 64) {
     wgmma_m64n64k16_rs(d, a, desc_b, scale_d);
   } else if constexpr (N == 128) {
     wgmma_m64n128k16_rs(d, a, desc_b, scale_d);
