@@ -1,5 +1,5 @@
-"""Where a decode step of a preset's shapes spends GPU time: the kernels of CUDA-graph decode
-steps (batch 1, 2k context) from the torch profiler's trace — per kernel name the calls and
+"""Where a decode step of a preset's shapes spends GPU time: the kernels of generate()'s CUDA-graph
+decode steps (the engine's, batch 1, 2k context) from the torch profiler's trace — per kernel name the calls and
 microseconds a step, the step's span, the time no kernel runs, and how much kernels overlap
 (programmatic dependent launch). With --eager, eager steps and a 2048-token prefill as well.
 Random weights drawn on the GPU. Usage: python bench/profile_decode.py [preset] [--eager] [--json F]"""
@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gptoss_ext as g
+from gptoss_ext.engine import SamplingParams
 
 
 def kernel_events(prof):
@@ -58,17 +59,18 @@ def main():
     prompt = torch.randint(0, 200000, (2048,))
     out = {"preset": args.preset, "device": torch.cuda.get_device_name()}
     for mode in (("graph", "eager") if args.eager else ("graph",)):
-        r = m.decode_runner(1, 3000, use_graph=mode == "graph")
-        m.prefill([prompt], r.cache)
-        r.begin(r.cache.lengths[:1])
-        tok = torch.zeros(1, dtype=torch.long, device="cuda")
-        for _ in range(5):
-            r.step(tok)
+        # generate()'s engine: one request, prefilled, then decode steps as it runs them
+        eng = m.generation_engine([3000], use_graph=mode == "graph")
+        h = eng.add_request(prompt.tolist(), SamplingParams(max_tokens=900, temperature=0.0, ignore_stops=True))
+        for _ in range(6):
+            eng.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
-                r.step(tok)
+                eng.step()
             torch.cuda.synchronize()
+        eng.abort(h)
+        eng.run_until_done()
         s = summarize(kernel_events(prof), args.steps)
         out[mode] = s
         print(f"== {args.preset} decode B=1 2k, {mode}: span {s['span_us']:.0f} us a step, kernels busy "

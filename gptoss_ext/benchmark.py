@@ -65,7 +65,7 @@ def _prefill_rate(model, T: int, reps: int = 3) -> dict:
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (T,), generator=g)
-    cache = model.decode_runner(1, T + 1).cache
+    cache = model.new_cache(T + 1)
     times = []
     for _ in range(reps + 1):
         cache.reset()
@@ -88,7 +88,7 @@ def bench_ours(model, bw: float, new_tokens: int = 64) -> dict:
     c = model.config
     # What a single-sequence 8k-context session holds: the weights plus an 8192-token cache.
     load_peak = torch.cuda.max_memory_allocated()
-    model.decode_runner(1, 8192)
+    model.generation_engine([8192])
     res = {"load_peak_bytes": load_peak, "resident_with_8k_cache_bytes": torch.cuda.memory_allocated(),
            "prefill_2048": _prefill_rate(model, 2048)}
     for name, B, ctx in (("b1_ctx2k", 1, 2048), ("b1_ctx8k", 1, 8192), ("b32_ctx2k", 32, 2048)):

@@ -1,4 +1,5 @@
-"""Token generation: prefill the prompt, then decode one token at a time through the KV cache,
+"""Token generation: `generate()` runs the prompts as requests of the model's serving engine
+(gptoss_ext.engine: chunked prefill, then decode steps from CUDA graphs over a paged KV cache),
 sampling on the model's device (greedy, temperature, top-k, top-p)."""
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def generate(model, prompt_tokens, max_new_tokens: int = 256, temperature: float
     Greedy at temperature 0. Each prompt stops after max_new_tokens, at the context length, or
     after a token in stop_tokens (which is included as its last token). One prompt: returns the
     list of new tokens, or with stream=True an iterator yielding each token as soon as it is
-    sampled. Several prompts (batch generation: one padding-free prefill, then batched decode):
+    sampled. Several prompts (batch generation: continuous batching, each ends on its own):
     returns a list of token lists, or with stream=True an iterator of (prompt index, token).
     Decode runs from a CUDA graph on CUDA with the kernels built (use_graph=False: eager)."""
     config = model.config
@@ -104,137 +105,29 @@ def generate(model, prompt_tokens, max_new_tokens: int = 256, temperature: float
     return single if stream else list(single)
 
 
-class DecodeRunner:
-    """Batched decode with static buffers over its own KV cache (batch rows x max_len).
-
-    A step reads the tokens in `tokens`, advances the lengths of the active rows, writes their
-    keys/values, and returns float32 logits [batch, V], all on the device. With use_graph the step
-    is captured once in a CUDA graph and replayed (no per-token launches from Python)."""
-
-    def __init__(self, model, batch: int, max_len: int, use_graph: bool):
-        dev = model.device
-        self.model = model
-        self.batch, self.max_len = batch, max_len
-        self.cache = model.new_cache(max_len, batch)
-        self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
-        self.active = torch.zeros(batch, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.ones(batch, dtype=torch.int32, device=dev)
-        self.row0 = torch.arange(batch, device=dev) * max_len
-        self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
-        self.slots = torch.full((batch,), -1, dtype=torch.int64, device=dev)
-        self.use_graph = use_graph
-        self.graph = None
-        self.logits = None
-
-    def _step(self) -> torch.Tensor:
-        from . import ops
-
-        ops.decode_prep(self.seq_lens, self.active, self.row0, self.positions, self.slots)
-        return self.model.decode(self.tokens, self.cache, self.seq_lens, self.slots, positions=self.positions,
-                                 float_logits=False)
-
-    def begin(self, lengths: list[int]) -> None:
-        """Rows 0 .. len(lengths)-1 hold prefilled sequences of these lengths; the rest idle."""
-        n = len(lengths)
-        lens = torch.ones(self.batch, dtype=torch.int32)
-        lens[:n] = torch.tensor(lengths, dtype=torch.int32).clamp_min(1)
-        act = torch.zeros(self.batch, dtype=torch.int32)
-        act[:n] = 1
-        self.seq_lens.copy_(lens)
-        self.active.copy_(act)
-
-    def deactivate(self, rows: list[int]) -> None:
-        self.active[torch.tensor(rows, device=self.active.device)] = 0
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One step on `tokens` (the first rows); float32 logits [batch, V]."""
-        return self.step_raw(tokens).float()
-
-    def step_raw(self, tokens: torch.Tensor | None) -> torch.Tensor:
-        """step() with the logits in the model's dtype (no conversion launch); tokens None: they are
-        already in self.tokens (a greedy sample written there)."""
-        if tokens is not None:
-            self.tokens[:tokens.numel()].copy_(tokens)
-        if not self.use_graph:
-            return self._step()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits
-
-    def _capture(self) -> None:
-        saved = self.active.clone()
-        self.active.zero_()                      # warm-up and capture change nothing: no row active
-        side = torch.cuda.Stream(self.tokens.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._step()
-        self.active.copy_(saved)
-        self.graph = graph
-
-
 def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stops, use_graph) -> Iterator:
+    """(prompt index, token) as the model's generation engine samples them (gptoss_ext.engine: the
+    serving engine, sized for these prompts; decode steps from CUDA graphs, one step ahead)."""
+    from .engine.scheduler import SamplingParams
+
     if max_new_tokens == 0:
         return
-    config = model.config
-    device = model.device
-    B = len(prompts)
-    limits = [min(max_new_tokens, config.context_length - len(p)) for p in prompts]
-    # +1: a step is launched before the previous tokens are read, so a row may write one more.
-    runner = model.decode_runner(B, max(len(p) + n for p, n in zip(prompts, limits)) + 1, use_graph)
-    cache = runner.cache
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else secrets.randbits(63))
-    logits = model.prefill([torch.tensor(p) for p in prompts], cache)           # [B, V]
-    runner.begin(cache.lengths[:B])
-    cuda = device.type == "cuda"
-    host = torch.empty(B, dtype=torch.int64, pin_memory=cuda)
-    ready = torch.cuda.Event() if cuda else None
-    # The tokens go to the host on a side stream, so the next step's launch does not queue behind
-    # the device-to-host copy.
-    sampled = torch.cuda.Event() if cuda else None
-    side = torch.cuda.Stream(device) if cuda else None
-    produced, active = [0] * B, [True] * B
-    # Greedy: the argmax goes straight into the runner's token buffer (no copy launch a step).
-    greedy = temperature == 0
-
-    def pick(lg):
-        if greedy:
-            return torch.argmax(lg[:B], dim=-1, out=runner.tokens[:B])
-        return sample(lg[:B], temperature, top_k, top_p, gen)
-
-    nxt = pick(logits)                                                             # [B]
-    while True:
-        if cuda:
-            sampled.record()
-            side.wait_event(sampled)
-            with torch.cuda.stream(side):
-                host.copy_(nxt, non_blocking=True)
-                ready.record(side)
-            nxt.record_stream(side)
-        else:
-            host.copy_(nxt)
-        if any(a and p + 1 < n for a, p, n in zip(active, produced, limits)):
-            logits = runner.step_raw(None if greedy else nxt)   # the GPU runs on while we read
-        if cuda:
-            ready.synchronize()
-        toks = host.tolist()
-        finished = []
-        for b in range(B):
-            if not active[b]:
-                continue
-            yield b, toks[b]
-            produced[b] += 1
-            if toks[b] in stops or produced[b] >= limits[b]:
-                active[b] = False
-                finished.append(b)
-        if not any(active):
-            return
-        if finished:
-            runner.deactivate(finished)
-        nxt = pick(logits)
+    ctx = model.config.context_length
+    limits = [min(max_new_tokens, ctx - len(p)) for p in prompts]
+    engine = model.generation_engine([len(p) + n for p, n in zip(prompts, limits)], use_graph)
+    engine.reseed(seed if seed is not None else secrets.randbits(63))
+    stop_ids = tuple(sorted(stops))
+    handles = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                                    stop_token_ids=stop_ids))
+               for p, n in zip(prompts, limits)]
+    index = {h.request.id: i for i, h in enumerate(handles)}
+    try:
+        while engine.has_work():
+            for h in engine.step():
+                i = index[h.request.id]
+                while h._pending:
+                    yield i, h._pending.popleft()
+    finally:                  # a caller that stops reading early: its requests end, their blocks go back
+        for h in handles:
+            if not h.finished:
+                engine.abort(h)

@@ -266,7 +266,7 @@ class GptOss(nn.Module):
         self.norm = RMSNorm(c.hidden_size, device, dtype)
         self.unembedding = Linear(c.hidden_size, c.vocab_size, False, device, dtype)
         self.checkpoint_info = None     # where the weights came from (set by load_model: set_checkpoint_info)
-        self._decode_runner = None      # batched decode state kept between generate() calls (decode_runner)
+        self._engine = None             # the engine generate() runs on, kept between calls (generation_engine)
 
     def set_checkpoint_info(self, info) -> None:
         """Record where the weights came from (gptoss_ext.checkpoint.CheckpointInfo)."""
@@ -426,36 +426,41 @@ class GptOss(nn.Module):
                 blk.mlp.mlp2_weight.to_kernel_layout(swiglu=False)
         return True
 
-    def decode_runner(self, batch: int, max_len: int, use_graph: bool | None = None):
-        """The batched decode state (gptoss_ext.generate.DecodeRunner: its KV cache and CUDA graph) for
-        `batch` rows (rounded up to a power of two) and at least `max_len` positions (rounded up to
-        1024, capped at the context length). The model owns it: one is kept and reused while it fits
-        (its cache reset); a different shape replaces it (the old cache and graph are freed first);
-        release_decode_state() frees it."""
-        from .generate import DecodeRunner
+    def generation_engine(self, lengths: list[int], use_graph: bool | None = None):
+        """The serving engine generate() runs on (gptoss_ext.engine.Engine) with room for sequences of
+        these total lengths (prompt + new tokens). The model owns it: it is kept between calls (its
+        KV blocks, CUDA graphs and prefix cache: a chat that resends its history reuses it) while it
+        fits; a larger one replaces it (the old one freed first); release_decode_state() frees it."""
+        from .engine import Engine
 
         cuda = self.device.type == "cuda"
         if use_graph is None:
             use_graph = cuda and ops.kernels_available() and self.dtype == torch.bfloat16
         if use_graph and not cuda:
             raise ValueError("CUDA-graph decode needs the model on a CUDA device")
-        rows = 1 << max(0, (batch - 1).bit_length())
-        r = self._decode_runner
-        if r is not None and r.batch == rows and r.max_len >= max_len and r.use_graph == use_graph:
-            r.cache.reset()
-            return r
-        self._decode_runner = None
-        del r
+        bs = 128
+        # a block per 128 positions (+1: a step may run one position ahead), one spare a sequence
+        need = sum(-(-(n + 1) // bs) + 1 for n in lengths)
+        seqs = 1 << max(0, (len(lengths) - 1).bit_length())
+        e = self._engine
+        if e is not None and not e.scheduler.has_work():
+            e.run_until_done()                   # a step still in flight for requests that were dropped
+        if (e is not None and e.blocks.full.num_blocks >= need and e.scheduler.max_num_seqs >= seqs
+                and (e.graphs is not None) == use_graph and not e.has_work()):
+            return e
+        self._engine = None
+        del e
         if cuda:
             torch.cuda.empty_cache()
-        length = min(self.config.context_length + 1, -(-max_len // 1024) * 1024)
-        self._decode_runner = DecodeRunner(self, rows, max(length, max_len), use_graph)
-        return self._decode_runner
+        blocks = max(16, -(-need // 16) * 16)
+        self._engine = Engine(self, num_blocks=blocks, block_size=bs, max_num_seqs=seqs, max_num_batched_tokens=8192,
+                              use_graphs=use_graph)
+        return self._engine
 
     def release_decode_state(self) -> None:
-        """Free the KV cache and CUDA graph that generate() keeps between calls (decode_runner); the
-        next generate() allocates them again."""
-        self._decode_runner = None
+        """Free the engine (KV cache, CUDA graphs) that generate() keeps between calls; the next
+        generate() makes a new one."""
+        self._engine = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -80,12 +80,29 @@ def test_decode_state_is_kept_and_released():
 
     m = g.random_model("tiny", dtype=torch.float32)
     a = m.generate([1, 2, 3], max_new_tokens=3, temperature=0)
-    r = m._decode_runner
-    assert r is not None and r.batch == 1 and not r.use_graph
-    assert m.generate([1, 2, 3], max_new_tokens=3, temperature=0) == a and m._decode_runner is r
+    e = m._engine
+    assert e is not None and e.scheduler.max_num_seqs == 1 and e.graphs is None
+    assert m.generate([1, 2, 3], max_new_tokens=3, temperature=0) == a and m._engine is e
+    assert e.blocks.full.in_use() == 0                      # every block went back (the prefix stays cached)
+    assert m.generate([[1, 2, 3], [4, 5]], max_new_tokens=3, temperature=0)[0] == a
+    e3 = m._engine
+    assert e3 is not e and e3.scheduler.max_num_seqs == 2    # more sequences: a larger engine
+    assert m.generate([1, 2, 3], max_new_tokens=140, temperature=0)[:3] == a
     m.release_decode_state()
-    assert m._decode_runner is None
+    assert m._engine is None
     assert m.generate([1, 2, 3], max_new_tokens=3, temperature=0) == a
+
+
+def test_a_generation_dropped_midway_frees_its_blocks():
+    import gptoss_ext as g
+
+    m = g.random_model("tiny", dtype=torch.float32)
+    it = m.generate([[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=50, temperature=0, stream=True)
+    assert len([next(it) for _ in range(5)]) == 5
+    it.close()
+    e = m._engine
+    assert not e.scheduler.has_work() and e.blocks.full.in_use() == 0
+    assert m.generate([[1, 2, 3], [4, 5]], max_new_tokens=2, temperature=0) and m._engine is e
 
 
 def test_batch_generation_on_cpu_matches_one_prompt_at_a_time():

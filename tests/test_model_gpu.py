@@ -69,14 +69,17 @@ def test_cache_path_matches_whole_forward(models):
     part = gpu.prefill([toks[:200]], cache, last_only=False, chunk=70).cpu()     # 3 passes
     assert cache.length == 200
     assert rel(part, want[:200]) <= 2 * rel(yard[:200], want[:200]) + 1e-3
-    for use_graph in (False, True):
-        r = gpu.decode_runner(1, 512, use_graph=use_graph)
-        gpu.prefill([toks[:200]], r.cache)
-        r.begin(r.cache.lengths[:1])
-        steps = torch.cat([r.step(toks[200 + i:201 + i].to(DEV))[:1].cpu() for i in range(60)])
-        assert rel(steps, want[200:]) <= 2 * rel(yard[200:], want[200:]) + 1e-3
-        if use_graph:
-            assert r.graph is not None
+    steps = torch.cat([decode_one(gpu, cache, toks[200 + i]).cpu() for i in range(60)])
+    assert rel(steps, want[200:]) <= 2 * rel(yard[200:], want[200:]) + 1e-3
+
+
+def decode_one(model, cache, token):
+    """One eager decode step of sequence 0 of a contiguous cache (teacher forcing): its logits [1, V]."""
+    n = cache.lengths[0] + 1
+    logits = model.decode(torch.tensor([int(token)], device=DEV), cache, torch.tensor([n], dtype=torch.int32, device=DEV),
+                          torch.tensor([n - 1], dtype=torch.int64, device=DEV))
+    cache.lengths[0] = n
+    return logits
 
 
 def test_greedy_graph_equals_eager(models):
@@ -89,9 +92,9 @@ def test_greedy_graph_equals_eager(models):
 
 def test_programmatic_launch_equals_plain_launches(models):
     """With programmatic dependent launch (each kernel starts while the one before finishes and
-    waits on the device) the logits are bit-equal to plain stream-ordered launches: eager prefill
-    and decode, and CUDA-graph decode captured under each setting. A missing wait would read a
-    half-written tensor and differ."""
+    waits on the device) the logits are bit-equal to plain stream-ordered launches (eager prefill
+    and decode), and so are the greedy tokens of the engine's CUDA-graph decode steps captured under
+    each setting. A missing wait would read a half-written tensor and differ."""
     gpu, _ = models
     toks = tokens(300, 5)
     results = {}
@@ -101,11 +104,11 @@ def test_programmatic_launch_equals_plain_launches(models):
             ops.set_pdl(pdl)
             gpu.release_decode_state()
             out = [gpu(toks.to(DEV)).cpu()]
-            for use_graph in (False, True):
-                r = gpu.decode_runner(1, 512, use_graph=use_graph)
-                gpu.prefill([toks[:250]], r.cache)
-                r.begin(r.cache.lengths[:1])
-                out.append(torch.cat([r.step(toks[250 + i:251 + i].to(DEV))[:1].cpu() for i in range(50)]))
+            cache = gpu.new_cache(512)
+            gpu.prefill([toks[:250]], cache)
+            out.append(torch.cat([decode_one(gpu, cache, toks[250 + i]).cpu() for i in range(50)]))
+            # the engine's decode steps from CUDA graphs, captured under each setting
+            out.append(torch.tensor(generate(gpu, toks.tolist(), max_new_tokens=30, temperature=0)))
             results[pdl] = out
     finally:
         ops.set_pdl(prev)
@@ -155,13 +158,16 @@ def test_sampling_on_gpu_is_seeded(models):
     assert a == b == c
 
 
-def test_runner_is_reused_and_replaced(models):
+def test_generation_engine_is_reused_and_replaced(models):
     gpu, _ = models
-    r1 = gpu.decode_runner(3, 1000)
-    assert r1.batch == 4 and r1.max_len == 1024
-    assert gpu.decode_runner(4, 900) is r1
-    r2 = gpu.decode_runner(1, 900)
-    assert r2 is not r1 and r2.batch == 1
+    gpu.release_decode_state()
+    e1 = gpu.generation_engine([1000, 500, 20])
+    assert e1.scheduler.max_num_seqs == 4 and e1.graphs is not None
+    assert gpu.generation_engine([900, 10, 10, 10]) is e1
+    e2 = gpu.generation_engine([100] * 5)
+    assert e2 is not e1 and e2.scheduler.max_num_seqs == 8
+    assert gpu.generation_engine([100], use_graph=False).graphs is None
+    gpu.release_decode_state()
 
 
 def test_bench_plumbing_small_model():

@@ -152,6 +152,10 @@ class Engine:
             self.handles.pop(handle.request.id, None)
         handle._deliver([], True)
 
+    def reseed(self, seed: int) -> None:
+        """Seed the generator of the requests that have no seed of their own."""
+        self._gen.manual_seed(seed)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
 
