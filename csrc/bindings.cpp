@@ -63,7 +63,6 @@ TORCH_LIBRARY(gptoss_ext, m) {
   m.def("kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
   // a decode step's bookkeeping, one launch: seq_lens += active (int32); positions = seq_lens - 1;
   // slots = active > 0 ? row0 + positions : -1 (int64)
-  m.def("decode_prep(Tensor(a!) seq_lens, Tensor active, Tensor row0, Tensor(b!) positions, Tensor(c!) slots) -> ()");
 
   // ---- attention
   // Sink-aware causal GQA attention, head_dim 64, over a KV cache [B, max_len, Hkv, 64] (one layer),
@@ -142,7 +141,6 @@ TORCH_LIBRARY_IMPL(gptoss_ext, CUDA, m) {
   m.impl("rope_", &gptoss::rope_);
   m.impl("rope_kv_", &gptoss::rope_kv_);
   m.impl("kv_write", &gptoss::kv_write);
-  m.impl("decode_prep", &gptoss::decode_prep);
   m.impl("attention_prefill", &gptoss::attention_prefill);
   m.impl("attention_decode", &gptoss::attention_decode);
   m.impl("linear_skinny", &gptoss::linear_skinny);

@@ -402,7 +402,7 @@ class GptOss(nn.Module):
         """One token for each of the cache's first B sequences, all on the device (no host sync; CUDA-graph
         capturable): tokens [B] int64, seq_lens [B] int32 (lengths including the new token; the token
         sits at position seq_lens - 1), slots [B] int64 (cache rows to write, -1: none). The caller
-        keeps cache.lengths. positions: seq_lens - 1 as int64 when the caller has it (ops.decode_prep).
+        keeps cache.lengths. positions: seq_lens - 1 as int64 when the caller has it.
         Returns float32 logits [B, V] (float_logits=False: the unembedding's dtype)."""
         step = Step((seq_lens - 1).long() if positions is None else positions, cache, slots, seq_lens=seq_lens)
         return self._run(tokens, step, float_logits=float_logits)

@@ -206,17 +206,6 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     ref.kv_write(k, v, k_cache, v_cache, slots)
 
 
-def decode_prep(seq_lens: torch.Tensor, active: torch.Tensor, row0: torch.Tensor, positions: torch.Tensor,
-                slots: torch.Tensor) -> None:
-    """A decode step's bookkeeping, in place: seq_lens += active (int32); positions = seq_lens - 1 and
-    slots = where(active > 0, row0 + positions, -1) (int64). One launch on CUDA (instead of ~7
-    elementwise kernels at the head of every decode step)."""
-    if seq_lens.is_cuda and not getattr(_local, "reference", False) and _extension.available():
-        torch.ops.gptoss_ext.decode_prep(seq_lens, active, row0, positions, slots)
-        return
-    ref.decode_prep(seq_lens, active, row0, positions, slots)
-
-
 # ---- attention ---------------------------------------------------------------------------------
 
 def _attn_kernel_ok(op: str, q: torch.Tensor) -> bool:

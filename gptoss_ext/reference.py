@@ -219,15 +219,6 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     vf.index_copy_(0, slots[keep], v[keep].to(v_cache.dtype))
 
 
-def decode_prep(seq_lens: torch.Tensor, active: torch.Tensor, row0: torch.Tensor, positions: torch.Tensor,
-                slots: torch.Tensor) -> None:
-    """A decode step's bookkeeping, in place: seq_lens += active; positions = seq_lens - 1;
-    slots = where(active > 0, row0 + positions, -1)."""
-    seq_lens += active
-    positions.copy_((seq_lens - 1).long())
-    slots.copy_(torch.where(active > 0, row0 + positions, torch.full_like(positions, -1)))
-
-
 # ---- moe_router ---------------------------------------------------------------------------------
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -46,11 +46,6 @@ def main() -> int:
     run("rope_", lambda: ops.rope(q, k, pos))
     run("rope_kv_", lambda: ops.rope_kv_write(q, k, v, pos, kc, vc, slots))
     run("kv_write", lambda: ops.kv_write(k, v, kc, vc, slots))
-    seq = torch.tensor([3, 5], dtype=torch.int32, device=DEV)
-    act = torch.tensor([1, 0], dtype=torch.int32, device=DEV)
-    row0 = torch.tensor([0, 300], device=DEV)
-    p2, s2 = torch.empty(2, dtype=torch.int64, device=DEV), torch.empty(2, dtype=torch.int64, device=DEV)
-    run("decode_prep", lambda: ops.decode_prep(seq, act, row0, p2, s2))
     # attention: prefill with both block heights (window / full), decode with every CTA shape
     kc.copy_(torch.randn_like(kc, dtype=torch.float32).bfloat16())
     vc.copy_(torch.randn_like(vc, dtype=torch.float32).bfloat16())

@@ -22,9 +22,4 @@ struct KvCacheWrite {
 cudaError_t launch_kv_write(const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t k_stride, int64_t v_stride,
                             int64_t T, int Hkv, const KvCacheWrite& cache, cudaStream_t stream);
 
-// Decode-step bookkeeping in one launch (B rows): seq_lens[b] += active[b]; positions[b] =
-// seq_lens[b] - 1; slots[b] = active[b] > 0 ? row0[b] + positions[b] : -1.
-cudaError_t launch_decode_prep(int32_t* seq_lens, const int32_t* active, const int64_t* row0, int64_t* positions,
-                               int64_t* slots, int64_t B, cudaStream_t stream);
-
 }  // namespace gptoss

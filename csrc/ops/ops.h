@@ -63,8 +63,6 @@ void linear_rope_kv(const at::Tensor& x, const at::Tensor& weight, const std::op
                     at::Tensor& out, const at::Tensor& positions, const at::Tensor& inv_freq, double concentration,
                     const at::Tensor& slots, at::Tensor& k_cache, at::Tensor& v_cache, bool weight_constant);
 // decode bookkeeping: seq_lens += active; positions = seq_lens - 1; slots = active ? row0 + positions : -1
-void decode_prep(at::Tensor& seq_lens, const at::Tensor& active, const at::Tensor& row0, at::Tensor& positions,
-                 at::Tensor& slots);
 void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, at::Tensor& k_cache,
               at::Tensor& v_cache);
 void rope_kv_(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,

@@ -3,7 +3,7 @@
 A step in which every running request decodes one token (no prefill chunk) has a fixed shape once
 its batch and its block tables' width are rounded up to a bucket, so it is captured once per
 (batch bucket, width bucket) and replayed: one host-to-device copy of the step's integers (tokens,
-positions, lengths, slots and block tables of both layer groups, packed in one int32 buffer) and
+positions, lengths, slots and block tables of both layer groups, packed in one buffer) and
 one graph launch, instead of hundreds of kernel launches from Python. Rows past the step's batch
 are padding: they write nothing (slot -1) and read block 0 of length 1; their logits are dropped.
 Graphs share one memory pool, so a new bucket costs only its capture.
@@ -40,41 +40,46 @@ class DecodeGraphs:
         self.sampled = torch.zeros(1024, dtype=torch.int64, device=self.dev)
 
     def _layout(self, B: int, W: int) -> tuple[int, dict]:
-        """Offsets of each field in the packed int32 buffer of a (B, W) step."""
+        """Fields of the packed buffer of a (B, W) step: name -> (dtype, offset in elements of that
+        dtype, count). One int64 buffer: tokens, src, positions and slots (int64, as the ops take
+        them), then lengths and block tables (int32, two to an int64 element)."""
         off, n = {}, 0
-        for name, size in (("tokens", B), ("src", B), ("positions", B), ("seq_lens", B)):
-            off[name] = (n, size)
-            n += size
-        for g in self.groups:
-            off["slots_" + g] = (n, B)
+        for name in ["tokens", "src", "positions"] + ["slots_" + g for g in self.groups]:
+            off[name] = ("i64", n, B)
             n += B
-        for g in self.groups:
-            off["table_" + g] = (n, B * W)
-            n += B * W
-        return n, off
+        n32 = 2 * n
+        for name, size in [("seq_lens", B)] + [("table_" + g, B * W) for g in self.groups]:
+            off[name] = ("i32", n32, size)
+            n32 += size
+        return (n32 + 1) // 2, off
+
+    @staticmethod
+    def _field(buf64, buf32, off, name):
+        kind, a, size = off[name]
+        return (buf64 if kind == "i64" else buf32)[a:a + size]
 
     def _capture(self, B: int, W: int):
         from ..model import Step
 
         n, off = self._layout(B, W)
-        packed = torch.zeros(n, dtype=torch.int32, device=self.dev)
+        packed = torch.zeros(n, dtype=torch.int64, device=self.dev)
+        packed32 = packed.view(torch.int32)
 
         def field(name):
-            a, size = off[name]
-            return packed[a:a + size]
+            return self._field(packed, packed32, off, name)
 
         field("seq_lens").fill_(1)
         field("src").fill_(-1)
         for g in self.groups:
             field("slots_" + g).fill_(-1)
-        host = torch.empty(n, dtype=torch.int32, pin_memory=True)
+        host = torch.empty(n, dtype=torch.int64, pin_memory=True)
 
         def run():
-            step = Step(field("positions").long(), slots={g: field("slots_" + g).long() for g in self.groups},
+            step = Step(field("positions"), slots={g: field("slots_" + g) for g in self.groups},
                         seq_lens=field("seq_lens"), paged=self.cache, num_decode=B,
                         decode_tables={g: field("table_" + g).view(B, W) for g in self.groups})
-            src = field("src").long()
-            tokens = torch.where(src >= 0, self.sampled[src.clamp(min=0)], field("tokens").long())
+            src = field("src")
+            tokens = torch.where(src >= 0, self.sampled[src.clamp(min=0)], field("tokens"))
             return self.model._run(tokens, step, float_logits=False)
 
         side = torch.cuda.Stream(self.dev)
@@ -102,21 +107,22 @@ class DecodeGraphs:
         W = width_bucket(max((len(t) for ts in tables.values() for t in ts), default=1), self.max_blocks)
         entry = self.graphs.get((B, W)) or self._capture(B, W)
         graph, packed, host, off, logits = entry
-        h = host.numpy()
-        h[:] = 0
-        a, _ = off["src"]
-        h[a:a + B] = -1
+        h64 = host.numpy()
+        h32 = h64.view("int32")
+
+        def field(name):
+            return self._field(h64, h32, off, name)
+
+        h64[:] = 0
+        field("src")[:] = -1
+        field("seq_lens")[:] = 1
         for name, vals in (("tokens", tokens), ("src", src), ("positions", positions), ("seq_lens", seq_lens)):
-            a, _ = off[name]
-            h[a:a + n] = vals
-        a, _ = off["seq_lens"]
-        h[a + n:a + B] = 1
+            field(name)[:n] = vals
         for g in self.groups:
-            a, _ = off["slots_" + g]
-            h[a:a + n] = slots[g]
-            h[a + n:a + B] = -1
-            a, _ = off["table_" + g]
-            t2 = h[a:a + B * W].reshape(B, W)
+            sl = field("slots_" + g)
+            sl[:n] = slots[g]
+            sl[n:] = -1
+            t2 = field("table_" + g).reshape(B, W)
             for i, row in enumerate(tables[g]):
                 t2[i, :len(row)] = row[:W]
         packed.copy_(host, non_blocking=True)
@@ -124,4 +130,4 @@ class DecodeGraphs:
         return logits[:n]
 
     def memory_bytes(self) -> int:
-        return sum(e[1].numel() * 4 for e in self.graphs.values())
+        return sum(e[1].numel() * 8 for e in self.graphs.values())
