@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from .block_manager import BlockManager
@@ -250,10 +251,15 @@ class Engine:
         return torch.tensor([(t + [-1] * (width - len(t)))[:width] for t in tabs], dtype=torch.int32)
 
     def _slots(self, chunks, group: str) -> list[int]:
+        """The cache rows the chunks' positions are written to (block_table[p // bs] * bs + p % bs)."""
         bs, out = self.block_size, []
         for c in chunks:
             t = getattr(self.blocks.tables(c.req.id), group)
-            out.extend(t[p // bs] * bs + p % bs for p in range(c.start, c.end))
+            if c.end - c.start == 1:
+                out.append(t[c.start // bs] * bs + c.start % bs)
+                continue
+            pos = np.arange(c.start, c.end)
+            out.extend((np.asarray(t, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
         return out
 
     def _groups(self) -> list[str]:
