@@ -72,7 +72,9 @@ class DecodeGraphs:
         field("src").fill_(-1)
         for g in self.groups:
             field("slots_" + g).fill_(-1)
-        host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+        # Two host buffers, used in turn: a step's copy may still be queued on the GPU while the
+        # host packs the next step (decode steps run one ahead); it has run by the step after.
+        host = [torch.empty(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
 
         def run():
             step = Step(field("positions"), slots={g: field("slots_" + g) for g in self.groups},
@@ -91,7 +93,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
             logits = run()
-        entry = (graph, packed, host, off, logits)
+        entry = [graph, packed, host, off, logits, 0]
         self.graphs[(B, W)] = entry
         return entry
 
@@ -106,7 +108,9 @@ class DecodeGraphs:
             self.graphs.clear()                  # they read the old buffer
         W = width_bucket(max((len(t) for ts in tables.values() for t in ts), default=1), self.max_blocks)
         entry = self.graphs.get((B, W)) or self._capture(B, W)
-        graph, packed, host, off, logits = entry
+        graph, packed, hosts, off, logits, turn = entry
+        host = hosts[turn]
+        entry[5] = turn ^ 1
         h64 = host.numpy()
         h32 = h64.view("int32")
 
