@@ -61,7 +61,8 @@ def test_preemption_and_resumption_give_the_same_tokens(model):
     holds two, so B, the newest, gives way and is recomputed after A."""
     g = torch.Generator().manual_seed(1)
     pa, pb = torch.randint(0, 200000, (10,), generator=g).tolist(), torch.randint(0, 200000, (20,), generator=g).tolist()
-    eng = Engine(model, num_blocks=3, num_window_blocks=6, block_size=16, max_num_batched_tokens=64)
+    eng = Engine(model, num_blocks=3, num_window_blocks=6, block_size=16, max_num_batched_tokens=64,
+                 decode_reserve=0.0)     # admit B whenever its prompt fits
     a = eng.add_request(pa, SamplingParams(max_tokens=30, **GREEDY))
     eng.step()
     b = eng.add_request(pb, SamplingParams(max_tokens=10, **GREEDY))
@@ -294,3 +295,20 @@ def test_steps_run_ahead_give_the_same_tokens_stops_and_blocks(model):
         assert eng.blocks.full.in_use() == 0 and (eng.stats["ahead_steps"] > 20) == ahead
         results.append([h.request.output for h in hs])
     assert results[0] == results[1]
+
+
+def test_admission_keeps_blocks_back_for_the_running_requests(model):
+    """With the cache as the limit, admitting a request whenever its prompt fits makes the running
+    ones run out of blocks and be preempted (recomputed later); the decode reserve holds admission
+    back instead. Both give every request all its tokens."""
+    counts = {}
+    for reserve in (0.0, 1.0):
+        eng = _AheadEngine(model, False, num_blocks=24, block_size=16, max_num_seqs=8, max_num_batched_tokens=256,
+                           decode_reserve=reserve)
+        hs = [eng.add_request(list(range(1, 33)), SamplingParams(max_tokens=60, **GREEDY)) for _ in range(8)]
+        eng.run_until_done()
+        assert all(len(h.request.output) == 60 and h.finish_reason == "length" for h in hs)
+        counts[reserve] = eng.stats["preemptions"]
+    assert counts[0.0] > 0 and counts[1.0] == 0
+    with pytest.raises(ValueError, match="decode_reserve"):
+        Engine(model, num_blocks=8, block_size=16, decode_reserve=1.5)

@@ -5,7 +5,11 @@ sequences still reading their prompt, within a token budget, so a long prompt is
 steps while everybody else keeps decoding (chunked prefill). Requests join at the next step and
 leave the step they finish; their blocks go back at once.
 
-When the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed
+A new request is admitted only while the free blocks exceed its prompt's plus a reserve for the
+running requests to grow into (`decode_reserve`: that share of the tokens each may still generate,
+by max_tokens and the context; 0 admits whenever the prompt fits), which keeps preemption rare when
+the cache is the limit (120b on one 80 GB GPU). When the cache runs out of blocks all the same,
+the newest running sequence is preempted: its blocks are freed
 and it waits at the head of the queue to be recomputed (its prompt plus what it generated so far)
 before any new request is admitted. A request that could never fit (longer than the context, or
 than the whole cache) is refused when it is added, with the reason.
@@ -137,10 +141,13 @@ class _TokenView:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_model_len: int, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192):
+                 max_num_batched_tokens: int = 8192, decode_reserve: float = 0.5):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not 0 <= decode_reserve <= 1:
+            raise ValueError(f"decode_reserve must be in [0, 1], got {decode_reserve}")
         self.blocks = blocks
+        self.decode_reserve = decode_reserve
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -222,8 +229,17 @@ class Scheduler:
         # 2. prefill chunks: running sequences still reading their tokens, then waiting ones
         for req in [r for r in self.running if r.prefilling]:
             budget = self._prefill_chunk(req, budget, plan)
+        reserved = None
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if self.running and self.decode_reserve > 0:
+                # Admission keeps blocks back for the running requests to grow into (a share of what
+                # they may still generate), so that they are not preempted and recomputed later.
+                if reserved is None:
+                    reserved = self._decode_reserve_blocks(self.running)
+                prompt_blocks = -(-(req.num_tokens - req.computed) // self.blocks.block_size)
+                if self.blocks.full.available() - prompt_blocks < reserved:
+                    break
             if req.computed == 0 and req.id not in self.blocks.seqs:
                 hit = self.blocks.match_prefix(req.id, req.tokens)
                 req.computed = req.cached_tokens = hit
@@ -237,7 +253,20 @@ class Scheduler:
             self.waiting.popleft()
             req.state = RUNNING
             self.running.append(req)
+            if reserved is not None:
+                reserved += self._decode_reserve_blocks([req])
         return plan
+
+    def _decode_reserve_blocks(self, reqs) -> int:
+        """Blocks the requests will still take for decode_reserve of the tokens they may still
+        generate (max_tokens, the context) beyond the blocks they hold."""
+        bs, total = self.blocks.block_size, 0
+        for r in reqs:
+            left = min(r.params.max_tokens - len(r.output) - r.pending, self.max_model_len - r.num_tokens)
+            end = r.num_tokens + int(max(0, left) * self.decode_reserve)
+            held = len(self.blocks.seqs[r.id].full) if r.id in self.blocks.seqs else 0
+            total += max(0, -(-end // bs) - held)
+        return total
 
     def _prefill_chunk(self, req: Request, budget: int, plan: StepPlan) -> int:
         """Schedule the next chunk of a request's uncomputed tokens within the budget and the free
