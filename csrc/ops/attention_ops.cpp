@@ -61,6 +61,20 @@ void check_layout(const char* op, const at::Tensor& k_cache, const at::Tensor& v
   layout.block_shift = shift;
 }
 
+// What both launches check: q and out [rows, Hq, 64] alike, the cache of B sequences (layout, Hkv,
+// max_len set), GQA head counts, at most 65535 sequences.
+void check_launch(const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& out, int64_t B, const std::optional<at::Tensor>& block_table, int64_t block_size,
+                  KvLayout& layout, int64_t& Hkv, int64_t& max_len) {
+  check_heads(op, "q", q, q);
+  check_heads(op, "out", out, q);
+  check_layout(op, k_cache, v_cache, q, B, block_table, block_size, layout, Hkv, max_len);
+  check_gqa(op, q.size(1), Hkv);
+  TORCH_CHECK(out.size(0) == q.size(0) && out.size(1) == q.size(1), "gptoss_ext.", op, ": 'out' must be ",
+              shape_str(q), " like q, got ", shape_str(out));
+  TORCH_CHECK(B <= 65535, "gptoss_ext.", op, ": at most 65535 sequences a launch, got ", B);
+}
+
 // The fields both launches share: q, the cache, sinks, out, their strides and head counts.
 template <class Args>
 void fill_common(Args& a, const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -86,18 +100,12 @@ void attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at:
                        int64_t max_q_len, int64_t window, double sm_scale, at::Tensor& out,
                        const std::optional<at::Tensor>& block_table, int64_t block_size) {
   const char* op = "attention_prefill";
-  check_heads(op, "q", q, q);
-  check_heads(op, "out", out, q);
-  const int64_t T = q.size(0), Hq = q.size(1), B = start.numel();
+  const int64_t T = q.size(0), B = start.numel();
   KvLayout layout;
   int64_t Hkv = 0, max_len = 0;
-  check_layout(op, k_cache, v_cache, q, B, block_table, block_size, layout, Hkv, max_len);
-  check_gqa(op, Hq, Hkv);
-  TORCH_CHECK(out.size(0) == T && out.size(1) == Hq, "gptoss_ext.", op, ": 'out' must be ", shape_str(q),
-              " like q, got ", shape_str(out));
+  check_launch(op, q, k_cache, v_cache, out, B, block_table, block_size, layout, Hkv, max_len);
   check_int32_vec(op, "start", start, B, q, "sequences");
   check_int32_vec(op, "cu_seqlens", cu_seqlens, B + 1, q, "sequences + 1");
-  TORCH_CHECK(B <= 65535, "gptoss_ext.", op, ": at most 65535 sequences a launch, got ", B);
   TORCH_CHECK(max_q_len >= 0 && max_q_len <= T, "gptoss_ext.", op, ": max_q_len must be in [0, ", T, "], got ",
               max_q_len);
   TORCH_CHECK(window >= 0, "gptoss_ext.", op, ": window must be >= 0 (0 = full causal), got ", window);
@@ -137,16 +145,10 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
                       at::Tensor& tickets, at::Tensor& out, bool kv_ready,
                       const std::optional<at::Tensor>& block_table, int64_t block_size) {
   const char* op = "attention_decode";
-  check_heads(op, "q", q, q);
-  check_heads(op, "out", out, q);
   const int64_t B = q.size(0), Hq = q.size(1);
   KvLayout layout;
   int64_t Hkv = 0, max_len = 0;
-  check_layout(op, k_cache, v_cache, q, B, block_table, block_size, layout, Hkv, max_len);
-  check_gqa(op, Hq, Hkv);
-  TORCH_CHECK(out.size(0) == B && out.size(1) == Hq, "gptoss_ext.", op, ": 'out' must be ", shape_str(q),
-              " like q, got ", shape_str(out));
-  TORCH_CHECK(B <= 65535, "gptoss_ext.", op, ": at most 65535 sequences a launch, got ", B);
+  check_launch(op, q, k_cache, v_cache, out, B, block_table, block_size, layout, Hkv, max_len);
   check_int32_vec(op, "seq_lens", seq_lens, B, q, "sequences");
   TORCH_CHECK(window >= 0, "gptoss_ext.", op, ": window must be >= 0 (0 = full causal), got ", window);
   check_cuda(op, "ws_o", ws_o);
