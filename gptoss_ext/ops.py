@@ -302,9 +302,9 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                 raise ValueError("attention_prefill: with a block table, give max_q_len")
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             torch.ops.gptoss_ext.attention_prefill(
-                q, k_cache, v_cache, _sinks32(sinks), cu_seqlens.to(q.device, torch.int32),
-                starts.to(q.device, torch.int32), int(max_q_len), int(sliding_window), _scale(sm_scale, q.shape[-1]),
-                out, block_table.to(q.device, torch.int32), int(block_size))
+                q, k_cache, v_cache, _sinks32(sinks), torch.as_tensor(cu_seqlens, dtype=torch.int32).to(q.device),
+                torch.as_tensor(starts, dtype=torch.int32).to(q.device), int(max_q_len), int(sliding_window),
+                _scale(sm_scale, q.shape[-1]), out, block_table.to(q.device, torch.int32), int(block_size))
             return out
         return ref.attention_prefill(q, k_cache, v_cache, sinks, _host_ints("cu_seqlens", cu_seqlens),
                                      _host_ints("starts", starts), sliding_window=sliding_window, sm_scale=sm_scale,
@@ -381,8 +381,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             ws_ml = torch.empty(B, Hq, splits, 2, dtype=torch.float32, device=q.device)
             out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
             torch.ops.gptoss_ext.attention_decode(
-                q, k_cache, v_cache, _sinks32(sinks), seq_lens.to(q.device, torch.int32), int(sliding_window),
-                _scale(sm_scale, D), chunk, warps, ws_o, ws_ml, _decode_tickets(q.device, B, Hq, Hkv), out,
+                q, k_cache, v_cache, _sinks32(sinks), torch.as_tensor(seq_lens, dtype=torch.int32).to(q.device),
+                int(sliding_window), _scale(sm_scale, D), chunk, warps, ws_o, ws_ml, _decode_tickets(q.device, B, Hq, Hkv), out,
                 bool(kv_ready), block_table.to(q.device, torch.int32), int(block_size))
             return out
         return ref.attention_decode(q, k_cache, v_cache, sinks, _host_ints("seq_lens", seq_lens),

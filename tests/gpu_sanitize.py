@@ -66,6 +66,18 @@ def main() -> int:
             lambda w=warps, c=chunk, a=ws_o, b=ws_ml: torch.ops.gptoss_ext.attention_decode(
                 qd, kc, vc, sinks, lens, 0, D ** -0.5, c, w, a, b, tickets, out, False))
     run("attention_decode window (plan)", lambda: ops.attention_decode(qd, kc, vc, sinks, lens, sliding_window=128))
+    # the same kernels over a paged pool: 6 blocks of 128 rows, the sequences' blocks out of order
+    # (a key tile of the decode crossing a block boundary; a window table whose first block is gone)
+    kp = torch.randn(6 * 128, Hkv, D, device=DEV, generator=g).bfloat16()
+    vp = torch.randn(6 * 128, Hkv, D, device=DEV, generator=g).bfloat16()
+    table = torch.tensor([[4, 1, 5], [0, 3, 2]], dtype=torch.int32, device=DEV)
+    wtable = torch.tensor([[-1, 1, 5], [0, 3, 2]], dtype=torch.int32, device=DEV)
+    for window, tab in ((0, table), (128, wtable)):
+        run(f"attention_prefill paged window={window}", lambda w=window, t=tab: ops.attention_prefill(
+            qp, kp, vp, sinks, [0, 70, 150], [300, 100], sliding_window=w, max_q_len=80, block_table=t,
+            block_size=128))
+        run(f"attention_decode paged window={window}", lambda w=window, t=tab: ops.attention_decode(
+            qd, kp, vp, sinks, lens, sliding_window=w, block_table=t, block_size=128))
     # linear
     for M in (1, 3, 8):
         xs, w = bf(M, 2880), bf(640, 2880)
