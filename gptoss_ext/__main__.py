@@ -156,6 +156,8 @@ def cmd_bench(args) -> int:
 def cmd_bench_serve(args) -> int:
     if args.input_len < 1 or args.output_len < 1 or args.num_requests < 1 or args.max_concurrency < 1:
         raise UsageError("--input-len, --output-len, --num-requests and --max-concurrency must be >= 1")
+    if args.mixed < 0 or args.max_prefill_with_decodes < 0:
+        raise UsageError("--mixed and --max-prefill-with-decodes must be >= 0")
     if args.base_url:                 # a running server, through HTTP
         try:
             import httpx
@@ -185,9 +187,19 @@ def cmd_bench_serve(args) -> int:
         model = g.random_model(args.preset, device=dev, init_device=dev if dev.type == "cuda" else None)
         label = f"preset {args.preset}, random weights"
     kwargs = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens)
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_prefill_with_decodes=args.max_prefill_with_decodes or None)
     if args.num_blocks:
         kwargs["num_blocks"] = args.num_blocks
+    if args.mixed:
+        from .engine import Engine
+
+        with torch.inference_mode():
+            # (no admission reserve: the decoders never end on their own, the long prompt must get in)
+            r = bench.run_mixed(Engine(model, decode_reserve=0.0, **kwargs), num_decoding=args.num_requests,
+                                input_len=args.input_len, long_len=args.mixed)
+        res = {"model": label, "mixed": r, "engine_config": kwargs}
+        return _report(res, args.json, bench.format_mixed)
     with torch.inference_mode():
         res = bench.run(model, num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
                         rate=args.request_rate, static_batch=args.static_batch, engine_kwargs=kwargs,
@@ -208,6 +220,8 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port} is not a TCP port")
+    if args.max_prefill_with_decodes < 0:
+        raise UsageError("--max-prefill-with-decodes must be >= 0 (0: no cap)")
     for flag in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_stored_responses"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -221,7 +235,8 @@ def cmd_serve(args) -> int:
     name = name or f"gpt-oss-{args.preset}-random"
     engine_args = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                       memory_fraction=args.gpu_memory_utilization)
+                       memory_fraction=args.gpu_memory_utilization,
+                       max_prefill_with_decodes=args.max_prefill_with_decodes or None)
     if args.num_blocks:
         engine_args["num_blocks"] = args.num_blocks
     try:
@@ -299,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "tokens a step (chunked prefill budget)"),
                                ("block-size", 128, "KV block positions"),
                                ("num-blocks", 0, "KV blocks (0: from free GPU memory)"),
-                               ("static-batch", 64, "batch of the static generate() run (0: skip it)")):
+                               ("static-batch", 64, "batch of the static generate() run (0: skip it)"),
+                               ("mixed", 0, "instead: a prompt of this many tokens arrives while --num-requests "
+                                            "requests decode; their longest step while it is read vs the median"),
+                               ("max-prefill-with-decodes", 0, "prefill tokens at most in a step that also decodes "
+                                                               "(0: the whole --max-num-batched-tokens)")):
         s.add_argument(f"--{flag}", type=int, default=default, help=doc or None)
     s.set_defaults(fn=cmd_bench_serve)
 
@@ -316,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                                ("max-num-batched-tokens", 8192, "tokens a step (the chunked-prefill budget)"),
                                ("block-size", 128, "KV block positions"),
                                ("num-blocks", 0, "KV blocks (0: from --gpu-memory-utilization)"),
+                               ("max-prefill-with-decodes", 0, "prefill tokens at most in a step that also decodes "
+                                                               "(0: the whole --max-num-batched-tokens)"),
                                ("max-stored-responses", 1024, "responses kept for previous_response_id")):
         v.add_argument(f"--{flag}", type=int, default=default, help=doc)
     v.add_argument("--gpu-memory-utilization", type=float, default=0.9,

@@ -154,6 +154,46 @@ def test_bench_serve_runs_and_reports(tmp_path):
     assert "time per output token" in r.stdout and "prefix hit rate" in r.stdout
 
 
+def test_a_step_that_decodes_caps_its_prefill(model):
+    """max_prefill_with_decodes: a long prompt arriving while others decode is read a capped chunk a
+    step (the decoders' steps stay short); alone it takes the whole budget. Tokens are unchanged."""
+    ps = prompts()
+    eng = Engine(model, num_blocks=64, block_size=16, max_num_batched_tokens=256, max_prefill_with_decodes=24)
+    a = eng.add_request(ps[0], SamplingParams(max_tokens=30, **GREEDY))
+    eng.step()
+    long = ps[1] * 5                                           # 185 tokens
+    b = eng.add_request(long, SamplingParams(max_tokens=3, **GREEDY))
+    sizes = []
+    while not b.request.output:
+        plan_sizes = eng.scheduler.schedule
+        with eng._lock:
+            plan = plan_sizes()
+        sizes.append(sum(c.end - c.start for c in plan.prefills))
+        eng._resolve(eng._run(plan))
+    assert max(sizes) == 24 and len(sizes) == 8                # ceil(185 / 24)
+    eng.run_until_done()
+    assert a.request.output == alone(model, ps[0], 30) and b.request.output == alone(model, long, 3)
+    alone_eng = Engine(model, num_blocks=64, block_size=16, max_num_batched_tokens=256, max_prefill_with_decodes=24)
+    alone_eng.add_request(long, SamplingParams(max_tokens=1, **GREEDY))
+    with alone_eng._lock:
+        assert sum(c.end - c.start for c in alone_eng.scheduler.schedule().prefills) == 185
+
+
+def test_bench_serve_mixed_load_reports_the_longest_step(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gptoss_ext", "bench-serve", "--preset", "tiny", "--device", "cpu",
+                        "--num-requests", "3", "--input-len", "8", "--mixed", "200", "--max-prefill-with-decodes", "64",
+                        "--num-blocks", "64", "--block-size", "16", "--json", str(tmp_path / "m.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "m.json").read_text())["mixed"]
+    assert m["decoding"] == 3 and m["steps_while_reading"] >= 3 and m["max_over_median"] > 0
+    assert "longest / median" in r.stdout
+
+
 def test_a_failed_step_fails_its_requests_and_the_engine_carries_on(model):
     from gptoss_ext.engine import EngineStepError
 

@@ -94,6 +94,52 @@ def run_static(model, prompts: list[list[int]], output_len: int, batch: int) -> 
             "ttft_p99_ms": 1e3 * _pct(ttft, 99), "tpot_p50_ms": 1e3 * _pct(tpot, 50), "tpot_p99_ms": 1e3 * _pct(tpot, 99)}
 
 
+def run_mixed(engine: Engine, *, num_decoding: int, input_len: int, long_len: int, seed: int = 0,
+              after: int = 16) -> dict:
+    """The mixed load: `num_decoding` requests decode while a `long_len`-token prompt arrives. The
+    time between consecutive tokens of the decoding requests (each gap a step, as they see it)
+    before it arrives (median) and while it is read (max), and its time to first token."""
+    vocab = engine.config.vocab_size
+    prompts = make_requests(num_decoding, input_len, vocab, seed)
+    long_prompt = make_requests(1, long_len, vocab, seed + 1)[0]
+    params = SamplingParams(max_tokens=engine.max_model_len - input_len - 1, temperature=0.0, ignore_stops=True)
+    stamps: list[list[float]] = [[] for _ in range(num_decoding)]
+    hs = [engine.add_request(p, params, on_token=lambda t, s=s: s.append(time.perf_counter()))
+          for p, s in zip(prompts, stamps)]
+    while min(len(s) for s in stamps) < after:          # everybody decoding for a while
+        engine.step()
+    t_arrive = time.perf_counter()
+    first: list[float] = []
+    long_h = engine.add_request(long_prompt, SamplingParams(max_tokens=after, temperature=0.0, ignore_stops=True),
+                                on_token=lambda t: first.append(time.perf_counter()))
+    while not long_h.finished:
+        engine.step()
+    for h in hs:
+        engine.abort(h)
+    engine.run_until_done()
+    before = [b - a for s in stamps for a, b in zip(s, s[1:]) if b <= t_arrive]
+    during = [b - a for s in stamps for a, b in zip(s, s[1:]) if b > t_arrive and a < first[0]]
+    med = _pct(before, 50)
+    return {"decoding": num_decoding, "input_len": input_len, "long_len": long_len,
+            "median_step_ms": 1e3 * med, "max_step_while_reading_ms": 1e3 * max(during, default=float("nan")),
+            "max_over_median": max(during, default=float("nan")) / med, "long_ttft_ms": 1e3 * (first[0] - t_arrive),
+            "steps_while_reading": len(during) // max(1, num_decoding)}
+
+
+def format_mixed(res: dict) -> str:
+    m = res["mixed"]
+    return "\n".join([
+        f"{res['model']}: a {m['long_len']}-token prompt arrives while {m['decoding']} requests "
+        f"({m['input_len']}-token prompts) decode; prefill cap in decoding steps: "
+        f"{res['engine_config'].get('max_prefill_with_decodes') or res['engine_config'].get('max_num_batched_tokens')}",
+        "| metric | value |", "|---|---:|",
+        f"| median step before it (ms) | {m['median_step_ms']:.2f} |",
+        f"| longest step while it is read (ms) | {m['max_step_while_reading_ms']:.2f} |",
+        f"| longest / median | {m['max_over_median']:.2f}x |",
+        f"| its time to first token (ms) | {m['long_ttft_ms']:.0f} |",
+        f"| steps while it is read | {m['steps_while_reading']} |"])
+
+
 def format_table(res: dict) -> str:
     e, s = res["engine"], res.get("static")
     rows = [("output tok/s", "output_tok_s", "{:.0f}"), ("total tok/s", "total_tok_s", "{:.0f}"),

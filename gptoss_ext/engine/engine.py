@@ -76,7 +76,8 @@ class Engine:
     def __init__(self, model, *, num_blocks: int | None = None, block_size: int = 128,
                  num_window_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, memory_fraction: float = 0.9, seed: int = 0,
-                 use_graphs: bool | None = None, decode_reserve: float = 0.5):
+                 use_graphs: bool | None = None, decode_reserve: float = 0.5,
+                 max_prefill_with_decodes: int | None = None):
         from .. import ops
 
         if not ops.paged_attention_supported(model.device):
@@ -104,7 +105,7 @@ class Engine:
         self.cache = PagedKVCache(c, num_blocks, max(num_window_blocks, 1), block_size, model.device, model.dtype)
         self.blocks = BlockManager(num_blocks, max(num_window_blocks, 1), block_size, window)
         self.scheduler = Scheduler(self.blocks, self.max_model_len, max_num_seqs, max_num_batched_tokens,
-                                   decode_reserve)
+                                   decode_reserve, max_prefill_with_decodes)
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
         self.handles: dict[int, RequestHandle] = {}
         self._lock = threading.Lock()

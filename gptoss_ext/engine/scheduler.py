@@ -141,13 +141,17 @@ class _TokenView:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_model_len: int, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, decode_reserve: float = 0.5):
+                 max_num_batched_tokens: int = 8192, decode_reserve: float = 0.5,
+                 max_prefill_with_decodes: int | None = None):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if not 0 <= decode_reserve <= 1:
             raise ValueError(f"decode_reserve must be in [0, 1], got {decode_reserve}")
         self.blocks = blocks
         self.decode_reserve = decode_reserve
+        if max_prefill_with_decodes is not None and max_prefill_with_decodes < 1:
+            raise ValueError(f"max_prefill_with_decodes must be >= 1, got {max_prefill_with_decodes}")
+        self.max_prefill_with_decodes = max_prefill_with_decodes
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -226,7 +230,10 @@ class Scheduler:
             self.blocks.allocate(req.id, pos, pos + 1)
             plan.decodes.append(Chunk(req, pos, pos + 1, True))
             budget -= 1
-        # 2. prefill chunks: running sequences still reading their tokens, then waiting ones
+        # 2. prefill chunks: running sequences still reading their tokens, then waiting ones (a step
+        #    that decodes may cap them, so a long prompt does not stretch everybody's next token)
+        if plan.decodes and self.max_prefill_with_decodes is not None:
+            budget = min(budget, self.max_prefill_with_decodes)
         for req in [r for r in self.running if r.prefilling]:
             budget = self._prefill_chunk(req, budget, plan)
         reserved = None
@@ -257,12 +264,17 @@ class Scheduler:
                 reserved += self._decode_reserve_blocks([req])
         return plan
 
+    # Tokens a request is expected to generate at most, for the reserve: a max_tokens left at the
+    # context (128k) says nothing about how long it runs.
+    RESERVE_CLIP_TOKENS = 4096
+
     def _decode_reserve_blocks(self, reqs) -> int:
         """Blocks the requests will still take for decode_reserve of the tokens they may still
-        generate (max_tokens, the context) beyond the blocks they hold."""
+        generate (max_tokens, the context, at most RESERVE_CLIP_TOKENS) beyond the blocks they hold."""
         bs, total = self.blocks.block_size, 0
         for r in reqs:
-            left = min(r.params.max_tokens - len(r.output) - r.pending, self.max_model_len - r.num_tokens)
+            left = min(r.params.max_tokens - len(r.output) - r.pending, self.max_model_len - r.num_tokens,
+                       self.RESERVE_CLIP_TOKENS)
             end = r.num_tokens + int(max(0, left) * self.decode_reserve)
             held = len(self.blocks.seqs[r.id].full) if r.id in self.blocks.seqs else 0
             total += max(0, -(-end // bs) - held)
