@@ -4,7 +4,8 @@
   prefill with the 128-token window: FlexAttention (torch.compile'd, sliding-window block mask,
     sinks through the LSE correction out * sigmoid(lse - sink));
   decode (one query a sequence, split-KV): B = 32 at cache length 8192, B = 1 at 8192 and 65536,
-    as % of copy bandwidth over the K/V bytes read; torch SDPA with enable_gqa as a peer."""
+    as % of copy bandwidth over the K/V bytes read; torch SDPA with enable_gqa as a peer;
+  decode through block tables (the serving engine's): B = 64 and 256, mixed lengths, shuffled blocks."""
 
 from __future__ import annotations
 
@@ -159,5 +160,51 @@ def bench_decode(l2: int) -> list[Row]:
     return rows
 
 
+def bench_decode_paged(l2: int) -> list[Row]:
+    """The serving engine's decode: B = 64 and 256 sequences of mixed lengths (uniform in 512..3584,
+    a 1k/1k load half way) through block tables of 128-row blocks, the blocks shuffled over the pool;
+    % of copy bandwidth over the K/V bytes read. Beside it the same lengths in a contiguous cache."""
+    rows = []
+    bs = 128
+    for B in (64, 256):
+        g = torch.Generator().manual_seed(B)
+        lens_h = torch.randint(512, 3585, (B,), generator=g)
+        nblk = [-(-int(n) // bs) for n in lens_h]
+        W = 1 << (max(nblk) - 1).bit_length()
+        total = sum(nblk)
+        nbytes = int(lens_h.sum()) * HKV * D * 2 * 2
+        n = rotation_count(nbytes, l2, cap=8)
+        pools = [(torch.randn(total * bs, HKV, D, device="cuda").bfloat16(),
+                  torch.randn(total * bs, HKV, D, device="cuda").bfloat16()) for _ in range(n)]
+        perm = torch.randperm(total, generator=g)
+        table = torch.zeros(B, W, dtype=torch.int32)
+        at = 0
+        for b, k in enumerate(nblk):
+            table[b, :k] = perm[at:at + k].int()
+            at += k
+        table = table.cuda()
+        q = torch.randn(B, HQ, D, device="cuda").bfloat16()
+        sinks = torch.randn(HQ, device="cuda")
+        lens = lens_h.int().cuda()
+        case = f"B={B} mixed lengths 512-3584, paged (128-row blocks, shuffled)"
+        fn = lambda i: ops.attention_decode(q, pools[i][0], pools[i][1], sinks, lens, block_table=table,   # noqa: E731
+                                            block_size=bs, kv_ready=True)
+        fn(0)
+        ms, p10, p90, mode = time_cuda(fn, n)
+        rows.append(Row("attention_decode", case, "gptoss_ext (split-KV, block table)", ms, p10, p90, bytes=nbytes,
+                        timing=mode, target=">=70% copy BW"))
+        del pools
+        L = W * bs
+        caches = [(torch.randn(B, L, HKV, D, device="cuda").bfloat16(), torch.randn(B, L, HKV, D, device="cuda").bfloat16())
+                  for _ in range(min(n, 2))]
+        ms, p10, p90, mode = time_cuda(lambda i: ops.attention_decode(q, caches[i][0], caches[i][1], sinks, lens,
+                                                                      kv_ready=True), len(caches))
+        rows.append(Row("attention_decode", case, "gptoss_ext, the same lengths in a contiguous cache", ms, p10, p90,
+                        bytes=nbytes, timing=mode))
+        del caches
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run(l2: int) -> list[Row]:
-    return bench_prefill() + bench_decode(l2)
+    return bench_prefill() + bench_decode(l2) + bench_decode_paged(l2)

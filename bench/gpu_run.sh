@@ -7,7 +7,7 @@
 #
 #     bench/gpu_run.sh OUT_DIR [bench names...]
 #
-#   STAGES     which stages run, in this order (default all): build kernel_tests tests sanitize bench e2e
+#   STAGES     which stages run, in this order (default all): build kernel_tests tests sanitize bench e2e serve
 #   E2E        presets of the e2e stage (default "gpt-oss-20b gpt-oss-120b")
 #   BASELINE   a source tree of an earlier version (e.g. `git archive REV | tar -x -C DIR`): the e2e
 #              stage also builds it and runs its 20b benchmark on the same GPU (e2e_baseline.md), so
@@ -26,7 +26,7 @@ LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 GPTOSS_PTXAS_VERBOSE=1
 PY=${PYTHON:-python3}
-STAGES=" ${STAGES:-build kernel_tests tests sanitize bench e2e} "
+STAGES=" ${STAGES:-build kernel_tests tests sanitize bench e2e serve} "
 for f in "${GPTOSS_TIKTOKEN_FILE:-}" ../shared/tokenizer/o200k_base.tiktoken .gpu_carry/o200k_base.tiktoken; do
   if [ -n "$f" ] && [ -f "$f" ]; then export GPTOSS_TIKTOKEN_FILE=$(realpath "$f"); break; fi
 done
@@ -38,7 +38,7 @@ finish() {
   tar -czf "$OUT/logs.tar.gz" -C "$(dirname "$LOGS")" logs
   stamp "done (status $status)"
   cat "$OUT/bench.md" 2>/dev/null | head -3
-  for f in "$OUT"/e2e_*.md "$OUT/sanitize.md"; do [ -f "$f" ] && cat "$f"; done
+  for f in "$OUT"/e2e_*.md "$OUT"/serve_*.md "$OUT/sanitize.md"; do [ -f "$f" ] && cat "$f"; done
   exit $status
 }
 
@@ -109,5 +109,24 @@ if want e2e; then
       tail -20 "$LOGS/baseline_build.log"; echo "BASELINE BUILD FAILED"; status=1
     fi
   fi
+fi
+if want serve; then
+  # The serving engine's targets (bench-serve): 512 requests 1k in / 1k out at once for each preset
+  # in $E2E (20b beside static batches of 64), and the mixed load (a 16k prompt while 64 decode)
+  # with the prefill of decoding steps capped and not.
+  for preset in ${E2E:-gpt-oss-20b gpt-oss-120b}; do
+    [ "$preset" = none ] && continue
+    stamp "bench-serve $preset"
+    $PY -m gptoss_ext bench-serve --preset "$preset" --num-requests 512 --input-len 1024 --output-len 1024 \
+      --max-num-seqs $([ "$preset" = gpt-oss-20b ] && echo 512 || echo 256) \
+      --static-batch $([ "$preset" = gpt-oss-20b ] && echo 64 || echo 0) --json "$OUT/serve_$preset.json" \
+      > "$OUT/serve_$preset.md" 2> "$LOGS/serve_$preset.log" || status=1
+  done
+  for cap in 0 512; do
+    stamp "bench-serve --mixed (prefill cap $cap)"
+    $PY -m gptoss_ext bench-serve --preset gpt-oss-20b --mixed 16384 --num-requests 64 --input-len 1024 \
+      --max-prefill-with-decodes $cap --json "$OUT/serve_mixed_cap$cap.json" > "$OUT/serve_mixed_cap$cap.md" \
+      2> "$LOGS/serve_mixed_cap$cap.log" || status=1
+  done
 fi
 finish
