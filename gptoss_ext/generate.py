@@ -82,7 +82,7 @@ def generate(model, prompt_tokens, max_new_tokens: int = 256, temperature: float
     Decode runs from a CUDA graph on CUDA with the kernels built (use_graph=False: eager)."""
     config = model.config
     batch = _is_batch(prompt_tokens)
-    prompts = [_check_prompt(p, config.vocab_size) for p in (prompt_tokens if batch else [prompt_tokens])]
+    prompts = [_check_prompt(p, model.vocab_size) for p in (prompt_tokens if batch else [prompt_tokens])]
     if not prompts:
         raise ValueError("no prompts given")
     check_sampling(temperature, top_p, top_k)

@@ -267,6 +267,7 @@ class GptOss(nn.Module):
         self.unembedding = Linear(c.hidden_size, c.vocab_size, False, device, dtype)
         self.checkpoint_info = None     # where the weights came from (set by load_model: set_checkpoint_info)
         self._engine = None             # the engine generate() runs on, kept between calls (generation_engine)
+        self.tp = None                  # gptoss_ext.parallel.TensorParallel of a sharded model (shard_model)
 
     def set_checkpoint_info(self, info) -> None:
         """Record where the weights came from (gptoss_ext.checkpoint.CheckpointInfo)."""
@@ -286,18 +287,39 @@ class GptOss(nn.Module):
     def _run(self, tokens: torch.Tensor, step: Step, select=None, float_logits: bool = True) -> torch.Tensor:
         """Embedding -> blocks -> norm -> unembedding of the rows `select` (None: all). float32 logits
         (float_logits=False: in the model's dtype, as the unembedding gives them)."""
-        x = self.embedding(tokens)                                           # [T, H] residual stream
+        tp = self.tp
+        x = self._embed(tokens)                                              # [T, H] residual stream
         moe_out = None                                                       # the previous block's MoE output
         for blk in self.block:
             t, x = self._moe_residual_norm(moe_out, x, blk.attn.norm.scale)
             delta = blk.attn(t, step)
+            if tp is not None:                       # the ranks' heads' shares of the out projection
+                delta = tp.all_reduce(delta)
             t, x, routing = blk.mlp.norm_route(delta, x)
             moe_out = blk.mlp(t, routing)
+            if tp is not None:                       # the ranks' shares of every expert's intermediate
+                moe_out = tp.all_reduce(moe_out)
         t, x = self._moe_residual_norm(moe_out, x, self.norm.scale)
         if select is not None:
             t = t[select]
         logits = self.unembedding(t)
+        if tp is not None:                           # each rank's slice of the vocabulary
+            logits = tp.all_gather_last(logits)
         return logits.float() if float_logits else logits
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes and predicts (a sharded model's config holds its rank's slice)."""
+        return self.config.vocab_size * (self.tp.world if self.tp is not None else 1)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embedding(tokens)
+        V = self.config.vocab_size                   # this rank's rows: [rank * V, (rank + 1) * V)
+        local = tokens - self.tp.rank * V
+        mine = (local >= 0) & (local < V)
+        x = self.embedding(local.clamp(0, V - 1)) * mine.unsqueeze(-1).to(self.dtype)
+        return self.tp.all_reduce(x)
 
     def _moe_residual_norm(self, moe_out, x: torch.Tensor, scale: torch.Tensor):
         """The MoE output added to the residual stream (combined in the same launch) and the next
@@ -351,11 +373,11 @@ class GptOss(nn.Module):
                                  + (f"context length {c.context_length}" if end > c.context_length
                                     else f"KV cache of {cache.max_len} (it is full)"))
         for p in pieces:
-            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= c.vocab_size):
-                raise ValueError(f"token ids must be in [0, {c.vocab_size})")
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= self.vocab_size):
+                raise ValueError(f"token ids must be in [0, {self.vocab_size})")
         B = len(pieces)
         done = [0] * B
-        out_last = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=self.device) if last_only else None
+        out_last = torch.zeros(B, self.vocab_size, dtype=torch.float32, device=self.device) if last_only else None
         out_all = []
         while True:
             budget, take = chunk, []

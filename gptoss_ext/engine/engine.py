@@ -143,7 +143,7 @@ class Engine:
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         with self._lock:
-            req = self.scheduler.add(prompt, params, self.config.vocab_size)
+            req = self.scheduler.add(prompt, params, self.model.vocab_size)
             h = RequestHandle(req, on_token)
             self.handles[req.id] = h
         return h

@@ -23,7 +23,7 @@ class ServerContext:
         self.runner = runner
         self.model_name = model_name
         self.max_model_len = runner.engine.max_model_len
-        self.vocab_size = runner.engine.config.vocab_size
+        self.vocab_size = runner.engine.model.vocab_size
         self.responses = ResponseStore(max_stored_responses)
         self.created = int(time.time())
 

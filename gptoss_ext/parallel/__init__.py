@@ -1,0 +1,130 @@
+"""Tensor parallelism over torch.distributed: one model spread over the ranks of a process group.
+
+Each rank holds a slice of every large weight and the ranks' partial results are summed or
+gathered at four points of the forward pass:
+  * embedding: split by vocabulary; a rank looks up the tokens in its range, the ranks' rows summed;
+  * attention: query heads split with their KV heads (8 KV heads: at most 8 ranks) and their
+    sinks; the qkv projection column-parallel, the out projection row-parallel (its bias on rank 0),
+    the block's outputs summed (one all-reduce);
+  * MoE: every rank routes every token over all experts (the gate is replicated), each expert's
+    intermediate dimension is split (mlp1's rows in SwiGLU pairs, mlp2's columns in 32-column MXFP4
+    blocks, mlp2's bias on rank 0), the outputs summed (one all-reduce);
+  * unembedding: split by vocabulary, the logits gathered.
+A sharded model is a `GptOss` of the local shapes (`local_config`) with `tp` set, so the engine,
+`generate()` and the KV cache see a model with fewer heads and run unchanged; every rank runs the
+same steps on the same tokens and gets the same (gathered) logits.
+
+    tp = TensorParallel()                       # the default process group (torchrun / gloo / nccl)
+    model = shard_model(random_model("tiny"), tp)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig
+
+
+class TensorParallel:
+    """This rank's place in a tensor-parallel group and the collectives the model runs."""
+
+    def __init__(self, group=None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("tensor parallel needs torch.distributed initialised (torchrun, or "
+                               "torch.distributed.init_process_group) before the model is sharded")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks, in place."""
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        """The ranks' tensors side by side along the last dimension (rank order)."""
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def local_config(config: ModelConfig, world: int) -> ModelConfig:
+    """The shapes one rank of `world` holds. ValueError naming the dimension a split cannot divide."""
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"tensor parallel size must be an integer >= 1, got {world!r}")
+    c = config
+    problems = []
+    if c.num_key_value_heads % world:
+        problems.append(f"num_key_value_heads ({c.num_key_value_heads}) is not a multiple of {world}: the KV heads "
+                        f"split across the ranks (at most {c.num_key_value_heads} ranks)")
+    if c.num_attention_heads % world:
+        problems.append(f"num_attention_heads ({c.num_attention_heads}) is not a multiple of {world}")
+    if c.intermediate_size % (32 * world):
+        problems.append(f"intermediate_size ({c.intermediate_size}) is not a multiple of 32 x {world}: each rank "
+                        "takes whole 32-column MXFP4 blocks of every expert")
+    if c.vocab_size % world:
+        problems.append(f"vocab_size ({c.vocab_size}) is not a multiple of {world}")
+    if problems:
+        raise ValueError(f"cannot split this model over {world} ranks: " + "; ".join(problems))
+    return c.replace(num_attention_heads=c.num_attention_heads // world,
+                     num_key_value_heads=c.num_key_value_heads // world,
+                     intermediate_size=c.intermediate_size // world, vocab_size=c.vocab_size // world)
+
+
+def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of the full model's tensor `name` (the model's names, checkpoint layout)."""
+    c = config
+    if world == 1:
+        return t
+    D = c.head_dim
+    hq, hkv = c.num_attention_heads // world, c.num_key_value_heads // world
+    i_loc, v_loc = c.intermediate_size // world, c.vocab_size // world
+    leaf = name.split(".", 2)[-1] if name.startswith("block.") else name
+
+    def zeros_off_rank0(x):
+        return x if rank == 0 else torch.zeros_like(x)
+
+    if leaf in ("embedding.weight", "unembedding.weight"):
+        return t[rank * v_loc:(rank + 1) * v_loc]
+    if leaf in ("attn.qkv.weight", "attn.qkv.bias"):
+        q0, k0 = c.q_dim, c.q_dim + c.kv_dim
+        rows = [t[rank * hq * D:(rank + 1) * hq * D],
+                t[q0 + rank * hkv * D:q0 + (rank + 1) * hkv * D],
+                t[k0 + rank * hkv * D:k0 + (rank + 1) * hkv * D]]
+        return torch.cat(rows)
+    if leaf == "attn.sinks":
+        return t[rank * hq:(rank + 1) * hq]
+    if leaf == "attn.out.weight":
+        return t[:, rank * hq * D:(rank + 1) * hq * D]
+    if leaf in ("attn.out.bias", "mlp.mlp2_bias"):
+        return zeros_off_rank0(t)
+    if leaf in ("mlp.mlp1_weight.blocks", "mlp.mlp1_weight.scales", "mlp.mlp1_bias"):
+        return t[:, 2 * rank * i_loc:2 * (rank + 1) * i_loc]                 # SwiGLU pairs are adjacent rows
+    if leaf in ("mlp.mlp2_weight.blocks", "mlp.mlp2_weight.scales"):
+        return t[:, :, rank * i_loc // 32:(rank + 1) * i_loc // 32]          # whole 32-column blocks
+    if leaf in ("mlp.mlp1_weight.weight",):                                   # dense experts [E, 2I, H]
+        return t[:, 2 * rank * i_loc:2 * (rank + 1) * i_loc]
+    if leaf in ("mlp.mlp2_weight.weight",):                                   # dense experts [E, H, I]
+        return t[:, :, rank * i_loc:(rank + 1) * i_loc]
+    return t                                                                  # norms, the gate: every rank
+
+
+def shard_model(model, tp: TensorParallel):
+    """A copy of `model` (a full GptOss) holding only this rank's slices, with `tp` set."""
+    from ..model import GptOss
+
+    c = model.config
+    local = local_config(c, tp.world)
+    if any(b.mlp.mlp1_weight.kernel is not None for b in model.block):
+        raise ValueError("shard_model takes a model whose experts are in the checkpoint layout (before "
+                         "prepare_kernels); shard first, the sharded model prepares its own")
+    with torch.device("meta"):
+        out = GptOss(local, dtype=model.dtype, quantized=model.quantized)
+    state = {k: shard_tensor(k, v, c, tp.rank, tp.world).clone() for k, v in model.state_dict().items()}
+    out.load_state_dict(state, strict=True, assign=True)
+    out.eval()
+    out.tp = tp
+    out.checkpoint_info = model.checkpoint_info
+    out.prepare_kernels()
+    return out

@@ -1,0 +1,83 @@
+"""Tensor parallelism on the CPU: two gloo ranks (spawned processes) against one process."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gptoss_ext.config import get_preset
+from gptoss_ext.parallel import local_config, shard_tensor
+
+
+def _rank(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from gptoss_ext import random_model
+        from gptoss_ext.parallel import TensorParallel, shard_model
+
+        cfg = get_preset("tiny").replace(num_hidden_layers=2, sliding_window=16)
+        full = random_model(cfg, seed=0, dtype=torch.float32)
+        tp = TensorParallel()
+        local = shard_model(full, tp)
+        g = torch.Generator().manual_seed(3)
+        toks = torch.randint(0, cfg.vocab_size, (40,), generator=g)
+        res = {"logits": local(toks), "want": full(toks),
+               "gen": local.generate(toks[:30].tolist(), max_new_tokens=12, temperature=0.0),
+               "gen_want": full.generate(toks[:30].tolist(), max_new_tokens=12, temperature=0.0),
+               "heads": local.block[0].attn.n_heads, "vocab": local.vocab_size,
+               "qkv_rows": local.block[0].attn.qkv.weight.shape[0]}
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_single_process_logits_and_tokens():
+    world = 2
+    with tempfile.TemporaryDirectory() as d:
+        store, out = os.path.join(d, "store"), os.path.join(d, "out")
+        mp.spawn(_rank, args=(world, store, out), nprocs=world, join=True)
+        res = [torch.load(f"{out}.{r}") for r in range(world)]
+    cfg = get_preset("tiny")
+    for r in res:
+        assert r["heads"] == cfg.num_attention_heads // world and r["vocab"] == cfg.vocab_size
+        assert r["qkv_rows"] == cfg.qkv_dim // world
+        assert r["logits"].shape == r["want"].shape
+        assert torch.allclose(r["logits"], r["want"], rtol=1e-4, atol=1e-4), (r["logits"] - r["want"]).abs().max()
+        assert r["gen"] == r["gen_want"]
+    assert torch.equal(res[0]["logits"], res[1]["logits"])
+
+
+def test_a_split_the_model_cannot_take_is_refused_naming_the_dimension():
+    cfg = get_preset("gpt-oss-20b")
+    assert local_config(cfg, 2).num_key_value_heads == 4
+    with pytest.raises(ValueError, match=r"intermediate_size \(2880\) is not a multiple of 32 x 4"):
+        local_config(cfg, 4)                 # 90 MXFP4 blocks an expert row: 2 ranks (expert parallel: later)
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(8\) is not a multiple of 16.*at most 8 ranks"):
+        local_config(cfg, 16)
+    with pytest.raises(ValueError, match="num_key_value_heads.*multiple of 3"):
+        local_config(cfg, 3)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        local_config(get_preset("tiny").replace(intermediate_size=96), 2)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        local_config(cfg, 0)
+
+
+def test_shards_cover_every_weight_once():
+    """The ranks' slices of the qkv projection are the query heads, KV heads and values of their
+    heads; of the experts, whole SwiGLU row pairs and 32-column blocks; concatenated they give the
+    whole tensor back."""
+    cfg = get_preset("tiny")
+    qkv = torch.arange(cfg.qkv_dim, dtype=torch.float32)
+    parts = [shard_tensor("block.0.attn.qkv.bias", qkv, cfg, r, 2) for r in range(2)]
+    q, kv = cfg.q_dim // 2, cfg.kv_dim // 2
+    got = torch.cat([p[:q] for p in parts] + [p[q:q + kv] for p in parts] + [p[q + kv:] for p in parts])
+    assert torch.equal(got, qkv)
+    w2 = torch.arange(8 * 256 * 8 * 16).view(8, 256, 8, 16)
+    halves = [shard_tensor("block.1.mlp.mlp2_weight.blocks", w2, cfg, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat(halves, dim=2), w2)
+    b2 = torch.ones(8, 256)
+    assert torch.equal(shard_tensor("block.0.mlp.mlp2_bias", b2, cfg, 1, 2), torch.zeros(8, 256))
