@@ -13,6 +13,7 @@ A failure at any step raises `CheckpointError` and drops whatever was loaded.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -311,11 +312,13 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def load_model(path, device="auto", dtype=torch.bfloat16):
+def load_model(path, device="auto", dtype=torch.bfloat16, tp=None):
     """Load a gpt-oss checkpoint (either layout) into a `GptOss` on `device`: 'auto' (default) is the
     GPU when there is one, else the CPU (as the CLI's --device auto).
 
-    dtype: bfloat16 (default) or float32 for everything but the packed MXFP4 experts."""
+    dtype: bfloat16 (default) or float32 for everything but the packed MXFP4 experts.
+    tp: a gptoss_ext.parallel.TensorParallel: this rank's shard only (gptoss_ext.parallel); each
+    tensor is read on the CPU one at a time, sliced, and only the slice goes to the device."""
     from safetensors import safe_open
 
     from .model import GptOss
@@ -326,8 +329,18 @@ def load_model(path, device="auto", dtype=torch.bfloat16):
     info = inspect_checkpoint(path)
     tensors = _check(info)
     info.tokenizer_check = _tokenizer_check(info)
+    config, shard = info.config, None
+    if tp is not None:
+        from .parallel import local_config, shard_tensor
+
+        try:
+            config = local_config(info.config, tp.world)
+        except ValueError as e:
+            raise CheckpointError(f"{info.path}: {e}") from None
+
+        shard = functools.partial(shard_tensor, config=info.config, rank=tp.rank, world=tp.world)
     with torch.device("meta"):
-        model = GptOss(info.config, dtype=dtype, quantized=info.quantized)
+        model = GptOss(config, dtype=dtype, quantized=info.quantized)
     state: dict[str, torch.Tensor] = {}
     handles = {}
     try:
@@ -338,10 +351,15 @@ def load_model(path, device="auto", dtype=torch.bfloat16):
                 if f not in handles:
                     handles[f] = safe_open(str(f), framework="pt", device="cpu")
                 t = handles[f].get_tensor(name)
-                parts.append(t.to(device=device, dtype=dtype if src.kind == "float" else None))
+                parts.append(t if shard else t.to(device=device, dtype=dtype if src.kind == "float" else None))
                 del t
-            state[src.target] = src.combine(parts)
+            whole = src.combine(parts)
             del parts
+            if shard:        # this rank's slice of the tensor, and only that to the device
+                whole = shard(src.target, whole).to(device=device, dtype=dtype if src.kind == "float" else None,
+                                                    copy=True)     # (not a view that keeps the whole alive)
+            state[src.target] = whole
+            del whole
         handles.clear()
         model.load_state_dict(state, strict=True, assign=True)
     except Exception as e:
@@ -357,6 +375,7 @@ def load_model(path, device="auto", dtype=torch.bfloat16):
     state.clear()          # the model holds the tensors now: the relayout below frees each packed original
     model.eval()
     model.set_checkpoint_info(info)
+    model.tp = tp
     try:
         model.prepare_kernels()
     except torch.cuda.OutOfMemoryError as e:

@@ -16,7 +16,7 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        from gptoss_ext import random_model
+        from gptoss_ext import load_model, random_model
         from gptoss_ext.parallel import TensorParallel, shard_model
 
         cfg = get_preset("tiny").replace(num_hidden_layers=2, sliding_window=16)
@@ -25,7 +25,11 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
         local = shard_model(full, tp)
         g = torch.Generator().manual_seed(3)
         toks = torch.randint(0, cfg.vocab_size, (40,), generator=g)
-        res = {"logits": local(toks), "want": full(toks),
+        loaded = {}
+        for layout in ("original", "hf"):         # the sharded loader: this rank's slices only
+            m = load_model(os.path.join(os.path.dirname(store), layout), device="cpu", dtype=torch.float32, tp=tp)
+            loaded[layout] = (m(toks), m.memory_bytes())
+        res = {"logits": local(toks), "want": full(toks), "loaded": loaded, "full_bytes": full.memory_bytes(),
                "gen": local.generate(toks[:30].tolist(), max_new_tokens=12, temperature=0.0),
                "gen_want": full.generate(toks[:30].tolist(), max_new_tokens=12, temperature=0.0),
                "heads": local.block[0].attn.n_heads, "vocab": local.vocab_size,
@@ -37,8 +41,13 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
 
 def test_two_ranks_give_the_single_process_logits_and_tokens():
     world = 2
+    from gptoss_ext.synthetic import make_checkpoint
+
     with tempfile.TemporaryDirectory() as d:
         store, out = os.path.join(d, "store"), os.path.join(d, "out")
+        cfg2 = get_preset("tiny").replace(num_hidden_layers=2, sliding_window=16)
+        for layout in ("original", "hf"):
+            make_checkpoint(cfg2, os.path.join(d, layout), layout=layout, seed=0)
         mp.spawn(_rank, args=(world, store, out), nprocs=world, join=True)
         res = [torch.load(f"{out}.{r}") for r in range(world)]
     cfg = get_preset("tiny")
@@ -48,6 +57,9 @@ def test_two_ranks_give_the_single_process_logits_and_tokens():
         assert r["logits"].shape == r["want"].shape
         assert torch.allclose(r["logits"], r["want"], rtol=1e-4, atol=1e-4), (r["logits"] - r["want"]).abs().max()
         assert r["gen"] == r["gen_want"]
+        for layout, (logits, nbytes) in r["loaded"].items():
+            assert torch.allclose(logits, r["want"], rtol=1e-4, atol=1e-4), layout
+            assert nbytes < 0.6 * r["full_bytes"], (layout, nbytes, r["full_bytes"])   # about half each
     assert torch.equal(res[0]["logits"], res[1]["logits"])
 
 
