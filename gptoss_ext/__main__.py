@@ -227,6 +227,8 @@ def cmd_serve(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 < args.gpu_memory_utilization <= 1:
         raise UsageError("--gpu-memory-utilization must be in (0, 1]")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (args.tensor_parallel or 1) > 1:
+        raise UsageError("serve runs in one process in this version (tensor parallel: generate and chat)")
     model = load_or_embedded(args)
     name = args.served_model_name
     if not name and args.model:                  # gpt-oss-20b/original -> gpt-oss-20b

@@ -34,14 +34,43 @@ def _dtype(name: str):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def tensor_parallel(args, device):
+    """The tensor-parallel group when torchrun started several ranks (WORLD_SIZE > 1), else None.
+    Ranks other than 0 write nothing to stdout."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = getattr(args, "tensor_parallel", None)
+    if want is not None and want != world:
+        raise UsageError(f"--tensor-parallel {want}: start the ranks with `torchrun --nproc-per-node {want} -m "
+                         f"gptoss_ext ...` (this process is one of {world})")
+    if world == 1:
+        return None
+    if device.type == "cuda":
+        raise UsageError("tensor parallel runs on the CPU (gloo) in this version: on CUDA the experts' split widths "
+                         "do not fit the MoE kernels yet (expert parallel is next); add --device cpu")
+    import torch.distributed as dist
+
+    from .parallel import TensorParallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    tp = TensorParallel()
+    if tp.rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return tp
+
+
 def load_or_embedded(args):
-    """The model named by --model, or the embedded random model (and say so)."""
+    """The model named by --model, or the embedded random model (and say so); this rank's shard of it
+    when started by torchrun with several ranks (tensor_parallel)."""
     import gptoss_ext as g
 
     device = device_arg(args.device)
+    tp = tensor_parallel(args, device)
     if args.model:
         t0 = time.perf_counter()
-        model = g.load_model(args.model, device=device, dtype=_dtype(args.dtype))
+        model = g.load_model(args.model, device=device, dtype=_dtype(args.dtype), tp=tp)
         info = model.checkpoint_info
         print(f"[loaded {info.path} ({info.layout} layout) on {device} in {time.perf_counter() - t0:.1f} s]",
               file=sys.stderr)
@@ -52,9 +81,14 @@ def load_or_embedded(args):
         init = device if device.type == "cuda" and args.preset.startswith("gpt-oss") else None
         model = g.random_model(args.preset, seed=args.weights_seed, device=device, dtype=_dtype(args.dtype),
                                init_device=init)
-        print(f"[no --model given: using the built-in random '{args.preset}' model (seed {args.weights_seed}) on "
-              f"{device}; its output is meaningless text. Point --model at a gpt-oss checkpoint folder for real "
-              "output]", file=sys.stderr)
+        if tp is not None:
+            from .parallel import shard_model
+
+            model = shard_model(model, tp)
+        if tp is None or tp.rank == 0:
+            print(f"[no --model given: using the built-in random '{args.preset}' model (seed {args.weights_seed}) on "
+                  f"{device}; its output is meaningless text. Point --model at a gpt-oss checkpoint folder for real "
+                  "output]", file=sys.stderr)
     return model
 
 
@@ -64,6 +98,8 @@ def add_model_args(p):
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the built-in random model's weights")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--tensor-parallel", type=int, default=None,
+                   help="ranks the model is split over; start them with torchrun --nproc-per-node N -m gptoss_ext")
 
 
 def add_sampling_args(p, max_new_tokens_help: str = f"default {BUILT_IN_MODEL_TOKENS}"):

@@ -93,3 +93,19 @@ def test_shards_cover_every_weight_once():
     assert torch.equal(torch.cat(halves, dim=2), w2)
     b2 = torch.ones(8, 256)
     assert torch.equal(shard_tensor("block.0.mlp.mlp2_bias", b2, cfg, 1, 2), torch.zeros(8, 256))
+
+
+def test_the_cli_under_torchrun_prints_the_single_process_text_once():
+    import subprocess
+    import sys
+
+    cmd = ["-m", "gptoss_ext", "generate", "--device", "cpu", "--dtype", "fp32", "--temperature", "0",
+           "--max-new-tokens", "6", "Hello there"]
+    one = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] + cmd
+                         + ["--tensor-parallel", "2"], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    bad = subprocess.run([sys.executable] + cmd + ["--tensor-parallel", "2"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and "torchrun --nproc-per-node 2" in bad.stderr
