@@ -4,13 +4,14 @@ reasoning on request, and function tools whose results the user types in."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 MAX_TOOL_ROUNDS = 8
 
 
-from .cli_common import (BUILT_IN_MODEL_TOKENS, REAL_MODEL_CHAT_TOKENS, add_model_args, add_sampling_args,
+from .cli_common import (BUILT_IN_MODEL_TOKENS, REAL_MODEL_CHAT_TOKENS, UsageError, add_model_args, add_sampling_args,
                          load_or_embedded)
 
 
@@ -72,6 +73,9 @@ def cmd_chat(args) -> int:
     from . import tokenizer as tok
 
     tok.get_tokenizer()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("chat reads its messages from one terminal, which torchrun's ranks do not share: "
+                         "use generate for tensor parallel")
     model = load_or_embedded(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     max_new = args.max_new_tokens
