@@ -194,6 +194,10 @@ def cmd_bench_serve(args) -> int:
     if args.mixed:
         from .engine import Engine
 
+        ctx = model.config.context_length
+        if args.input_len + 2 > ctx or args.mixed >= ctx:
+            raise UsageError(f"--mixed {args.mixed} / --input-len {args.input_len}: each prompt must leave room to "
+                             f"generate within the model's {ctx}-token context")
         with torch.inference_mode():
             # (no admission reserve: the decoders never end on their own, the long prompt must get in)
             r = bench.run_mixed(Engine(model, decode_reserve=0.0, **kwargs), num_decoding=args.num_requests,

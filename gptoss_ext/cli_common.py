@@ -41,6 +41,8 @@ def tensor_parallel(args, device):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want = getattr(args, "tensor_parallel", None)
+    if want is not None and want < 1:
+        raise UsageError(f"--tensor-parallel must be >= 1, got {want}")
     if want is not None and want != world:
         raise UsageError(f"--tensor-parallel {want}: start the ranks with `torchrun --nproc-per-node {want} -m "
                          f"gptoss_ext ...` (this process is one of {world})")

@@ -192,6 +192,9 @@ def test_bench_serve_mixed_load_reports_the_longest_step(tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())["mixed"]
     assert m["decoding"] == 3 and m["steps_while_reading"] >= 3 and m["max_over_median"] > 0
     assert "longest / median" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "gptoss_ext", "bench-serve", "--preset", "tiny", "--device", "cpu",
+                          "--mixed", "200", "--input-len", "200000"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--input-len 200000" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_carries_on(model):

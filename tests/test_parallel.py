@@ -109,3 +109,6 @@ def test_the_cli_under_torchrun_prints_the_single_process_text_once():
     bad = subprocess.run([sys.executable] + cmd + ["--tensor-parallel", "2"], capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode == 2 and "torchrun --nproc-per-node 2" in bad.stderr
+    zero = subprocess.run([sys.executable] + cmd + ["--tensor-parallel", "0"], capture_output=True, text=True,
+                          timeout=600)
+    assert zero.returncode == 2 and "--tensor-parallel must be >= 1" in zero.stderr

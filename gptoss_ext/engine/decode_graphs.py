@@ -34,7 +34,7 @@ class DecodeGraphs:
         self.model, self.cache, self.groups, self.max_blocks = model, cache, groups, max_blocks
         self.dev = model.device
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graphs: dict[tuple[int, int], list] = {}   # (B, W) -> [graph, packed, hosts, fields, logits, turn]
         # The previous step's samples (written by the engine after each graph step): a row whose
         # `src` field is i >= 0 takes its input token from sampled[i] (the step ran one ahead).
         self.sampled = torch.zeros(1024, dtype=torch.int64, device=self.dev)
@@ -132,6 +132,3 @@ class DecodeGraphs:
         packed.copy_(host, non_blocking=True)
         graph.replay()
         return logits[:n]
-
-    def memory_bytes(self) -> int:
-        return sum(e[1].numel() * 8 for e in self.graphs.values())

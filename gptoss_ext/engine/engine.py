@@ -246,10 +246,12 @@ class Engine:
 
     def _tables(self, chunks, group: str) -> torch.Tensor:
         """The chunks' block tables [len(chunks), width] int32 (-1 past a table's end); width covers
-        the longest, rounded up to a power of two (the kernels read only up to each sequence's end)."""
+        the longest, as the decode graphs' buckets do (the kernels read only up to each sequence's
+        end)."""
+        from .decode_graphs import width_bucket
+
         tabs = [getattr(self.blocks.tables(c.req.id), group) for c in chunks]
-        need = max((len(t) for t in tabs), default=1)
-        width = min(self.max_blocks_per_seq, 1 << max(0, need - 1).bit_length())
+        width = width_bucket(max((len(t) for t in tabs), default=1), self.max_blocks_per_seq)
         return torch.tensor([(t + [-1] * (width - len(t)))[:width] for t in tabs], dtype=torch.int32)
 
     def _slots(self, chunks, group: str) -> list[int]:
