@@ -139,6 +139,33 @@ async def _start_then_consume(worker, coro):
     return out
 
 
+def test_async_consumer_gets_the_last_token_when_the_finish_is_seen_first():
+    """The stepping thread marks a request finished before it hands out the token that finished it:
+    an async consumer woken in between still gets that token (it once lost it)."""
+    from gptoss_ext.engine.engine import RequestHandle
+    from gptoss_ext.engine.scheduler import FINISHED, Request
+
+    h = RequestHandle(Request(0, [1, 2], SamplingParams(max_tokens=2)))
+    got = []
+
+    async def consume():
+        async for t in Engine.aiter(None, h):
+            got.append(t)
+
+    async def main():
+        task = asyncio.ensure_future(consume())
+        h._deliver([7], False)
+        await asyncio.sleep(0.01)
+        h.request.state = FINISHED               # as scheduler.update does, under the engine's lock
+        h._waiters[0][1].set()                   # a wake-up from elsewhere lands in between
+        await asyncio.sleep(0.01)
+        threading.Thread(target=h._deliver, args=([9], True)).start()   # then the last token comes
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert got == [7, 9]
+
+
 def test_bench_serve_runs_and_reports(tmp_path):
     import json
     import subprocess

@@ -54,6 +54,9 @@ class RequestHandle:
     on_token: Callable[[int], None] | None = None
     _pending: deque = field(default_factory=deque)
     _waiters: list = field(default_factory=list)        # (loop, asyncio.Event) of async consumers
+    # every token is in _pending: set by the delivery that ends the request, after its tokens (the
+    # request's state turns finished earlier, on the stepping thread, before its last token is out)
+    _closed: bool = False
 
     @property
     def finished(self) -> bool:
@@ -68,6 +71,8 @@ class RequestHandle:
         if self.on_token:
             for t in tokens:
                 self.on_token(t)
+        if done:
+            self._closed = True
         for loop, ev in self._waiters:
             loop.call_soon_threadsafe(ev.set)
 
@@ -402,9 +407,10 @@ class Engine:
         handle._waiters.append((loop, ev))
         try:
             while True:
+                closed = handle._closed            # read before draining: its tokens are all queued
                 while handle._pending:
                     yield handle._pending.popleft()
-                if handle.finished:
+                if closed:
                     return
                 await ev.wait()
                 ev.clear()
