@@ -329,18 +329,19 @@ def load_model(path, device="auto", dtype=torch.bfloat16, tp=None):
     info = inspect_checkpoint(path)
     tensors = _check(info)
     info.tokenizer_check = _tokenizer_check(info)
-    config, shard = info.config, None
+    config, shard, experts = info.config, None, None
     if tp is not None:
-        from .parallel import local_config, shard_tensor
+        from .parallel import check_kernels_serve, local_config, shard_tensor
 
         try:
-            config = local_config(info.config, tp.world)
+            config = local_config(info.config, tp.world, tp.moe)
+            check_kernels_serve(config, device, info.quantized, tp)
         except ValueError as e:
             raise CheckpointError(f"{info.path}: {e}") from None
-
-        shard = functools.partial(shard_tensor, config=info.config, rank=tp.rank, world=tp.world)
+        experts = tp.experts(info.config)
+        shard = functools.partial(shard_tensor, config=info.config, rank=tp.rank, world=tp.world, moe=tp.moe)
     with torch.device("meta"):
-        model = GptOss(config, dtype=dtype, quantized=info.quantized)
+        model = GptOss(config, dtype=dtype, quantized=info.quantized, experts=experts)
     state: dict[str, torch.Tensor] = {}
     handles = {}
     try:

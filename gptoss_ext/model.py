@@ -153,13 +153,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, device=None, dtype=None, quantized: bool = True):
+    def __init__(self, config: ModelConfig, device=None, dtype=None, quantized: bool = True,
+                 experts: tuple[int, int] | None = None):
         super().__init__()
         c = config
-        E, H, I = c.num_experts, c.hidden_size, c.intermediate_size
+        H, I = c.hidden_size, c.intermediate_size
         self.config = c
+        # experts (first, count): the experts this module holds when the experts are split over
+        # ranks (gptoss_ext.parallel); the gate still scores all of them
+        self.experts = experts
+        E = experts[1] if experts else c.num_experts
         self.norm = RMSNorm(H, device, dtype)
-        self.gate = Linear(H, E, True, device, dtype)
+        self.gate = Linear(H, c.num_experts, True, device, dtype)
         if quantized:
             self.mlp1_weight = MXFP4Weight(E, 2 * I, H, device)
             self.mlp2_weight = MXFP4Weight(E, H, I, device)
@@ -175,7 +180,8 @@ class MLP(nn.Module):
         c = self.config
         return ops.moe(t, self.gate.weight, self.gate.bias, self.mlp1_weight.packed, self.mlp1_bias,
                        self.mlp2_weight.packed, self.mlp2_bias, experts_per_token=c.experts_per_token,
-                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False, routing=routing)
+                       swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, combine=False, routing=routing,
+                       experts=self.experts)
 
     def norm_route(self, delta: torch.Tensor, x: torch.Tensor):
         """The residual add + this block's RMSNorm, and the routing when the MoE kernels will run
@@ -189,10 +195,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, device=None, dtype=None, quantized: bool = True):
+    def __init__(self, config: ModelConfig, layer: int, device=None, dtype=None, quantized: bool = True,
+                 experts: tuple[int, int] | None = None):
         super().__init__()
         self.attn = Attention(config, layer, device, dtype)
-        self.mlp = MLP(config, device, dtype, quantized)
+        self.mlp = MLP(config, device, dtype, quantized, experts)
 
 
 class KVCache:
@@ -255,14 +262,16 @@ class Step:
 class GptOss(nn.Module):
     """gpt-oss. `model(tokens)` on a 1-D LongTensor returns logits [T, vocab] (float32)."""
 
-    def __init__(self, config: ModelConfig, device=None, dtype=torch.bfloat16, quantized: bool = True):
+    def __init__(self, config: ModelConfig, device=None, dtype=torch.bfloat16, quantized: bool = True,
+                 experts: tuple[int, int] | None = None):
+        """experts: (first, count) of the experts this model holds (a rank's share, gptoss_ext.parallel)."""
         super().__init__()
         c = config
         self.config = c
         self.quantized = quantized
         self.embedding = nn.Embedding(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
         self.embedding.weight.requires_grad_(False)
-        self.block = nn.ModuleList(Block(c, i, device, dtype, quantized) for i in range(c.num_hidden_layers))
+        self.block = nn.ModuleList(Block(c, i, device, dtype, quantized, experts) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, device, dtype)
         self.unembedding = Linear(c.hidden_size, c.vocab_size, False, device, dtype)
         self.checkpoint_info = None     # where the weights came from (set by load_model: set_checkpoint_info)
@@ -297,7 +306,9 @@ class GptOss(nn.Module):
                 delta = tp.all_reduce(delta)
             t, x, routing = blk.mlp.norm_route(delta, x)
             moe_out = blk.mlp(t, routing)
-            if tp is not None:                       # the ranks' shares of every expert's intermediate
+            if tp is not None:                       # the ranks' shares (experts or their intermediate):
+                if moe_out.dim() == 3:               # each rank's pairs summed per token, then the ranks' sums
+                    moe_out = moe_out.sum(1, keepdim=True)
                 moe_out = tp.all_reduce(moe_out)
         t, x = self._moe_residual_norm(moe_out, x, self.norm.scale)
         if select is not None:

@@ -575,21 +575,39 @@ def uses_moe_kernels(x: torch.Tensor, mlp1_weight) -> bool:
 
 
 def moe_experts(x: torch.Tensor, routing, mlp1_weight, mlp1_bias: torch.Tensor, mlp2_weight, mlp2_bias: torch.Tensor,
-                *, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0, kernel: str | None = None) -> torch.Tensor:
+                *, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0, kernel: str | None = None,
+                experts: tuple[int, int] | None = None) -> torch.Tensor:
     """The routed experts of x [T, H] (normed activations): for each (token, expert) pair of
     `routing` (as moe_router returns it) mlp2(swiglu(mlp1(x))) times the routing weight; returns
     them uncombined, fp32 [T, k, H] (moe_combine sums them). mlp1_weight / mlp2_weight: MXFP4
     experts in the kernels' layout (KernelMXFP4) for the kernels; anything `reference.expert_weight`
     reads for the reference. kernel: None (the plan's, see moe_experts_plan) or a name of
-    moe_kernel_names() for both GEMMs (it must serve them)."""
+    moe_kernel_names() for both GEMMs (it must serve them). experts: (first, count) when the
+    weights hold only those experts (a rank's share, gptoss_ext.parallel): the routing is over all
+    experts, the pairs of the others come out as zeros."""
     weights, ids, counts, offsets, perm = routing
     T = x.shape[0]
     k = weights.shape[1]
+    first = 0
+    if experts is not None:
+        first, n = experts
+        E = offsets.shape[0] - 1
+        if not (0 <= first and n >= 1 and first + n <= E):
+            raise ValueError(f"experts {experts}: not a range of the routing's {E} experts")
+        if mlp1_bias.shape[0] != n or mlp2_bias.shape[0] != n:
+            raise ValueError(f"experts {experts}: the biases hold {mlp1_bias.shape[0]} and {mlp2_bias.shape[0]} "
+                             f"experts, not {n}")
     if uses_moe_kernels(x, mlp1_weight):
         R1, _ = mlp1_weight.shape
         H, _ = mlp2_weight.shape
         h = torch.empty(T * k, R1 // 2, dtype=torch.bfloat16, device=x.device)
-        y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
+        if experts is not None:
+            # the kernels take the held experts' slice of the offsets (perm indices stay global)
+            # and write only those pairs' rows
+            offsets = offsets[first:first + experts[1] + 1]
+            y = torch.zeros(T * k, H, dtype=torch.float32, device=x.device)
+        else:
+            y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
         if kernel is not None and kernel not in moe_kernel_names():
             raise ValueError(f"kernel {kernel!r} is not in moe_kernel_names(): {', '.join(moe_kernel_names())}")
         kid = -1 if kernel is None else moe_kernel_names().index(kernel)
@@ -600,7 +618,7 @@ def moe_experts(x: torch.Tensor, routing, mlp1_weight, mlp1_bias: torch.Tensor, 
                                          mlp1_weight.max_scale, mlp2_weight.max_scale, kid)
         return y.view(T, k, H)
     return ref.moe_experts(x, weights, ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias, swiglu_alpha=swiglu_alpha,
-                           swiglu_limit=swiglu_limit, combine=False)
+                           swiglu_limit=swiglu_limit, combine=False, experts=experts)
 
 
 # ---- moe_combine ---------------------------------------------------------------------------------
@@ -636,19 +654,21 @@ def moe_combine_add_rms_norm(y: torch.Tensor, residual: torch.Tensor, scale: tor
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight, mlp1_bias,
         mlp2_weight, mlp2_bias, *, experts_per_token: int = 4, swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0, residual: torch.Tensor | None = None, combine: bool = True,
-        routing=None) -> torch.Tensor:
+        routing=None, experts: tuple[int, int] | None = None) -> torch.Tensor:
     """The MoE block on normed activations x [T, H]: router, top-k, the MXFP4 experts and the
     weighted sum (plus `residual` when given). CUDA bf16 with the experts in the kernel layout runs
     the kernels; anything else the reference. combine=False (no residual) on the kernel path
     returns the experts' weighted outputs uncombined, fp32 [T, k, H], for
     `moe_combine_add_rms_norm` to sum in the next norm's launch; elsewhere it returns the combined
     [T, H] as usual. routing: `moe_gate_router(x, gate_weight, gate_bias, k)`'s result when
-    already computed (as `moe_add_norm_gate_router` does); used on the kernel path only."""
+    already computed (as `moe_add_norm_gate_router` does); used on the kernel path only.
+    experts: (first, count) of the experts the weights hold (see moe_experts): the output has only
+    their share."""
     if uses_moe_kernels(x, mlp1_weight):
         if routing is None:
             routing = moe_gate_router(x.contiguous(), gate_weight, gate_bias, experts_per_token)
         y = moe_experts(x, routing, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias, swiglu_alpha=swiglu_alpha,
-                        swiglu_limit=swiglu_limit)
+                        swiglu_limit=swiglu_limit, experts=experts)
         if not combine and residual is None:
             return y
         return moe_combine(y, residual)
@@ -658,7 +678,8 @@ def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp
         _warn_once(f"the MoE kernels need MXFP4 experts in the kernel layout (got "
                    f"{type(mlp1_weight).__name__}); the MoE runs the plain-PyTorch reference on the GPU")
     out = ref.moe(x, gate_weight, gate_bias, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
-                  experts_per_token=experts_per_token, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+                  experts_per_token=experts_per_token, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit,
+                  experts=experts)
     return out if residual is None else (residual.float() + out.float()).to(residual.dtype)
 
 

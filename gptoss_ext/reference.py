@@ -305,17 +305,23 @@ def swiglu(u: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.T
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, mlp1_weight, mlp1_bias: torch.Tensor,
                 mlp2_weight, mlp2_bias: torch.Tensor, *, swiglu_alpha: float = 1.702,
-                swiglu_limit: float = 7.0, combine: bool = True) -> torch.Tensor:
+                swiglu_limit: float = 7.0, combine: bool = True,
+                experts: tuple[int, int] | None = None) -> torch.Tensor:
     """Each token's chosen experts' mlp2(swiglu(mlp1(x))) times its routing weight, summed over the
     token's experts (combine=False: uncombined, [T, k, H], as the kernels return them).
     x [T, H]; weights [T, k] float32; ids [T, k]; biases [E, 2I] and [E, H]. Returns float32 [T, H].
-    Each used expert is dequantized once, transiently."""
+    Each used expert is dequantized once, transiently. experts: (first, count) when the weights
+    and biases hold only experts first .. first + count - 1 (the pairs of others give zeros)."""
     T, H = x.shape
+    first, n = experts if experts is not None else (0, None)
     y = torch.zeros(T, ids.shape[1], H, dtype=torch.float32, device=x.device) if not combine else None
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device) if combine else None
     xf = x.float()
-    for e in torch.unique(ids).tolist():
-        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+    for g in torch.unique(ids).tolist():
+        e = g - first                                                            # index into the held experts
+        if e < 0 or (n is not None and e >= n):
+            continue
+        tok, slot = torch.nonzero(ids == g, as_tuple=True)
         u = xf[tok] @ expert_weight(mlp1_weight, e).T + mlp1_bias[e].float()     # [n, 2I]
         h = swiglu(u, swiglu_alpha, swiglu_limit)                                # [n, I]
         o = (h @ expert_weight(mlp2_weight, e).T + mlp2_bias[e].float()) * weights[tok, slot, None]   # [n, H]
@@ -328,11 +334,13 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, mlp1_
 
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, mlp1_weight,
         mlp1_bias: torch.Tensor, mlp2_weight, mlp2_bias: torch.Tensor, *, experts_per_token: int = 4,
-        swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> torch.Tensor:
-    """The MoE block on normed activations x [T, H]: router, top-k softmax, experts. Returns x's dtype."""
+        swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+        experts: tuple[int, int] | None = None) -> torch.Tensor:
+    """The MoE block on normed activations x [T, H]: router, top-k softmax, experts (only the held
+    ones when `experts` is given, see moe_experts). Returns x's dtype."""
     weights, ids = route(router_logits(x, gate_weight, gate_bias), experts_per_token)
     out = moe_experts(x, weights, ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias,
-                      swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+                      swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, experts=experts)
     return out.to(x.dtype)
 
 

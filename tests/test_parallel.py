@@ -12,7 +12,7 @@ from gptoss_ext.config import get_preset
 from gptoss_ext.parallel import local_config, shard_tensor
 
 
-def _rank(rank: int, world: int, store: str, out: str) -> None:
+def _rank(rank: int, world: int, store: str, out: str, moe: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -21,7 +21,7 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
 
         cfg = get_preset("tiny").replace(num_hidden_layers=2, sliding_window=16)
         full = random_model(cfg, seed=0, dtype=torch.float32)
-        tp = TensorParallel()
+        tp = TensorParallel(moe=moe)
         local = shard_model(full, tp)
         g = torch.Generator().manual_seed(3)
         toks = torch.randint(0, cfg.vocab_size, (40,), generator=g)
@@ -33,13 +33,15 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
                "gen": local.generate(toks[:30].tolist(), max_new_tokens=12, temperature=0.0),
                "gen_want": full.generate(toks[:30].tolist(), max_new_tokens=12, temperature=0.0),
                "heads": local.block[0].attn.n_heads, "vocab": local.vocab_size,
-               "qkv_rows": local.block[0].attn.qkv.weight.shape[0]}
+               "qkv_rows": local.block[0].attn.qkv.weight.shape[0],
+               "experts": tuple(local.block[0].mlp.mlp1_bias.shape), "gate": tuple(local.block[0].mlp.gate.weight.shape)}
         torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_give_the_single_process_logits_and_tokens():
+@pytest.mark.parametrize("moe", ["expert", "tensor"])
+def test_two_ranks_give_the_single_process_logits_and_tokens(moe):
     world = 2
     from gptoss_ext.synthetic import make_checkpoint
 
@@ -48,12 +50,15 @@ def test_two_ranks_give_the_single_process_logits_and_tokens():
         cfg2 = get_preset("tiny").replace(num_hidden_layers=2, sliding_window=16)
         for layout in ("original", "hf"):
             make_checkpoint(cfg2, os.path.join(d, layout), layout=layout, seed=0)
-        mp.spawn(_rank, args=(world, store, out), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, store, out, moe), nprocs=world, join=True)
         res = [torch.load(f"{out}.{r}") for r in range(world)]
     cfg = get_preset("tiny")
     for r in res:
         assert r["heads"] == cfg.num_attention_heads // world and r["vocab"] == cfg.vocab_size
         assert r["qkv_rows"] == cfg.qkv_dim // world
+        assert r["gate"] == (cfg.num_experts, cfg.hidden_size)              # every rank scores every expert
+        E, I = cfg.num_experts, cfg.intermediate_size
+        assert r["experts"] == ((E // world, 2 * I) if moe == "expert" else (E, 2 * I // world))
         assert r["logits"].shape == r["want"].shape
         assert torch.allclose(r["logits"], r["want"], rtol=1e-4, atol=1e-4), (r["logits"] - r["want"]).abs().max()
         assert r["gen"] == r["gen_want"]
@@ -67,13 +72,19 @@ def test_a_split_the_model_cannot_take_is_refused_naming_the_dimension():
     cfg = get_preset("gpt-oss-20b")
     assert local_config(cfg, 2).num_key_value_heads == 4
     with pytest.raises(ValueError, match=r"intermediate_size \(2880\) is not a multiple of 32 x 4"):
-        local_config(cfg, 4)                 # 90 MXFP4 blocks an expert row: 2 ranks (expert parallel: later)
+        local_config(cfg, 4, "tensor")       # 90 MXFP4 blocks an expert row: 2 ranks at most
+    assert local_config(cfg, 4).intermediate_size == 2880     # the expert split: 8 whole experts a rank
+    assert local_config(get_preset("gpt-oss-120b"), 8).intermediate_size == 2880
+    with pytest.raises(ValueError, match=r"num_experts \(8\) is not a multiple of 16.*whole experts"):
+        local_config(get_preset("tiny").replace(num_key_value_heads=16, num_attention_heads=64, vocab_size=1024), 16)
+    with pytest.raises(ValueError, match="moe split must be one of expert, tensor"):
+        local_config(cfg, 2, "pipeline")
     with pytest.raises(ValueError, match=r"num_key_value_heads \(8\) is not a multiple of 16.*at most 8 ranks"):
         local_config(cfg, 16)
     with pytest.raises(ValueError, match="num_key_value_heads.*multiple of 3"):
         local_config(cfg, 3)
     with pytest.raises(ValueError, match="intermediate_size"):
-        local_config(get_preset("tiny").replace(intermediate_size=96), 2)
+        local_config(get_preset("tiny").replace(intermediate_size=96), 2, "tensor")
     with pytest.raises(ValueError, match="integer >= 1"):
         local_config(cfg, 0)
 
@@ -89,10 +100,17 @@ def test_shards_cover_every_weight_once():
     got = torch.cat([p[:q] for p in parts] + [p[q:q + kv] for p in parts] + [p[q + kv:] for p in parts])
     assert torch.equal(got, qkv)
     w2 = torch.arange(8 * 256 * 8 * 16).view(8, 256, 8, 16)
-    halves = [shard_tensor("block.1.mlp.mlp2_weight.blocks", w2, cfg, r, 2) for r in range(2)]
+    halves = [shard_tensor("block.1.mlp.mlp2_weight.blocks", w2, cfg, r, 2, "tensor") for r in range(2)]
     assert torch.equal(torch.cat(halves, dim=2), w2)
     b2 = torch.ones(8, 256)
-    assert torch.equal(shard_tensor("block.0.mlp.mlp2_bias", b2, cfg, 1, 2), torch.zeros(8, 256))
+    assert torch.equal(shard_tensor("block.0.mlp.mlp2_bias", b2, cfg, 1, 2, "tensor"), torch.zeros(8, 256))
+    # the expert split: whole experts (weights and both biases), the gate and norm on every rank
+    for name in ("block.1.mlp.mlp2_weight.blocks", "block.1.mlp.mlp2_bias"):
+        t = w2 if "blocks" in name else torch.arange(8 * 256.).view(8, 256)
+        parts = [shard_tensor(name, t, cfg, r, 2) for r in range(2)]
+        assert parts[0].shape[0] == 4 and torch.equal(torch.cat(parts), t)
+    gate = torch.randn(8, 256)
+    assert torch.equal(shard_tensor("block.0.mlp.gate.weight", gate, cfg, 1, 2), gate)
 
 
 def test_the_cli_under_torchrun_prints_the_single_process_text_once():

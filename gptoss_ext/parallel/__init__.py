@@ -6,9 +6,14 @@ gathered at four points of the forward pass:
   * attention: query heads split with their KV heads (8 KV heads: at most 8 ranks) and their
     sinks; the qkv projection column-parallel, the out projection row-parallel (its bias on rank 0),
     the block's outputs summed (one all-reduce);
-  * MoE: every rank routes every token over all experts (the gate is replicated), each expert's
-    intermediate dimension is split (mlp1's rows in SwiGLU pairs, mlp2's columns in 32-column MXFP4
-    blocks, mlp2's bias on rank 0), the outputs summed (one all-reduce);
+  * MoE: every rank routes every token over all experts (the gate is replicated), then either
+    - moe="expert" (the default): the experts are split (rank r holds experts [r E/N, (r+1) E/N)
+      whole, with their biases); a rank computes the (token, expert) pairs of its experts, or
+    - moe="tensor": each expert's intermediate dimension is split (mlp1's rows in SwiGLU pairs,
+      mlp2's columns in 32-column MXFP4 blocks, mlp2's bias on rank 0);
+    each rank sums its pairs' weighted outputs per token and the ranks' sums are added (one
+    all-reduce, fp32). The expert split keeps every expert's GEMM at its full size (what the CUDA
+    kernels serve: gpt-oss's 2880-wide intermediate halves to 1440, not a multiple of their 64);
   * unembedding: split by vocabulary, the logits gathered.
 A sharded model is a `GptOss` of the local shapes (`local_config`) with `tp` set, so the engine,
 `generate()` and the KV cache see a model with fewer heads and run unchanged; every rank runs the
@@ -25,17 +30,29 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 
+MOE_SPLITS = ("expert", "tensor")
+
 
 class TensorParallel:
     """This rank's place in a tensor-parallel group and the collectives the model runs."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, moe: str = "expert"):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("tensor parallel needs torch.distributed initialised (torchrun, or "
                                "torch.distributed.init_process_group) before the model is sharded")
+        if moe not in MOE_SPLITS:
+            raise ValueError(f"moe split must be one of {', '.join(MOE_SPLITS)}, got {moe!r}")
         self.group = group
+        self.moe = moe
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+
+    def experts(self, config: ModelConfig) -> tuple[int, int] | None:
+        """(first, count) of the experts this rank holds whole (expert split), else None."""
+        if self.moe != "expert":
+            return None
+        n = config.num_experts // self.world
+        return self.rank * n, n
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks, in place."""
@@ -49,10 +66,14 @@ class TensorParallel:
         return torch.cat(parts, dim=-1)
 
 
-def local_config(config: ModelConfig, world: int) -> ModelConfig:
-    """The shapes one rank of `world` holds. ValueError naming the dimension a split cannot divide."""
+def local_config(config: ModelConfig, world: int, moe: str = "expert") -> ModelConfig:
+    """The shapes one rank of `world` holds (with the expert split, every expert keeps its shapes and
+    the rank holds num_experts / world of them: the model's `experts` argument). ValueError naming
+    the dimension a split cannot divide."""
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"tensor parallel size must be an integer >= 1, got {world!r}")
+    if moe not in MOE_SPLITS:
+        raise ValueError(f"moe split must be one of {', '.join(MOE_SPLITS)}, got {moe!r}")
     c = config
     problems = []
     if c.num_key_value_heads % world:
@@ -60,19 +81,24 @@ def local_config(config: ModelConfig, world: int) -> ModelConfig:
                         f"split across the ranks (at most {c.num_key_value_heads} ranks)")
     if c.num_attention_heads % world:
         problems.append(f"num_attention_heads ({c.num_attention_heads}) is not a multiple of {world}")
-    if c.intermediate_size % (32 * world):
+    if moe == "tensor" and c.intermediate_size % (32 * world):
         problems.append(f"intermediate_size ({c.intermediate_size}) is not a multiple of 32 x {world}: each rank "
-                        "takes whole 32-column MXFP4 blocks of every expert")
+                        "takes whole 32-column MXFP4 blocks of every expert (the expert split has no such limit)")
+    if moe == "expert" and c.num_experts % world:
+        problems.append(f"num_experts ({c.num_experts}) is not a multiple of {world}: each rank holds "
+                        f"num_experts / {world} whole experts")
     if c.vocab_size % world:
         problems.append(f"vocab_size ({c.vocab_size}) is not a multiple of {world}")
     if problems:
         raise ValueError(f"cannot split this model over {world} ranks: " + "; ".join(problems))
     return c.replace(num_attention_heads=c.num_attention_heads // world,
                      num_key_value_heads=c.num_key_value_heads // world,
-                     intermediate_size=c.intermediate_size // world, vocab_size=c.vocab_size // world)
+                     intermediate_size=c.intermediate_size // (world if moe == "tensor" else 1),
+                     vocab_size=c.vocab_size // world)
 
 
-def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, rank: int, world: int) -> torch.Tensor:
+def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, rank: int, world: int,
+                 moe: str = "expert") -> torch.Tensor:
     """This rank's part of the full model's tensor `name` (the model's names, checkpoint layout)."""
     c = config
     if world == 1:
@@ -97,6 +123,10 @@ def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, rank: int, wor
         return t[rank * hq:(rank + 1) * hq]
     if leaf == "attn.out.weight":
         return t[:, rank * hq * D:(rank + 1) * hq * D]
+    if moe == "expert" and leaf.startswith("mlp.") and leaf not in ("mlp.gate.weight", "mlp.gate.bias",
+                                                                     "mlp.norm.scale"):
+        n = c.num_experts // world                                            # experts' tensors: [E, ...]
+        return t[rank * n:(rank + 1) * n]
     if leaf in ("attn.out.bias", "mlp.mlp2_bias"):
         return zeros_off_rank0(t)
     if leaf in ("mlp.mlp1_weight.blocks", "mlp.mlp1_weight.scales", "mlp.mlp1_bias"):
@@ -115,16 +145,32 @@ def shard_model(model, tp: TensorParallel):
     from ..model import GptOss
 
     c = model.config
-    local = local_config(c, tp.world)
+    local = local_config(c, tp.world, tp.moe)
+    check_kernels_serve(local, model.device, model.quantized, tp)
     if any(b.mlp.mlp1_weight.kernel is not None for b in model.block):
         raise ValueError("shard_model takes a model whose experts are in the checkpoint layout (before "
                          "prepare_kernels); shard first, the sharded model prepares its own")
     with torch.device("meta"):
-        out = GptOss(local, dtype=model.dtype, quantized=model.quantized)
-    state = {k: shard_tensor(k, v, c, tp.rank, tp.world).clone() for k, v in model.state_dict().items()}
+        out = GptOss(local, dtype=model.dtype, quantized=model.quantized, experts=tp.experts(c))
+    state = {k: shard_tensor(k, v, c, tp.rank, tp.world, tp.moe).clone() for k, v in model.state_dict().items()}
     out.load_state_dict(state, strict=True, assign=True)
     out.eval()
     out.tp = tp
     out.checkpoint_info = model.checkpoint_info
     out.prepare_kernels()
     return out
+
+
+def check_kernels_serve(local: ModelConfig, device, quantized: bool, tp: TensorParallel) -> None:
+    """On a GPU with the MoE kernels, a tensor split they cannot serve (each rank's intermediate
+    slice not a multiple of their column multiple) is an error, not a silent reference MoE."""
+    from .. import ops
+
+    device = torch.device(device)
+    if device.type != "cuda" or not quantized or tp.moe != "tensor" or not ops.kernels_available():
+        return
+    col = ops.limits()["moe_experts_col_multiple"]
+    if local.intermediate_size % col:
+        raise ValueError(f"moe split 'tensor' over {tp.world} ranks leaves each expert {local.intermediate_size} "
+                         f"intermediate columns, not a multiple of the MoE kernels' {col}: use the expert split "
+                         "(moe='expert', --moe-split expert)")
