@@ -115,7 +115,11 @@ def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, s
     ctx = model.config.context_length
     limits = [min(max_new_tokens, ctx - len(p)) for p in prompts]
     engine = model.generation_engine([len(p) + n for p, n in zip(prompts, limits)], use_graph)
-    engine.reseed(seed if seed is not None else secrets.randbits(63))
+    if seed is None:
+        seed = secrets.randbits(63)
+        if engine._tp is not None:           # every rank of a split model draws rank 0's samples
+            seed = engine._tp.broadcast_object(seed)
+    engine.reseed(seed)
     stop_ids = tuple(sorted(stops))
     handles = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=temperature, top_p=top_p, top_k=top_k,
                                                     stop_token_ids=stop_ids))

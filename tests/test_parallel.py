@@ -68,6 +68,70 @@ def test_two_ranks_give_the_single_process_logits_and_tokens(moe):
     assert torch.equal(res[0]["logits"], res[1]["logits"])
 
 
+def _engine_rank(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from gptoss_ext import random_model
+        from gptoss_ext.engine import Engine, SamplingParams
+        from gptoss_ext.parallel import TensorParallel, follow_engines, release_followers, shard_model
+
+        cfg = get_preset("tiny").replace(num_hidden_layers=2, sliding_window=16)
+        full = random_model(cfg, seed=0, dtype=torch.float32)
+        local = shard_model(full, TensorParallel())
+        res = {}
+        if rank != 0:
+            try:
+                Engine(local, num_blocks=8, block_size=16, broadcast=True).add_request([1, 2])
+            except RuntimeError as e:               # (this engine is never rank 0's: made alone, first)
+                res["follower_add"] = str(e)
+            follow_engines(local)                   # every engine rank 0 makes, until it releases us
+        else:
+            Engine(local, num_blocks=8, block_size=16, broadcast=False)     # a rank-local engine: nothing sent
+            res = _drive_engines(full, local, cfg)
+            release_followers(local)
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _drive_engines(full, local, cfg):
+    from gptoss_ext.engine import Engine, SamplingParams
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 40, 17, 23)]
+    params = [SamplingParams(max_tokens=12, temperature=0.0), SamplingParams(max_tokens=12, temperature=1.0, seed=4),
+              SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=9), SamplingParams(max_tokens=14, temperature=1.0)]
+    res = {}
+    for i, kw in enumerate([dict(num_blocks=24, block_size=16, max_num_batched_tokens=32),
+                            dict(num_blocks=6, block_size=16)]):      # 6 blocks: requests wait and are preempted
+        outs = []
+        for eng in (Engine(full, **kw), Engine(local, broadcast=True, **kw)):
+            eng.reseed(77 + i)                      # the unseeded sampling: rank 0's reseed reaches rank 1
+            hs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+            eng.run_until_done()
+            outs.append([h.request.output for h in hs])
+        res[f"engine{i}"] = (outs[1], outs[0], dict(eng.stats))
+    return res
+
+
+def test_a_broadcast_engine_runs_rank_0s_schedule_on_every_rank():
+    """Rank 0 takes the requests and schedules; the other rank runs each step from the inputs rank 0
+    sends (one message a step): tokens equal a single process's, with sampling, chunked prefill and
+    preemption; a second engine replaces the first on both ranks."""
+    world = 2
+    with tempfile.TemporaryDirectory() as d:
+        store, out = os.path.join(d, "store"), os.path.join(d, "out")
+        mp.spawn(_engine_rank, args=(world, store, out), nprocs=world, join=True)
+        res = [torch.load(f"{out}.{r}") for r in range(world)]
+    assert "requests go to rank 0" in res[1]["follower_add"]
+    for key in ("engine0", "engine1"):
+        got, want, stats = res[0][key]
+        assert got == want, key
+        assert stats["steps"] > 1
+    assert res[0]["engine1"][2]["preemptions"] >= 1
+
+
 def test_a_split_the_model_cannot_take_is_refused_naming_the_dimension():
     cfg = get_preset("gpt-oss-20b")
     assert local_config(cfg, 2).num_key_value_heads == 4

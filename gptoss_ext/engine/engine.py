@@ -82,9 +82,27 @@ class Engine:
                  num_window_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, memory_fraction: float = 0.9, seed: int = 0,
                  use_graphs: bool | None = None, decode_reserve: float = 0.5,
-                 max_prefill_with_decodes: int | None = None):
+                 max_prefill_with_decodes: int | None = None, broadcast: bool = False):
+        """broadcast (a model split over ranks, gptoss_ext.parallel): rank 0 takes the requests and
+        schedules; each step's inputs go to the other ranks once (one message on the group's CPU
+        side), which run the same step from `follow()`. Without it every rank drives its own engine
+        with the same requests (a program every rank runs alike, as generate() under torchrun)."""
         from .. import ops
 
+        tp = getattr(model, "tp", None)
+        self._tp = tp if tp is not None and tp.world > 1 else None
+        self.broadcast = bool(broadcast) and self._tp is not None
+        self.leader = not self.broadcast or self._tp.rank == 0
+        if self.broadcast and self.leader:   # the other ranks make the same engine (follow_engines)
+            prev = getattr(self._tp, "engine", None)
+            if prev is not None:
+                prev.close()
+            self._tp.broadcast_object({"engine": dict(
+                num_blocks=num_blocks, block_size=block_size, num_window_blocks=num_window_blocks,
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                memory_fraction=memory_fraction, seed=seed, use_graphs=use_graphs, decode_reserve=decode_reserve,
+                max_prefill_with_decodes=max_prefill_with_decodes)})
+            self._tp.engine = self
         if not ops.paged_attention_supported(model.device):
             raise NotImplementedError(
                 f"the serving engine needs attention kernels that read a paged KV cache, which {model.device} does "
@@ -107,6 +125,11 @@ class Engine:
             num_window_blocks = win_need if num_blocks is None else min(num_blocks, win_need)
         if num_blocks is None:
             num_blocks = self._blocks_for_memory(memory_fraction, block_size, num_window_blocks)
+        if self._tp is not None:             # every rank's cache the same size: the smallest rank's
+            num_blocks, num_window_blocks = self._tp.agree_min([num_blocks, num_window_blocks])
+        self._forget: list[int] = []         # (leader) requests whose generators the followers drop
+        self._reseed: int | None = None      # (leader) a reseed the followers have not been told of
+        self._stopped = False
         self.cache = PagedKVCache(c, num_blocks, max(num_window_blocks, 1), block_size, model.device, model.dtype)
         self.blocks = BlockManager(num_blocks, max(num_window_blocks, 1), block_size, window)
         self.scheduler = Scheduler(self.blocks, self.max_model_len, max_num_seqs, max_num_batched_tokens,
@@ -116,6 +139,7 @@ class Engine:
         self._lock = threading.Lock()
         self._gen = torch.Generator(device=model.device)
         self._gen.manual_seed(seed)
+        self._generators: dict[int, torch.Generator] = {}   # seeded requests' own
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0,
                       "graph_steps": 0, "ahead_steps": 0}
         if use_graphs is None:
@@ -145,6 +169,9 @@ class Engine:
                     on_token: Callable[[int], None] | None = None) -> RequestHandle:
         """Queue a request (token ids); it joins the next step. ValueError for a bad request (the
         engine is untouched)."""
+        if not self.leader:
+            raise RuntimeError(f"rank {self._tp.rank} follows rank 0's engine (broadcast): requests go to rank 0; "
+                               "run follow() here")
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         with self._lock:
@@ -158,11 +185,47 @@ class Engine:
         with self._lock:
             self.scheduler.abort(handle.request, reason)
             self.handles.pop(handle.request.id, None)
+            self._drop_generator(handle.request.id)
         handle._deliver([], True)
+
+    def _drop_generator(self, rid: int) -> None:
+        if self._generators.pop(rid, None) is not None and self.broadcast:
+            self._forget.append(rid)
 
     def reseed(self, seed: int) -> None:
         """Seed the generator of the requests that have no seed of their own."""
         self._gen.manual_seed(seed)
+        if self.broadcast:
+            self._reseed = seed
+
+    # ---- ranks (broadcast) ---------------------------------------------------------------------------
+    def follow(self) -> None:
+        """(a rank other than 0, broadcast) Run the steps rank 0's engine sends until it closes."""
+        if self.leader:
+            raise RuntimeError("follow() runs on the ranks other than 0 of a broadcast engine")
+        with torch.inference_mode():
+            while True:
+                msg = self._tp.broadcast_object(None)
+                if msg is None:
+                    return
+                if msg.get("reseed") is not None:
+                    self._gen.manual_seed(msg["reseed"])
+                for rid in msg.get("forget", ()):
+                    self._generators.pop(rid, None)
+                self._execute(msg)
+
+    def close(self) -> None:
+        """(rank 0, broadcast) Release the other ranks from follow(); the engine takes no more steps."""
+        if self.broadcast and self.leader and not self._stopped:
+            self._stopped = True
+            if self._inflight is not None:   # the step in flight ends first (its tokens handed out)
+                prev, self._inflight = self._inflight, None
+                self._resolve(prev)
+            for h in list(self.handles.values()):
+                self.abort(h, "abort")
+            self._tp.broadcast_object(None)
+            if getattr(self._tp, "engine", None) is self:
+                self._tp.engine = None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
@@ -176,6 +239,8 @@ class Engine:
         device) and then hands out step n's tokens. A request that stops at step n had one more
         position computed by step n + 1, which is dropped. Any other step (a prefill, a request
         waiting, a block to find) first waits for the step in flight."""
+        if self._stopped:
+            raise RuntimeError("this engine was closed (its other ranks stopped following it)")
         prev, plan = self._inflight, None
         if prev is not None and self.graphs is not None and prev.graph:
             with self._lock:
@@ -247,17 +312,17 @@ class Engine:
                 touched.append(h)
         for req in finished:
             self.handles.pop(req.id, None)
+            self._drop_generator(req.id)
         return touched
 
-    def _tables(self, chunks, group: str) -> torch.Tensor:
-        """The chunks' block tables [len(chunks), width] int32 (-1 past a table's end); width covers
-        the longest, as the decode graphs' buckets do (the kernels read only up to each sequence's
-        end)."""
+    def _tables(self, chunks, group: str) -> list[list[int]]:
+        """The chunks' block tables, [len(chunks)][width] (-1 past a table's end); width covers the
+        longest, as the decode graphs' buckets do (the kernels read only up to each sequence's end)."""
         from .decode_graphs import width_bucket
 
         tabs = [getattr(self.blocks.tables(c.req.id), group) for c in chunks]
         width = width_bucket(max((len(t) for t in tabs), default=1), self.max_blocks_per_seq)
-        return torch.tensor([(t + [-1] * (width - len(t)))[:width] for t in tabs], dtype=torch.int32)
+        return [(t + [-1] * (width - len(t)))[:width] for t in tabs]
 
     def _slots(self, chunks, group: str) -> list[int]:
         """The cache rows the chunks' positions are written to (block_table[p // bs] * bs + p % bs)."""
@@ -277,10 +342,19 @@ class Engine:
     def _run(self, plan: StepPlan, prev: "_Launched | None" = None) -> "_Launched":
         """Launch the model over the step's tokens and the sampling of each chunk that asks (a
         decode-only step from a CUDA graph; a request whose newest token `prev` is still sampling
-        takes it from the device)."""
-        from ..model import Step
+        takes it from the device). A broadcast engine sends the step's inputs to the other ranks
+        first."""
+        inputs, reqs = self._inputs(plan, prev)
+        if self.broadcast:
+            if self._reseed is not None:
+                inputs["reseed"], self._reseed = self._reseed, None
+            if self._forget:
+                inputs["forget"], self._forget = self._forget, []
+            self._tp.broadcast_object(inputs)
+        return self._emit(plan, reqs, self._execute(inputs), graph=inputs["graph"])
 
-        dev = self.model.device
+    def _inputs(self, plan: StepPlan, prev: "_Launched | None"):
+        """The step as plain data (all any rank needs to run it) and the requests it samples for."""
         chunks = plan.decodes + plan.prefills
         groups = self._groups()
         if self.graphs is not None and not plan.prefills:          # decode only: a captured graph
@@ -294,31 +368,19 @@ class Engine:
                 else:
                     tokens.append(r.token_slice(c.start, c.end)[0])
                     src.append(-1)
-            tabs = {g: [getattr(self.blocks.tables(c.req.id), g) for c in chunks] for g in groups}
-            logits = self.graphs.run(tokens, src, [c.start for c in chunks], [c.end for c in chunks],
-                                     {g: self._slots(chunks, g) for g in groups}, tabs)
-            self.stats["graph_steps"] += 1
             reqs = [c.req for c in chunks]
-            out = self._sample(logits, reqs)
-            self.graphs.sampled[:len(reqs)].copy_(out)              # the next step's input tokens
-            return self._emit(plan, reqs, out, graph=True)
+            return {"graph": True, "tokens": tokens, "src": src, "starts": [c.start for c in chunks],
+                    "ends": [c.end for c in chunks], "slots": {g: self._slots(chunks, g) for g in groups},
+                    "tables": {g: [getattr(self.blocks.tables(c.req.id), g) for c in chunks] for g in groups},
+                    "sampling": [(r.id, r.params) for r in reqs]}, reqs
         tokens, positions = [], []
         for c in chunks:
             tokens.extend(c.req.token_slice(c.start, c.end))
             positions.extend(range(c.start, c.end))
-        slots = {g: torch.tensor(self._slots(chunks, g), dtype=torch.int64, device=dev) for g in groups}
-        Bd = len(plan.decodes)
         cu, starts = [0], []
         for c in plan.prefills:
             cu.append(cu[-1] + c.end - c.start)
             starts.append(c.start)
-        step = Step(torch.tensor(positions, dtype=torch.int64, device=dev), slots=slots,
-                    cu_seqlens=torch.tensor(cu, dtype=torch.int32), starts=torch.tensor(starts, dtype=torch.int32),
-                    max_q_len=max((c.end - c.start for c in plan.prefills), default=0),
-                    seq_lens=torch.tensor([c.end for c in plan.decodes], dtype=torch.int32),
-                    paged=self.cache, num_decode=Bd,
-                    decode_tables={g: self._tables(plan.decodes, g) for g in groups},
-                    prefill_tables={g: self._tables(plan.prefills, g) for g in groups})
         rows, who = [], []
         row = 0
         for c in chunks:
@@ -326,10 +388,38 @@ class Engine:
             if c.sample:
                 rows.append(row - 1)
                 who.append(c.req)
+        return {"graph": False, "tokens": tokens, "positions": positions,
+                "slots": {g: self._slots(chunks, g) for g in groups}, "cu": cu, "starts": starts,
+                "max_q_len": max((c.end - c.start for c in plan.prefills), default=0),
+                "seq_lens": [c.end for c in plan.decodes],
+                "decode_tables": {g: self._tables(plan.decodes, g) for g in groups},
+                "prefill_tables": {g: self._tables(plan.prefills, g) for g in groups},
+                "rows": rows, "sampling": [(r.id, r.params) for r in who]}, who
+
+    def _execute(self, d: dict) -> torch.Tensor:
+        """Run a step from its inputs (`_inputs`): the sampled tokens, on the device."""
+        from ..model import Step
+
+        if d["graph"]:
+            logits = self.graphs.run(d["tokens"], d["src"], d["starts"], d["ends"], d["slots"], d["tables"])
+            self.stats["graph_steps"] += 1
+            out = self._sample(logits, d["sampling"])
+            self.graphs.sampled[:out.shape[0]].copy_(out)          # the next step's input tokens
+            return out
+        dev = self.model.device
+        i32 = torch.int32
+        step = Step(torch.tensor(d["positions"], dtype=torch.int64, device=dev),
+                    slots={g: torch.tensor(v, dtype=torch.int64, device=dev) for g, v in d["slots"].items()},
+                    cu_seqlens=torch.tensor(d["cu"], dtype=i32), starts=torch.tensor(d["starts"], dtype=i32),
+                    max_q_len=d["max_q_len"], seq_lens=torch.tensor(d["seq_lens"], dtype=i32),
+                    paged=self.cache, num_decode=len(d["seq_lens"]),
+                    decode_tables={g: torch.tensor(v, dtype=i32) for g, v in d["decode_tables"].items()},
+                    prefill_tables={g: torch.tensor(v, dtype=i32) for g, v in d["prefill_tables"].items()})
+        rows = d["rows"]
         with torch.inference_mode():
-            logits = self.model._run(torch.tensor(tokens, dtype=torch.int64, device=dev), step,
+            logits = self.model._run(torch.tensor(d["tokens"], dtype=torch.int64, device=dev), step,
                                      select=torch.tensor(rows, device=dev) if rows else slice(0, 0))
-        return self._emit(plan, who, self._sample(logits, who), graph=False)
+        return self._sample(logits, d["sampling"])
 
     def _emit(self, plan: StepPlan, reqs: list[Request], out: torch.Tensor, graph: bool) -> "_Launched":
         """Start the copy of the sampled tokens to the host (on a side stream, so the next launch
@@ -355,7 +445,7 @@ class Engine:
             host[:n].copy_(out)
         return _Launched(plan, reqs, host, ready, graph)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, reqs: list[tuple[int, SamplingParams]]) -> torch.Tensor:
         """The next token of each request from its row of logits, by its own sampling parameters,
         on the device (int64 [len(reqs)]): rows sharing (temperature, top-k, top-p) are sampled
         together; a request with a seed draws from its own generator (the same seed gives the same
@@ -364,8 +454,7 @@ class Engine:
 
         groups: dict[tuple, list[int]] = {}
         seeded = []
-        for i, r in enumerate(reqs):
-            p = r.params
+        for i, (_, p) in enumerate(reqs):
             if p.seed is not None and p.temperature > 0:
                 seeded.append(i)
             else:
@@ -375,12 +464,11 @@ class Engine:
             return sample(logits, t, k, tp, self._gen)
         out = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
         for i in seeded:
-            r, p = reqs[i], reqs[i].params
-            g = getattr(r, "_generator", None)
+            rid, p = reqs[i]
+            g = self._generators.get(rid)
             if g is None:
-                g = torch.Generator(device=logits.device)
+                g = self._generators[rid] = torch.Generator(device=logits.device)
                 g.manual_seed(p.seed)
-                r._generator = g
             out[i] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, g)[0]
         for (t, k, tp), idx in groups.items():
             sel = torch.tensor(idx, device=logits.device)

@@ -46,6 +46,27 @@ class TensorParallel:
         self.moe = moe
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        # host-side messages (the engine's step inputs, agreed sizes) go over gloo: the group itself
+        # when it is gloo, else a gloo group of the same ranks (made here, when every rank makes its
+        # TensorParallel)
+        if dist.get_backend(group) == "gloo":
+            self.cpu_group = group
+        else:
+            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
+            self.cpu_group = dist.new_group(ranks, backend="gloo")
+        self._src = dist.get_global_rank(group, 0) if group is not None else 0
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` (picklable) on every rank (the others pass anything, None)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._src, group=self.cpu_group)
+        return box[0]
+
+    def agree_min(self, values: list[int]) -> list[int]:
+        """Each of `values` replaced by its smallest over the ranks."""
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return t.tolist()
 
     def experts(self, config: ModelConfig) -> tuple[int, int] | None:
         """(first, count) of the experts this rank holds whole (expert split), else None."""
@@ -174,3 +195,34 @@ def check_kernels_serve(local: ModelConfig, device, quantized: bool, tp: TensorP
         raise ValueError(f"moe split 'tensor' over {tp.world} ranks leaves each expert {local.intermediate_size} "
                          f"intermediate columns, not a multiple of the MoE kernels' {col}: use the expert split "
                          "(moe='expert', --moe-split expert)")
+
+
+def follow_engines(model) -> None:
+    """(ranks other than 0) Run the broadcast engines rank 0 makes over `model` (each one's steps, as
+    rank 0 sends them) until rank 0 calls `release_followers`."""
+    from ..engine import Engine
+
+    tp = model.tp
+    if tp is None or tp.rank == 0:
+        raise RuntimeError("follow_engines runs on the ranks other than 0 of a split model")
+    while True:
+        msg = tp.broadcast_object(None)
+        if msg == "exit":
+            return
+        if not isinstance(msg, dict) or "engine" not in msg:
+            raise RuntimeError(f"rank {tp.rank}: expected an engine from rank 0, got {msg!r:.200}")
+        engine = Engine(model, broadcast=True, **msg["engine"])
+        engine.follow()
+        del engine
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def release_followers(model) -> None:
+    """(rank 0) Close the open broadcast engine, if any, and end the other ranks' follow_engines."""
+    tp = model.tp
+    if tp is None or tp.rank != 0:
+        return
+    if getattr(tp, "engine", None) is not None:
+        tp.engine.close()
+    tp.broadcast_object("exit")
