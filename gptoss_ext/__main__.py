@@ -219,7 +219,6 @@ def cmd_serve(args) -> int:
     if missing:
         raise UsageError(f"serve needs fastapi and uvicorn ({', '.join(missing)} not installed): "
                          "pip install 'gptoss-ext[serve]'")
-    from .server import make_server
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 <= args.port < 65536:
@@ -231,9 +230,18 @@ def cmd_serve(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 < args.gpu_memory_utilization <= 1:
         raise UsageError("--gpu-memory-utilization must be in (0, 1]")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (args.tensor_parallel or 1) > 1:
-        raise UsageError("serve runs in one process in this version (tensor parallel: generate and chat)")
     model = load_or_embedded(args)
+    if model.tp is not None and model.tp.rank != 0:   # rank 0 serves; the others run its engine's steps
+        import signal
+
+        from .parallel import follow_engines
+
+        # Ctrl-C (torchrun passes it on to every rank) stops rank 0's server, which drains and then
+        # releases this rank: stopping here first would strand rank 0 mid-collective
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        follow_engines(model)
+        return 0
     name = args.served_model_name
     if not name and args.model:                  # gpt-oss-20b/original -> gpt-oss-20b
         parts = os.path.normpath(os.path.abspath(args.model)).split(os.sep)
@@ -245,6 +253,20 @@ def cmd_serve(args) -> int:
                        max_prefill_with_decodes=args.max_prefill_with_decodes or None)
     if args.num_blocks:
         engine_args["num_blocks"] = args.num_blocks
+    if model.tp is not None:
+        engine_args["broadcast"] = True
+    try:
+        return _serve(model, name, args, engine_args)
+    finally:
+        if model.tp is not None:
+            from .parallel import release_followers
+
+            release_followers(model)
+
+
+def _serve(model, name, args, engine_args) -> int:
+    from .server import make_server
+
     try:
         server = make_server(model, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
                              max_stored_responses=args.max_stored_responses, shutdown_timeout=args.shutdown_timeout,

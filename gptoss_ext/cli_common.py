@@ -35,8 +35,8 @@ def _dtype(name: str):
 
 
 def tensor_parallel(args, device):
-    """The tensor-parallel group when torchrun started several ranks (WORLD_SIZE > 1), else None.
-    Ranks other than 0 write nothing to stdout."""
+    """(the tensor-parallel group when torchrun started several ranks (WORLD_SIZE > 1), else None;
+    the device: on CUDA, this rank's GPU). Ranks other than 0 write nothing to stdout."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -47,20 +47,25 @@ def tensor_parallel(args, device):
         raise UsageError(f"--tensor-parallel {want}: start the ranks with `torchrun --nproc-per-node {want} -m "
                          f"gptoss_ext ...` (this process is one of {world})")
     if world == 1:
-        return None
-    if device.type == "cuda":
-        raise UsageError("tensor parallel runs on the CPU (gloo) in this version: on CUDA the experts' split widths "
-                         "do not fit the MoE kernels yet (expert parallel is next); add --device cpu")
+        return None, device
+    import torch
     import torch.distributed as dist
 
     from .parallel import TensorParallel
 
+    if device.type == "cuda":                 # one GPU a rank: torchrun's LOCAL_RANK, NCCL between them
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"rank {local} of this host has no GPU: {torch.cuda.device_count()} visible, "
+                             f"--nproc-per-node must not exceed that")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    tp = TensorParallel()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    tp = TensorParallel(moe=getattr(args, "moe_split", "expert"))
     if tp.rank != 0:
         sys.stdout = open(os.devnull, "w")
-    return tp
+    return tp, device
 
 
 def load_or_embedded(args):
@@ -68,8 +73,7 @@ def load_or_embedded(args):
     when started by torchrun with several ranks (tensor_parallel)."""
     import gptoss_ext as g
 
-    device = device_arg(args.device)
-    tp = tensor_parallel(args, device)
+    tp, device = tensor_parallel(args, device_arg(args.device))
     if args.model:
         t0 = time.perf_counter()
         model = g.load_model(args.model, device=device, dtype=_dtype(args.dtype), tp=tp)
@@ -102,6 +106,9 @@ def add_model_args(p):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--tensor-parallel", type=int, default=None,
                    help="ranks the model is split over; start them with torchrun --nproc-per-node N -m gptoss_ext")
+    p.add_argument("--moe-split", choices=["expert", "tensor"], default="expert",
+                   help="with several ranks: each rank holds whole experts (expert, default) or a slice of every "
+                        "expert's intermediate dimension (tensor)")
 
 
 def add_sampling_args(p, max_new_tokens_help: str = f"default {BUILT_IN_MODEL_TOKENS}"):

@@ -97,12 +97,10 @@ class Engine:
             prev = getattr(self._tp, "engine", None)
             if prev is not None:
                 prev.close()
-            self._tp.broadcast_object({"engine": dict(
-                num_blocks=num_blocks, block_size=block_size, num_window_blocks=num_window_blocks,
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                memory_fraction=memory_fraction, seed=seed, use_graphs=use_graphs, decode_reserve=decode_reserve,
-                max_prefill_with_decodes=max_prefill_with_decodes)})
-            self._tp.engine = self
+            spec = dict(num_blocks=num_blocks, block_size=block_size, num_window_blocks=num_window_blocks,
+                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        max_model_len=max_model_len, memory_fraction=memory_fraction, seed=seed, use_graphs=use_graphs,
+                        decode_reserve=decode_reserve, max_prefill_with_decodes=max_prefill_with_decodes)
         if not ops.paged_attention_supported(model.device):
             raise NotImplementedError(
                 f"the serving engine needs attention kernels that read a paged KV cache, which {model.device} does "
@@ -125,6 +123,8 @@ class Engine:
             num_window_blocks = win_need if num_blocks is None else min(num_blocks, win_need)
         if num_blocks is None:
             num_blocks = self._blocks_for_memory(memory_fraction, block_size, num_window_blocks)
+        if self.broadcast and self.leader:   # (its arguments checked above, on rank 0)
+            self._tp.broadcast_object({"engine": spec})
         if self._tp is not None:             # every rank's cache the same size: the smallest rank's
             num_blocks, num_window_blocks = self._tp.agree_min([num_blocks, num_window_blocks])
         self._forget: list[int] = []         # (leader) requests whose generators the followers drop
@@ -154,6 +154,8 @@ class Engine:
             from .decode_graphs import DecodeGraphs
             model.prepare_kernels()
             self.graphs = DecodeGraphs(model, self.cache, self._groups(), self.max_blocks_per_seq)
+        if self.broadcast and self.leader:
+            self._tp.engine = self
 
     def _blocks_for_memory(self, fraction: float, block_size: int, num_window_blocks: int) -> int:
         """Full-attention blocks that fit in `fraction` of the free memory beside the window pool."""
@@ -199,15 +201,16 @@ class Engine:
             self._reseed = seed
 
     # ---- ranks (broadcast) ---------------------------------------------------------------------------
-    def follow(self) -> None:
-        """(a rank other than 0, broadcast) Run the steps rank 0's engine sends until it closes."""
+    def follow(self):
+        """(a rank other than 0, broadcast) Run the steps rank 0's engine sends until it closes (returns
+        None) or rank 0 releases its followers (returns "exit")."""
         if self.leader:
             raise RuntimeError("follow() runs on the ranks other than 0 of a broadcast engine")
         with torch.inference_mode():
             while True:
                 msg = self._tp.broadcast_object(None)
-                if msg is None:
-                    return
+                if not isinstance(msg, dict):
+                    return msg
                 if msg.get("reseed") is not None:
                     self._gen.manual_seed(msg["reseed"])
                 for rid in msg.get("forget", ()):

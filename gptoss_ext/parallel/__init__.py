@@ -209,13 +209,17 @@ def follow_engines(model) -> None:
         msg = tp.broadcast_object(None)
         if msg == "exit":
             return
+        if msg is None:                      # the close of an engine whose making failed on rank 0
+            continue
         if not isinstance(msg, dict) or "engine" not in msg:
             raise RuntimeError(f"rank {tp.rank}: expected an engine from rank 0, got {msg!r:.200}")
         engine = Engine(model, broadcast=True, **msg["engine"])
-        engine.follow()
+        end = engine.follow()
         del engine
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
+        if end == "exit":
+            return
 
 
 def release_followers(model) -> None:

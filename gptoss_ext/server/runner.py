@@ -107,6 +107,8 @@ class EngineRunner:
         self._wake.set()
         if self.alive:
             self._thread.join(timeout=10)
+        if getattr(self.engine, "broadcast", False) and not self.alive:
+            self.engine.close()              # a model split over ranks: the other ranks stop following it
 
     # ---- requests -------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
