@@ -148,8 +148,13 @@ def cmd_bench(args) -> int:
         from . import _extension
         raise UsageError(f"bench needs the CUDA kernels, which are not available ({_extension.load_error()}): "
                          "reinstall with `pip install --no-build-isolation -e .` on a machine with nvcc")
+    from .cli_common import tensor_parallel
+
+    tp, _ = tensor_parallel(args, torch.device("cuda"))   # several ranks (torchrun): a GPU each, all run this
     res = benchmark.run(preset=None if args.model else args.preset, model_dir=args.model, peers=not args.no_peers,
-                        new_tokens=args.new_tokens)
+                        new_tokens=args.new_tokens, tp=tp)
+    if tp is not None and tp.rank != 0:
+        return 0
     return _report(res, args.json, benchmark.format_table)
 
 
@@ -173,24 +178,51 @@ def cmd_bench_serve(args) -> int:
             raise UsageError(f"--base-url {args.base_url}: cannot reach the server ({type(e).__name__}: {e})") from None
         return _report(res, args.json, http_bench.format_table)
     import gptoss_ext as g
+
+    from .cli_common import device_arg, tensor_parallel
+
+    tp, dev = tensor_parallel(args, device_arg(args.device))
+    if args.model:
+        model = g.load_model(args.model, device=dev, tp=tp)
+        label = f"checkpoint {args.model}"
+    else:
+        try:
+            model = g.random_model(args.preset, device=dev, init_device=dev if dev.type == "cuda" else None, tp=tp)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        label = f"preset {args.preset}, random weights"
+    if tp is None:
+        return _bench_serve(args, model, label)
+    if tp.rank != 0:                      # rank 0 drives the engines; this rank runs their steps
+        from .parallel import follow_engines
+
+        follow_engines(model)
+        return 0
+    try:
+        return _bench_serve(args, model, f"{label}, {tp.world} ranks (MoE split: {tp.moe})")
+    finally:
+        from .parallel import release_followers
+
+        release_followers(model)
+
+
+def _bench_serve(args, model, label: str) -> int:
     import torch
 
     from .engine import bench
 
-    if args.model:
-        model = g.load_model(args.model, device=args.device)
-        label = f"checkpoint {args.model}"
-    else:
-        from .checkpoint import resolve_device
-
-        dev = resolve_device(args.device)
-        model = g.random_model(args.preset, device=dev, init_device=dev if dev.type == "cuda" else None)
-        label = f"preset {args.preset}, random weights"
     kwargs = dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   max_prefill_with_decodes=args.max_prefill_with_decodes or None)
     if args.num_blocks:
         kwargs["num_blocks"] = args.num_blocks
+    static = args.static_batch
+    if model.tp is not None:
+        kwargs["broadcast"] = True
+        if static:
+            print("[several ranks: the static generate() baseline is skipped (rank 0 alone drives the engine "
+                  "here)]", file=sys.stderr)
+            static = 0
     if args.mixed:
         from .engine import Engine
 
@@ -206,7 +238,7 @@ def cmd_bench_serve(args) -> int:
         return _report(res, args.json, bench.format_mixed)
     with torch.inference_mode():
         res = bench.run(model, num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
-                        rate=args.request_rate, static_batch=args.static_batch, engine_kwargs=kwargs,
+                        rate=args.request_rate, static_batch=static, engine_kwargs=kwargs,
                         shared_prefix=args.shared_prefix, label=label)
     return _report(res, args.json, bench.format_table)
 
@@ -322,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="benchmark this checkpoint folder instead")
     b.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per measurement")
     b.add_argument("--no-peers", action="store_true", help="skip the transformers peer")
+    b.add_argument("--tensor-parallel", type=int, default=None,
+                   help="GPUs the model is split over; start them with torchrun --nproc-per-node N -m gptoss_ext")
+    b.add_argument("--moe-split", choices=["expert", "tensor"], default="expert",
+                   help="with several GPUs: whole experts a GPU (expert) or a slice of every expert (tensor)")
     b.add_argument("--json", help="also write the results as JSON here")
     b.set_defaults(fn=cmd_bench)
 
@@ -330,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="gpt-oss-20b", help="model shapes (random weights)")
     s.add_argument("--model", help="benchmark this checkpoint folder instead")
     s.add_argument("--device", default="auto")
+    s.add_argument("--tensor-parallel", type=int, default=None,
+                   help="ranks the model is split over; start them with torchrun --nproc-per-node N -m gptoss_ext")
+    s.add_argument("--moe-split", choices=["expert", "tensor"], default="expert",
+                   help="with several ranks: whole experts a rank (expert) or a slice of every expert (tensor)")
     s.add_argument("--json", help="also write the results as JSON here")
     s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default: all at once)")
     s.add_argument("--base-url", help="drive a running server (`serve`) through HTTP at this /v1 URL instead")

@@ -64,7 +64,7 @@ def _timed_generate(model, prompts, new_tokens: int) -> dict:
 def _prefill_rate(model, T: int, reps: int = 3) -> dict:
 
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (T,), generator=g)
+    prompt = torch.randint(0, model.vocab_size, (T,), generator=g)
     cache = model.new_cache(T + 1)
     times = []
     for _ in range(reps + 1):
@@ -80,12 +80,13 @@ def _prefill_rate(model, T: int, reps: int = 3) -> dict:
 
 def _prompts(model, B: int, T: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, model.config.vocab_size, (T,), generator=g).tolist() for _ in range(B)]
+    return [torch.randint(0, model.vocab_size, (T,), generator=g).tolist() for _ in range(B)]
 
 
-def bench_ours(model, bw: float, new_tokens: int = 64) -> dict:
-
-    c = model.config
+def bench_ours(model, bw: float, new_tokens: int = 64, config=None) -> dict:
+    """bw: the bandwidth the floor divides by (several GPUs: theirs together); config: the whole
+    model's (a split model's own is a rank's share)."""
+    c = config or model.config
     # What a single-sequence 8k-context session holds: the weights plus an 8192-token cache.
     load_peak = torch.cuda.max_memory_allocated()
     model.generation_engine([8192])
@@ -163,7 +164,11 @@ def bench_transformers(config, new_tokens: int = 16) -> dict:
     return res
 
 
-def run(preset: str | None = None, model_dir: str | None = None, peers: bool = True, new_tokens: int = 64) -> dict:
+def run(preset: str | None = None, model_dir: str | None = None, peers: bool = True, new_tokens: int = 64,
+        tp=None) -> dict:
+    """tp (a gptoss_ext.parallel.TensorParallel; every rank runs this alike, on its own GPU): the
+    model split over the ranks; the floor is then the bytes a rank reads (the whole step's / ranks)
+    over one GPU's bandwidth, and the transformers peer is skipped."""
     import gptoss_ext as g
     from .config import get_preset
 
@@ -171,30 +176,40 @@ def run(preset: str | None = None, model_dir: str | None = None, peers: bool = T
         raise RuntimeError("the end-to-end benchmark needs a CUDA GPU")
     if not g.ops.kernels_available():
         raise RuntimeError("the CUDA kernels are not available: build them first (pip install --no-build-isolation -e .)")
-    props = torch.cuda.get_device_properties(0)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(dev)
     bw = copy_bandwidth()
+    ranks = tp.world if tp is not None else 1
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if model_dir:
-        model = g.load_model(model_dir, device="cuda")
-        config, source = model.config, f"checkpoint {model_dir}"
+        model = g.load_model(model_dir, device=dev, tp=tp)
+        config, source = model.checkpoint_info.config, f"checkpoint {model_dir}"
     else:
         config = get_preset(preset)
-        model = g.random_model(config, device="cuda", init_device="cuda")
+        model = g.random_model(config, device=dev, init_device=dev, tp=tp)
         source = f"preset {preset}, random weights drawn on the GPU"
+    if tp is not None:
+        source += f", {ranks} GPUs (MoE split: {tp.moe})"
     load_s = time.perf_counter() - t0
-    res = {"device": props.name, "memory_bytes": props.total_memory, "copy_bw_bytes_s": bw, "model": source,
-           "load_s": load_s, "weight_bytes": model.memory_bytes(), "ours": bench_ours(model, bw, new_tokens)}
+    res = {"device": props.name, "memory_bytes": props.total_memory, "copy_bw_bytes_s": bw * ranks, "model": source,
+           "ranks": ranks, "load_s": load_s, "weight_bytes": model.memory_bytes(),
+           "ours": bench_ours(model, bw * ranks, new_tokens, config)}
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    res["transformers"] = bench_transformers(config) if peers else {"skipped": "--no-peers"}
+    if tp is not None:
+        res["transformers"] = {"skipped": "several GPUs (the peer runs on one)"}
+    else:
+        res["transformers"] = bench_transformers(config) if peers else {"skipped": "--no-peers"}
     return res
 
 
 def format_table(res: dict) -> str:
     o, hf = res["ours"], res["transformers"]
-    lines = [f"{res['model']} on {res['device']} (copy {res['copy_bw_bytes_s'] / 1e12:.2f} TB/s); weights "
+    per = " a GPU" if res.get("ranks", 1) > 1 else ""
+    together = f", the {res['ranks']} GPUs together" if res.get("ranks", 1) > 1 else ""
+    lines = [f"{res['model']} on {res['device']} (copy {res['copy_bw_bytes_s'] / 1e12:.2f} TB/s{together}); weights{per} "
              f"{res['weight_bytes'] / 1e9:.2f} GB; peak while loading {o['load_peak_bytes'] / 1e9:.2f} GB; "
              f"resident with an 8k-token cache {o['resident_with_8k_cache_bytes'] / 1e9:.2f} GB; peak over the "
              f"whole benchmark (B=32 included) {o['peak_memory_bytes'] / 1e9:.2f} GB",

@@ -85,12 +85,11 @@ def load_or_embedded(args):
     else:
         # Real-sized presets are drawn on the GPU (minutes on the CPU; other values, same layout).
         init = device if device.type == "cuda" and args.preset.startswith("gpt-oss") else None
-        model = g.random_model(args.preset, seed=args.weights_seed, device=device, dtype=_dtype(args.dtype),
-                               init_device=init)
-        if tp is not None:
-            from .parallel import shard_model
-
-            model = shard_model(model, tp)
+        try:
+            model = g.random_model(args.preset, seed=args.weights_seed, device=device, dtype=_dtype(args.dtype),
+                                   init_device=init, tp=tp)
+        except ValueError as e:              # a split the preset cannot take
+            raise UsageError(str(e)) from None
         if tp is None or tp.rank == 0:
             print(f"[no --model given: using the built-in random '{args.preset}' model (seed {args.weights_seed}) on "
                   f"{device}; its output is meaningless text. Point --model at a gpt-oss checkpoint folder for real "

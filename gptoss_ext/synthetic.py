@@ -96,24 +96,40 @@ def random_tensors(config: ModelConfig, seed: int = 0, dtype=torch.bfloat16,
 
 
 def random_model(config: ModelConfig | str = "tiny", seed: int = 0, device="cpu", dtype=torch.bfloat16,
-                 quantized: bool = True, init_device=None):
+                 quantized: bool = True, init_device=None, tp=None):
     """A `GptOss` with random weights, built in memory (equal to `make_checkpoint`'s with the same seed),
     on `device` ('cpu' by default for tests and demos; 'auto' as load_model's default: the GPU if any).
-    init_device="cuda" draws them on the GPU instead (fast at real shapes; other values, same layout)."""
+    init_device="cuda" draws them on the GPU instead (fast at real shapes; other values, same layout).
+    tp: a gptoss_ext.parallel.TensorParallel: this rank's shard only (each tensor drawn whole, one at
+    a time, and sliced: the same model as `shard_model(random_model(...), tp)` without the whole)."""
     from .checkpoint import resolve_device
     from .model import GptOss
 
     device = resolve_device(device)
     config = get_preset(config) if isinstance(config, str) else config
+    local, experts, shard = config, None, None
+    if tp is not None:                        # this rank's slice of each tensor as it is drawn
+        from .parallel import check_kernels_serve, local_config, shard_tensor
+
+        local = local_config(config, tp.world, tp.moe)
+        check_kernels_serve(local, device, quantized, tp)
+        experts = tp.experts(config)
+
+        def shard_one(name, t):
+            return shard_tensor(name, t, config, tp.rank, tp.world, tp.moe).clone()
+        shard = shard_one
     with torch.device("meta"):
-        model = GptOss(config, dtype=dtype, quantized=quantized)
+        model = GptOss(local, dtype=dtype, quantized=quantized, experts=experts)
     state = {}
     for name, t in random_tensors(config, seed, torch.bfloat16, init_device or "cpu"):
-        state.update(_to_model_tensors(name, t, quantized, state))
+        for k, v in _to_model_tensors(name, t, quantized, state).items():
+            state[k] = shard(k, v) if shard and not k.endswith(".__blocks") else v
+        del t
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     del state              # (else the packed originals outlive the kernel relayout: twice the expert bytes)
     model.eval()
+    model.tp = tp
     model.prepare_kernels()
     return model
 

@@ -29,6 +29,8 @@ def _rank(rank: int, world: int, store: str, out: str, moe: str) -> None:
         for layout in ("original", "hf"):         # the sharded loader: this rank's slices only
             m = load_model(os.path.join(os.path.dirname(store), layout), device="cpu", dtype=torch.float32, tp=tp)
             loaded[layout] = (m(toks), m.memory_bytes())
+        drawn = random_model(cfg, seed=0, dtype=torch.float32, tp=tp)       # drawn a tensor at a time, sliced
+        loaded["drawn"] = (drawn(toks), drawn.memory_bytes())
         res = {"logits": local(toks), "want": full(toks), "loaded": loaded, "full_bytes": full.memory_bytes(),
                "gen": local.generate(toks[:30].tolist(), max_new_tokens=12, temperature=0.0),
                "gen_want": full.generate(toks[:30].tolist(), max_new_tokens=12, temperature=0.0),
@@ -73,7 +75,7 @@ def _engine_rank(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         from gptoss_ext import random_model
-        from gptoss_ext.engine import Engine, SamplingParams
+        from gptoss_ext.engine import Engine
         from gptoss_ext.parallel import TensorParallel, follow_engines, release_followers, shard_model
 
         cfg = get_preset("tiny").replace(num_hidden_layers=2, sliding_window=16)

@@ -99,7 +99,7 @@ def run_mixed(engine: Engine, *, num_decoding: int, input_len: int, long_len: in
     """The mixed load: `num_decoding` requests decode while a `long_len`-token prompt arrives. The
     time between consecutive tokens of the decoding requests (each gap a step, as they see it)
     before it arrives (median) and while it is read (max), and its time to first token."""
-    vocab = engine.config.vocab_size
+    vocab = engine.model.vocab_size
     prompts = make_requests(num_decoding, input_len, vocab, seed)
     long_prompt = make_requests(1, long_len, vocab, seed + 1)[0]
     params = SamplingParams(max_tokens=engine.max_model_len - input_len - 1, temperature=0.0, ignore_stops=True)
@@ -161,7 +161,7 @@ def format_table(res: dict) -> str:
 
 def run(model, *, num_requests: int, input_len: int, output_len: int, rate: float, static_batch: int,
         engine_kwargs: dict, shared_prefix: int = 0, seed: int = 0, label: str = "") -> dict:
-    prompts = make_requests(num_requests, input_len, model.config.vocab_size, seed, shared_prefix)
+    prompts = make_requests(num_requests, input_len, model.vocab_size, seed, shared_prefix)
     engine = Engine(model, **engine_kwargs)
     res = {"model": label, "device": str(model.device) if model.device.type != "cuda" else
            torch.cuda.get_device_name(model.device), "input_len": input_len, "output_len": output_len,
