@@ -7,7 +7,8 @@
 #
 #     bench/gpu_run.sh OUT_DIR [bench names...]
 #
-#   STAGES     which stages run, in this order (default all): build kernel_tests tests sanitize bench e2e serve
+#   STAGES     which stages run, in this order (default all but parallel): build kernel_tests tests sanitize
+#              bench e2e serve parallel (parallel: 2 GPUs, see the stage)
 #   E2E        presets of the e2e stage (default "gpt-oss-20b gpt-oss-120b")
 #   BASELINE   a source tree of an earlier version (e.g. `git archive REV | tar -x -C DIR`): the e2e
 #              stage also builds it and runs its 20b benchmark on the same GPU (e2e_baseline.md), so
@@ -128,5 +129,31 @@ if want serve; then
       --max-prefill-with-decodes $cap --json "$OUT/serve_mixed_cap$cap.json" > "$OUT/serve_mixed_cap$cap.md" \
       2> "$LOGS/serve_mixed_cap$cap.log" || status=1
   done
+fi
+if want parallel; then
+  # Several GPUs (not in the default stages): the 2-GPU tests, then 120b batch-1 decode on 1 and 2
+  # GPUs in the same run (target: 2 GPUs >= 1.6x), 120b 512 x 1k/1k served on 2 GPUs (target 12k
+  # output tok/s), and 20b on 2 GPUs against one GPU (two replicas: twice the 1-GPU figure).
+  NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+  if [ "$NGPU" -lt 2 ]; then
+    echo "parallel: $NGPU GPU here, skipped"
+  else
+    TR="$PY -m torch.distributed.run --standalone --nproc-per-node 2"
+    stamp "parallel tests"
+    $PY -m pytest -q -rs tests/test_parallel_gpu.py --junitxml="$LOGS/parallel_junit.xml" \
+      > "$LOGS/parallel_tests.log" 2>&1 || status=1
+    tail -3 "$LOGS/parallel_tests.log"
+    for preset in gpt-oss-120b gpt-oss-20b; do
+      stamp "e2e $preset on 1 and 2 GPUs"
+      $PY -m gptoss_ext bench --preset $preset --no-peers --json "$OUT/tp1_$preset.json" > "$OUT/tp1_$preset.md" \
+        2> "$LOGS/tp1_$preset.log" || status=1
+      $TR -m gptoss_ext bench --preset $preset --no-peers --tensor-parallel 2 --json "$OUT/tp2_$preset.json" \
+        > "$OUT/tp2_$preset.md" 2> "$LOGS/tp2_$preset.log" || status=1
+      stamp "bench-serve $preset on 2 GPUs"
+      $TR -m gptoss_ext bench-serve --preset $preset --tensor-parallel 2 --num-requests 512 --input-len 1024 \
+        --output-len 1024 --max-num-seqs 512 --json "$OUT/serve_tp2_$preset.json" > "$OUT/serve_tp2_$preset.md" \
+        2> "$LOGS/serve_tp2_$preset.log" || status=1
+    done
+  fi
 fi
 finish
