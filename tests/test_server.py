@@ -549,3 +549,31 @@ def test_serve_under_torchrun_answers_as_one_process(tmp_path):
     # the ranks: rank 0 drained and released rank 1, nothing failed
     assert "Application shutdown complete" in log and "Finished server process" in log, log[-3000:]
     assert "error:" not in log and "Connection closed" not in log, log[-3000:]
+
+
+def test_a_failed_step_of_a_split_model_stops_its_engine():
+    """With the model split over ranks (a broadcast engine), a step that failed on rank 0 may have
+    left the other ranks inside its collectives: the runner stops (health then says the engine is
+    down, new requests are refused) rather than step on. A one-process engine carries on."""
+    from gptoss_ext.server.runner import EngineRunner
+
+    class Failing:
+        def __init__(self, broadcast):
+            self.broadcast, self.handles, self.steps = broadcast, {}, 0
+
+        def has_work(self):
+            return True
+
+        def step(self):
+            self.steps += 1
+            raise RuntimeError("injected")
+
+    split, single = EngineRunner(Failing(True)).start(), EngineRunner(Failing(False)).start()
+    split._thread.join(timeout=10)
+    time.sleep(0.2)
+    assert not split.alive and not split.accepting and split.engine.steps == 1
+    assert single.alive and single.accepting and single.engine.steps > 1
+    with pytest.raises(RuntimeError, match=r"engine stopped after a failed step \(RuntimeError: injected\)"):
+        split.submit([1, 2], None)
+    single._stop.set()
+    single._thread.join(timeout=10)

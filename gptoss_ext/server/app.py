@@ -46,7 +46,7 @@ class ServerContext:
         except RuntimeError as e:
             for h in handles:
                 self.runner.abort(h)
-            raise ApiError(503, str(e), code="shutting_down") from None
+            raise ApiError(503, str(e), code="engine_down" if "failed step" in str(e) else "shutting_down") from None
         return handles
 
     def finished(self, rid: str, h, arrival: float, first: float | None, n_out: int, reason: str | None) -> None:

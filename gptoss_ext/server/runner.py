@@ -90,6 +90,16 @@ class EngineRunner:
                 log.exception("engine step failed")
                 for h in list(eng.handles.values()):
                     eng.abort(h, f"error: {self.last_error}")
+            else:
+                continue
+            if getattr(eng, "broadcast", False):
+                # a model split over ranks: the other ranks may have stopped inside the failed step's
+                # collectives, so no later step can be trusted; stop (health says so, requests are refused)
+                log.error("a step failed on rank 0 of a model split over ranks: the engine stops")
+                self.accepting = False
+                for h in list(eng.handles.values()):
+                    eng.abort(h, f"error: {self.last_error}")
+                return
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop taking requests, let the running ones finish for up to drain_timeout seconds, cancel
@@ -114,6 +124,8 @@ class EngineRunner:
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
         """Queue a request; ValueError (the request's own fault) or RuntimeError (shutting down)."""
         if not self.accepting:
+            if not self.alive and self.last_error:
+                raise RuntimeError(f"the engine stopped after a failed step ({self.last_error})")
             raise RuntimeError("the server is shutting down")
         h = self.engine.add_request(prompt, params)
         self._wake.set()
