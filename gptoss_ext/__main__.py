@@ -9,8 +9,8 @@ import sys
 import time
 
 from . import cli_chat
-from .cli_common import (BUILT_IN_MODEL_TOKENS, UsageError, add_model_args, add_sampling_args, load_or_embedded,
-                         stop_token)
+from .cli_common import (BUILT_IN_MODEL_TOKENS, UsageError, add_model_args, add_parallel_args, add_sampling_args,
+                         load_or_embedded, stop_token)
 
 
 def cmd_generate(args) -> int:
@@ -354,10 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="benchmark this checkpoint folder instead")
     b.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per measurement")
     b.add_argument("--no-peers", action="store_true", help="skip the transformers peer")
-    b.add_argument("--tensor-parallel", type=int, default=None,
-                   help="GPUs the model is split over; start them with torchrun --nproc-per-node N -m gptoss_ext")
-    b.add_argument("--moe-split", choices=["expert", "tensor"], default="expert",
-                   help="with several GPUs: whole experts a GPU (expert) or a slice of every expert (tensor)")
+    add_parallel_args(b)
     b.add_argument("--json", help="also write the results as JSON here")
     b.set_defaults(fn=cmd_bench)
 
@@ -366,10 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="gpt-oss-20b", help="model shapes (random weights)")
     s.add_argument("--model", help="benchmark this checkpoint folder instead")
     s.add_argument("--device", default="auto")
-    s.add_argument("--tensor-parallel", type=int, default=None,
-                   help="ranks the model is split over; start them with torchrun --nproc-per-node N -m gptoss_ext")
-    s.add_argument("--moe-split", choices=["expert", "tensor"], default="expert",
-                   help="with several ranks: whole experts a rank (expert) or a slice of every expert (tensor)")
+    add_parallel_args(s)
     s.add_argument("--json", help="also write the results as JSON here")
     s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default: all at once)")
     s.add_argument("--base-url", help="drive a running server (`serve`) through HTTP at this /v1 URL instead")

@@ -103,8 +103,13 @@ def add_model_args(p):
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the built-in random model's weights")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    add_parallel_args(p)
+
+
+def add_parallel_args(p):
     p.add_argument("--tensor-parallel", type=int, default=None,
-                   help="ranks the model is split over; start them with torchrun --nproc-per-node N -m gptoss_ext")
+                   help="ranks (GPUs) the model is split over; start them with torchrun --nproc-per-node N -m "
+                        "gptoss_ext")
     p.add_argument("--moe-split", choices=["expert", "tensor"], default="expert",
                    help="with several ranks: each rank holds whole experts (expert, default) or a slice of every "
                         "expert's intermediate dimension (tensor)")

@@ -149,8 +149,8 @@ def test_async_consumer_gets_the_last_token_when_the_finish_is_seen_first():
     got = []
 
     async def consume():
-        async for t in Engine.aiter(None, h):
-            got.append(t)
+        async for batch in Engine.aiter_batches(h):
+            got.extend(batch)
 
     async def main():
         task = asyncio.ensure_future(consume())

@@ -181,9 +181,13 @@ def test_tool_call_round_trip(client):
     assert r2.choices[0].message.content == "It is sunny in Paris, 21 C." and r2.choices[0].finish_reason == "stop"
 
 
-def test_streamed_tool_call_arrives_as_deltas(client):
-    chunks = list(client.chat.completions.create(model="gpt-oss-test", messages=user("weather in Paris?"),
-                                                 tools=WEATHER, stream=True, max_tokens=200))
+def test_streamed_tool_call_arrives_as_deltas(client, scripted):
+    scripted[1].delay = 0.01            # a token a step, as a GPU gives them (tokens that come together merge)
+    try:
+        chunks = list(client.chat.completions.create(model="gpt-oss-test", messages=user("weather in Paris?"),
+                                                     tools=WEATHER, stream=True, max_tokens=200))
+    finally:
+        scripted[1].delay = 0.0
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert calls[0].id.startswith("call_") and calls[0].function.name == "get_weather"
     assert len(calls) > 2                                   # the arguments came in pieces
@@ -549,6 +553,24 @@ def test_serve_under_torchrun_answers_as_one_process(tmp_path):
     # the ranks: rank 0 drained and released rank 1, nothing failed
     assert "Application shutdown complete" in log and "Finished server process" in log, log[-3000:]
     assert "error:" not in log and "Connection closed" not in log, log[-3000:]
+
+
+def test_deltas_that_came_together_go_out_as_one():
+    from gptoss_ext.server.chat import merge_deltas
+
+    opening = {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                               "function": {"name": "f", "arguments": ""}}]}
+
+    def args(i, text):
+        return {"tool_calls": [{"index": i, "function": {"arguments": text}}]}
+
+    got = merge_deltas([{"reasoning_content": "a"}, {"reasoning_content": "b"}, {"content": "c"}, {"content": "d"},
+                        opening, args(0, '{"x"'), args(0, ": 1}"), args(1, "{}"), {"content": "e"}])
+    assert got == [{"reasoning_content": "ab"}, {"content": "cd"}, opening, args(0, '{"x": 1}'), args(1, "{}"),
+                   {"content": "e"}]
+    assert merge_deltas(["he", "llo", " w"]) == ["hello w"] and merge_deltas([]) == []
+    assert merge_deltas([{"role": "assistant", "content": ""}, {"content": "x"}]) == [
+        {"role": "assistant", "content": ""}, {"content": "x"}]
 
 
 def test_a_failed_step_of_a_split_model_stops_its_engine():

@@ -66,7 +66,9 @@ class RequestHandle:
     def finish_reason(self) -> str | None:
         return self.request.finish_reason
 
-    def _deliver(self, tokens: list[int], done: bool) -> None:
+    def _deliver(self, tokens: list[int], done: bool, wake: dict | None = None) -> None:
+        """Queue the tokens and wake the async consumers (or, given `wake`, add their events to it,
+        loop -> events, for one wake-up a loop for a whole step)."""
         self._pending.extend(tokens)
         if self.on_token:
             for t in tokens:
@@ -74,7 +76,15 @@ class RequestHandle:
         if done:
             self._closed = True
         for loop, ev in self._waiters:
-            loop.call_soon_threadsafe(ev.set)
+            if wake is None:
+                loop.call_soon_threadsafe(ev.set)
+            else:
+                wake.setdefault(loop, []).append(ev)
+
+
+def _set_all(events) -> None:
+    for ev in events:
+        ev.set()
 
 
 class Engine:
@@ -308,11 +318,14 @@ class Engine:
         self.stats["prefill_tokens"] += sum(c.end - c.start for c in plan.prefills)
         self.stats["peak_running"] = max(self.stats["peak_running"], len(self.scheduler.running) + len(finished))
         touched = []
+        wake: dict = {}
         for rid, tok in sampled.items():
             h = self.handles.get(rid)
             if h is not None:
-                h._deliver([tok], h.finished)
+                h._deliver([tok], h.finished, wake)
                 touched.append(h)
+        for loop, events in wake.items():        # one wake-up a loop (a self-pipe write each, else)
+            loop.call_soon_threadsafe(_set_all, events)
         for req in finished:
             self.handles.pop(req.id, None)
             self._drop_generator(req.id)
@@ -493,14 +506,25 @@ class Engine:
 
     async def aiter(self, handle: RequestHandle):
         """The request's tokens, for asyncio code while another thread or task runs `step()`."""
+        async for batch in self.aiter_batches(handle):
+            for t in batch:
+                yield t
+
+    @staticmethod
+    async def aiter_batches(handle: RequestHandle):
+        """The request's tokens as lists: all that came since the last wake-up (asyncio code while
+        another thread runs `step()`; a consumer that falls behind catches up a list at a time)."""
         loop = asyncio.get_running_loop()
         ev = asyncio.Event()
         handle._waiters.append((loop, ev))
         try:
             while True:
                 closed = handle._closed            # read before draining: its tokens are all queued
+                batch = []
                 while handle._pending:
-                    yield handle._pending.popleft()
+                    batch.append(handle._pending.popleft())
+                if batch:
+                    yield batch
                 if closed:
                     return
                 await ev.wait()

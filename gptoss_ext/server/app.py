@@ -5,6 +5,7 @@ and the server's lifetime (the engine thread starts with the app; on shutdown ru
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -81,6 +82,23 @@ class ServerContext:
                 self.runner.abort(h)
 
 
+class _ApiKey:
+    """/v1 only with 'Authorization: Bearer KEY'. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware (`@app.middleware`) passes every streamed chunk through a memory stream and
+    an extra task, which under 256 streaming clients cost more than the rest of the server."""
+
+    def __init__(self, app, key: str, refuse):
+        self.app, self.want, self.refuse = app, f"Bearer {key}".encode(), refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(got, self.want):
+                await self.refuse(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(runner: EngineRunner, model_name: str, *, api_key: str | None = None,
                max_stored_responses: int = 1024, shutdown_timeout: float = 30.0):
     from fastapi import FastAPI, Request
@@ -93,6 +111,11 @@ def create_app(runner: EngineRunner, model_name: str, *, api_key: str | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        from .. import tokenizer as tok
+
+        # the vocabulary read now (a second or so), not by the first request; a tokenizer that
+        # cannot load says so here, at start
+        await asyncio.get_running_loop().run_in_executor(None, tok.get_tokenizer)
         if not runner.alive:
             runner.start()
         yield
@@ -118,13 +141,10 @@ def create_app(runner: EngineRunner, model_name: str, *, api_key: str | None = N
         log.exception("%s %s failed", request.method, request.url.path)
         return error(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
-                                      "(the server's --api-key)", code="invalid_api_key"))
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key, refuse=error(ApiError(
+            401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' (the server's --api-key)",
+            code="invalid_api_key")))
 
     async def body_of(request: Request) -> Body:
         raw = await request.body()

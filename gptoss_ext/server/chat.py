@@ -159,6 +159,32 @@ class ChatOutput:
         return m
 
 
+def merge_deltas(deltas: list) -> list:
+    """Consecutive deltas of one kind as one (a stream's tokens that came together go out in one
+    chunk): text pieces joined, {"content"} / {"reasoning_content"} joined, a tool call's argument
+    pieces joined; anything else (a tool call's opening with its id and name) kept as it is."""
+    out: list = []
+    for d in deltas:
+        p = out[-1] if out else None
+        if isinstance(d, str) and isinstance(p, str):
+            out[-1] = p + d
+            continue
+        if isinstance(d, dict) and isinstance(p, dict) and len(d) == 1 and d.keys() == p.keys():
+            key = next(iter(d))
+            if key in ("content", "reasoning_content") and isinstance(d[key], str) and isinstance(p[key], str):
+                out[-1] = {key: p[key] + d[key]}
+                continue
+            if key == "tool_calls" and len(d[key]) == len(p[key]) == 1:
+                a, b = p[key][0], d[key][0]
+                if (a.get("index") == b.get("index") and a.keys() == b.keys() == {"index", "function"}
+                        and a["function"].keys() == b["function"].keys() == {"arguments"}):
+                    f = {**a["function"], "arguments": a["function"]["arguments"] + b["function"]["arguments"]}
+                    out[-1] = {key: [{**a, "function": f}]}
+                    continue
+        out.append(d)
+    return out
+
+
 async def fan_in(n: int, run_one):
     """Run `run_one(i, put)` for i in range(n) concurrently; yield what they put, as it comes. Leaving
     the loop early (the client went away) cancels them."""
@@ -176,11 +202,13 @@ async def fan_in(n: int, run_one):
     left = n
     try:
         while left:
-            item = await queue.get()
-            if item is None:
-                left -= 1
-            else:
-                yield item
+            items = [await queue.get()]
+            while not queue.empty():             # what piled up meanwhile goes out in one write
+                items.append(queue.get_nowait())
+            left -= items.count(None)
+            out = "".join(x for x in items if x is not None)
+            if out:
+                yield out
     finally:
         for t in tasks:
             t.cancel()
@@ -192,11 +220,15 @@ async def drive(ctx, rid: str, arrival: float, h, out, on_deltas=None):
     reason of the engine, tokens generated); an engine failure is an ApiError 500."""
     first, n = None, 0
     try:
-        async for t in ctx.runner.tokens(h):
-            n += 1
+        async for batch in ctx.runner.token_batches(h):    # what came since the last wake-up
             if first is None:
                 first = time.perf_counter()
-            deltas = out.push(t)
+            deltas = []
+            for t in batch:
+                n += 1
+                deltas += out.push(t)
+                if out.stopped:
+                    break
             if on_deltas and deltas:
                 on_deltas(deltas)
             if out.stopped:
@@ -256,7 +288,7 @@ class Choices:
 
         async def one(i, put):
             def emit(deltas):
-                for d in deltas:
+                for d in merge_deltas(deltas):
                     put(chunk(i, d))
             if opening is not None:
                 emit([opening])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import sys
 import threading
 import time
 
@@ -63,6 +64,11 @@ class EngineRunner:
 
     # ---- the stepping thread ----------------------------------------------------------------------------
     def start(self) -> "EngineRunner":
+        # The handlers' thread and this one share the GIL: a thread back from a GPU wait gets it
+        # when the holder lets go, after up to the switch interval (5 ms by default). 1 ms keeps the
+        # engine's steps close to their time driven directly (256 streaming clients, fake engine of
+        # 15 ms steps on 2 CPU cores: time per output token p99 31.6 -> 22.7 ms).
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._thread.start()
         return self
 
@@ -138,6 +144,10 @@ class EngineRunner:
     async def tokens(self, h: RequestHandle):
         async for t in self.engine.aiter(h):
             yield t
+
+    async def token_batches(self, h: RequestHandle):
+        async for batch in self.engine.aiter_batches(h):
+            yield batch
 
     def record(self, h: RequestHandle, arrival: float, first: float | None, end: float, n_out: int,
                status: str) -> None:
