@@ -123,6 +123,9 @@ if want serve; then
       --static-batch $([ "$preset" = gpt-oss-20b ] && echo 64 || echo 0) --json "$OUT/serve_$preset.json" \
       > "$OUT/serve_$preset.md" 2> "$LOGS/serve_$preset.log" || status=1
   done
+  stamp "serve overhead (sleep engine, CPU only)"
+  $PY bench/serve_overhead.py --json "$OUT/serve_overhead.json" > "$OUT/serve_overhead.md" \
+    2> "$LOGS/serve_overhead.log" || status=1
   for cap in 0 512; do
     stamp "bench-serve --mixed (prefill cap $cap)"
     $PY -m gptoss_ext bench-serve --preset gpt-oss-20b --mixed 16384 --num-requests 64 --input-len 1024 \
