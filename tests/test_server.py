@@ -599,3 +599,16 @@ def test_a_failed_step_of_a_split_model_stops_its_engine():
         split.submit([1, 2], None)
     single._stop.set()
     single._thread.join(timeout=10)
+
+
+def test_serve_overhead_benchmark_runs(tmp_path):
+    """bench/serve_overhead.py (the server's cost over the engine, GPU taken out) at a small size."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "o.json"
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "serve_overhead.py"), "--requests", "4",
+                        "--input-len", "16", "--output-len", "5", "--step-ms", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, HOME=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["http"]["output_tokens"] == 20 and res["direct"]["requests"] == 4
+    assert "| output tok/s |" in r.stdout
