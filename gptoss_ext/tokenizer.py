@@ -105,16 +105,20 @@ def source(path: str | None = None) -> str:
     return path or os.environ.get("GPTOSS_TIKTOKEN_FILE") or "embedded"
 
 
-@functools.lru_cache(maxsize=4)
 def get_tokenizer(path: str | None = None):
     """The o200k_harmony `tiktoken.Encoding`, from the package's own o200k_base ranks unless `path`
     (or $GPTOSS_TIKTOKEN_FILE) names a local o200k_base.tiktoken, or 'tiktoken' for tiktoken's own
-    download/cache of o200k_base."""
+    download/cache of o200k_base. Read once a source (`get_tokenizer()` and `get_tokenizer(None)`
+    are the same one: a second read cost a second)."""
+    return _tokenizer(source(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(where: str):
     try:
         import tiktoken
     except ImportError:
         raise TokenizerError("the tokenizer needs tiktoken: pip install tiktoken") from None
-    where = source(path)
     if where == "embedded":
         ranks = _embedded_ranks()
     elif where == "tiktoken":

@@ -55,7 +55,7 @@ def test_env_override_names_a_file(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTOSS_TIKTOKEN_FILE", str(tmp_path / "nope.tiktoken"))
     assert tok.source() == str(tmp_path / "nope.tiktoken")
     with pytest.raises(tok.TokenizerError, match="cannot read the tokenizer file"):
-        tok.get_tokenizer.__wrapped__()
+        tok.get_tokenizer()                  # (the cache is by source: the env var is read each call)
 
 
 def _hf_tokenizer_json(path, ranks, shift_one=False, drop_special=None):
@@ -80,3 +80,10 @@ def test_checkpoint_tokenizer_json_agreement(tmp_path):
     _hf_tokenizer_json(tmp_path / "tokenizer.json", ranks, shift_one=True, drop_special="<|call|>")
     ok, msg = tok.compare_hf_tokenizer(tmp_path)
     assert not ok and "1 of 199998 o200k_base ranks differ" in msg and "<|call|>" in msg
+
+
+def test_the_vocabulary_is_read_once_however_it_is_asked_for():
+    from gptoss_ext import tokenizer as tok
+
+    assert tok.get_tokenizer() is tok.get_tokenizer(None) is tok.get_tokenizer(tok.source())
+    assert tok.StreamDecoder()._enc is tok.get_tokenizer()
