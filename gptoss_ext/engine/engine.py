@@ -172,6 +172,9 @@ class Engine:
         dev = self.model.device
         if dev.type != "cuda":
             return 256
+        # what PyTorch's allocator holds unused (the weights' relayout temporaries, an engine just
+        # freed) goes back first: the driver does not count it as free
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(dev)
         per = PagedKVCache.bytes_per_block(self.config, block_size, self.model.dtype)
         return max(16, (int(free * fraction) - num_window_blocks * per["window"]) // max(1, per["full"]))
