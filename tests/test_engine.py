@@ -179,6 +179,10 @@ def test_bench_serve_runs_and_reports(tmp_path):
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["engine"]["requests"] == 4 and d["engine"]["output_tok_s"] > 0 and d["static"]["output_tok_s"] > 0
     assert "time per output token" in r.stdout and "prefix hit rate" in r.stdout
+    prof = d["engine"]["step_profile"]                  # where the step time goes, by kind of step
+    assert prof["decode"]["steps"] >= 1 and prof["mixed"]["steps"] >= 1
+    assert prof["decode"]["launch_ms"] > 0 and prof["decode"]["mean_batch"] >= 1
+    assert "Where a step's time goes" in r.stdout
 
 
 def test_a_step_that_decodes_caps_its_prefill(model):

@@ -69,7 +69,33 @@ def run_engine(engine: Engine, prompts: list[list[int]], output_len: int, rate: 
             "total_tok_s": (out_tokens + in_tokens) / wall, "ttft_p50_ms": 1e3 * _pct(ttft, 50),
             "ttft_p99_ms": 1e3 * _pct(ttft, 99), "tpot_p50_ms": 1e3 * _pct(tpot, 50), "tpot_p99_ms": 1e3 * _pct(tpot, 99),
             "peak_concurrency": max(peak, m["peak_running"]), "kv_blocks_total": m["kv_blocks_total"],
-            "prefix_hit_rate": m["prefix_hit_rate"], "preemptions": m["preemptions"], "steps": m["steps"]}
+            "prefix_hit_rate": m["prefix_hit_rate"], "preemptions": m["preemptions"], "steps": m["steps"],
+            "step_profile": step_profile(engine)}
+
+
+def step_profile(engine: Engine) -> dict:
+    """Per step, by kind (decode only / with prefill): mean batch and ms of each host phase and of
+    the GPU (engine.profile)."""
+    out = {}
+    for kind, p in engine.profile.items():
+        n = p["steps"]
+        if n:
+            out[kind] = {"steps": int(n), "mean_batch": p["batch"] / n,
+                         **{k[:-2] + "_ms": 1e3 * p[k] / n for k in p if k.endswith("_s")}}
+    return out
+
+
+def format_profile(prof: dict) -> list[str]:
+    if not prof:
+        return []
+    keys = ("schedule_ms", "inputs_ms", "launch_ms", "resolve_ms", "wait_ms", "gpu_ms")
+    lines = ["", "Where a step's time goes (ms a step; host phases, then the GPU's own time between events):",
+             "| steps | count | mean batch | " + " | ".join(k[:-3] for k in keys) + " |",
+             "|---|---:|---:|" + "---:|" * len(keys)]
+    for kind, p in prof.items():
+        lines.append(f"| {kind} | {p['steps']} | {p['mean_batch']:.0f} | "
+                     + " | ".join(f"{p[k]:.2f}" for k in keys) + " |")
+    return lines
 
 
 def run_static(model, prompts: list[list[int]], output_len: int, batch: int) -> dict:
@@ -156,7 +182,7 @@ def format_table(res: dict) -> str:
     lines.append(f"| KV blocks | {e['kv_blocks_total']} | |")
     lines.append(f"| prefix hit rate | {100 * e['prefix_hit_rate']:.1f}% | |")
     lines.append(f"| preemptions | {e['preemptions']} | |")
-    return "\n".join(lines)
+    return "\n".join(lines + format_profile(e.get("step_profile", {})))
 
 
 def run(model, *, num_requests: int, input_len: int, output_len: int, rate: float, static_batch: int,

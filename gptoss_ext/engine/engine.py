@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -45,6 +46,7 @@ class _Launched:
     host: torch.Tensor
     ready: object
     graph: bool
+    gpu: tuple | None = None      # CUDA events around the step's launches (its GPU time, for `profile`)
 
 
 @dataclass
@@ -152,6 +154,11 @@ class Engine:
         self._generators: dict[int, torch.Generator] = {}   # seeded requests' own
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0,
                       "graph_steps": 0, "ahead_steps": 0}
+        # Where the step time goes, by kind of step ("decode": decode only, "mixed": with prefill):
+        # host seconds scheduling, building the inputs, launching, handing tokens out, waiting for
+        # the GPU; GPU seconds between events around the launches; steps; their batch (decodes).
+        self.profile = {kind: dict.fromkeys(("steps", "schedule_s", "inputs_s", "launch_s", "resolve_s", "wait_s",
+                                             "gpu_s", "batch"), 0.0) for kind in ("decode", "mixed")}
         if use_graphs is None:
             use_graphs = model.device.type == "cuda" and ops.kernels_available() and model.dtype == torch.bfloat16
         if use_graphs and model.device.type != "cuda":
@@ -258,6 +265,7 @@ class Engine:
         if self._stopped:
             raise RuntimeError("this engine was closed (its other ranks stopped following it)")
         prev, plan = self._inflight, None
+        t0 = time.perf_counter()
         if prev is not None and self.graphs is not None and prev.graph:
             with self._lock:
                 plan = self.scheduler.schedule_ahead()
@@ -268,10 +276,12 @@ class Engine:
                 self._inflight = None
                 touched = self._resolve(prev)
                 prev = None
+            t0 = time.perf_counter()
             with self._lock:
                 plan = self.scheduler.schedule()
             if not plan:
                 return touched
+        self._prof(plan)["schedule_s"] += time.perf_counter() - t0
         self.stats["preemptions"] += len(plan.preempted)   # they resume later, nothing they had is lost
         try:
             launched = self._run(plan, prev)
@@ -307,12 +317,18 @@ class Engine:
     def _resolve(self, launched: "_Launched") -> list[RequestHandle]:
         """Wait for a launched step's tokens and hand them out."""
         plan = launched.plan
+        prof = self._prof(plan)
+        t0 = time.perf_counter()
         try:
             if launched.ready is not None:
                 launched.ready.synchronize()
+            t1 = time.perf_counter()
             toks = launched.host[:len(launched.reqs)].tolist()
+            if launched.gpu is not None:
+                prof["gpu_s"] += launched.gpu[0].elapsed_time(launched.gpu[1]) / 1e3
         except Exception as e:
             self._fail(plan, e)
+        prof["wait_s"] += t1 - t0
         sampled = {r.id: t for r, t in zip(launched.reqs, toks)}
         with self._lock:
             finished = self.scheduler.update(plan, sampled)
@@ -332,6 +348,7 @@ class Engine:
         for req in finished:
             self.handles.pop(req.id, None)
             self._drop_generator(req.id)
+        prof["resolve_s"] += time.perf_counter() - t1
         return touched
 
     def _tables(self, chunks, group: str) -> list[list[int]]:
@@ -363,6 +380,8 @@ class Engine:
         decode-only step from a CUDA graph; a request whose newest token `prev` is still sampling
         takes it from the device). A broadcast engine sends the step's inputs to the other ranks
         first."""
+        prof = self._prof(plan)
+        t0 = time.perf_counter()
         inputs, reqs = self._inputs(plan, prev)
         if self.broadcast:
             if self._reseed is not None:
@@ -370,7 +389,24 @@ class Engine:
             if self._forget:
                 inputs["forget"], self._forget = self._forget, []
             self._tp.broadcast_object(inputs)
-        return self._emit(plan, reqs, self._execute(inputs), graph=inputs["graph"])
+        t1 = time.perf_counter()
+        gpu = None
+        if self._side is not None:
+            gpu = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            gpu[0].record()
+        out = self._execute(inputs)
+        if gpu is not None:
+            gpu[1].record()
+        launched = self._emit(plan, reqs, out, graph=inputs["graph"])
+        launched.gpu = gpu
+        prof["inputs_s"] += t1 - t0
+        prof["launch_s"] += time.perf_counter() - t1
+        prof["steps"] += 1
+        prof["batch"] += len(plan.decodes)
+        return launched
+
+    def _prof(self, plan: StepPlan) -> dict:
+        return self.profile["mixed" if plan.prefills else "decode"]
 
     def _inputs(self, plan: StepPlan, prev: "_Launched | None"):
         """The step as plain data (all any rank needs to run it) and the requests it samples for."""
