@@ -134,6 +134,48 @@ def test_a_broadcast_engine_runs_rank_0s_schedule_on_every_rank():
     assert res[0]["engine1"][2]["preemptions"] >= 1
 
 
+def _idle_rank(rank: int, world: int, store: str, out: str) -> None:
+    import datetime
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=2))
+    try:
+        from gptoss_ext import random_model
+        from gptoss_ext.engine import Engine, SamplingParams
+        from gptoss_ext.parallel import TensorParallel, follow_engines, release_followers
+
+        cfg = get_preset("tiny").replace(num_hidden_layers=1, sliding_window=16)
+        model = random_model(cfg, seed=0, dtype=torch.float32, tp=TensorParallel())
+        res = {}
+        if rank == 0:
+            time.sleep(5)                       # idle longer than the group's own timeout
+            eng = Engine(model, num_blocks=8, block_size=16, broadcast=True)
+            h = eng.add_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0))
+            eng.run_until_done()
+            time.sleep(5)                       # and again, between two requests
+            h2 = eng.add_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0))
+            eng.run_until_done()
+            res = {"out": h.request.output, "out2": h2.request.output}
+            release_followers(model)
+        else:
+            follow_engines(model)
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_other_ranks_wait_out_an_idle_rank_0():
+    """A server's other ranks wait for rank 0's next step as long as it has nothing to do: longer
+    than the process group's timeout (2 s here; 30 minutes by default)."""
+    with tempfile.TemporaryDirectory() as d:
+        store, out = os.path.join(d, "store"), os.path.join(d, "out")
+        mp.spawn(_idle_rank, args=(2, store, out), nprocs=2, join=True)
+        res = torch.load(f"{out}.0")
+    assert len(res["out"]) == 3 and res["out"] == res["out2"]
+
+
 def test_a_split_the_model_cannot_take_is_refused_naming_the_dimension():
     cfg = get_preset("gpt-oss-20b")
     assert local_config(cfg, 2).num_key_value_heads == 4

@@ -25,12 +25,15 @@ same steps on the same tokens and gets the same (gathered) logits.
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
 
 MOE_SPLITS = ("expert", "tensor")
+MESSAGE_TIMEOUT = datetime.timedelta(days=365)
 
 
 class TensorParallel:
@@ -46,14 +49,13 @@ class TensorParallel:
         self.moe = moe
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        # host-side messages (the engine's step inputs, agreed sizes) go over gloo: the group itself
-        # when it is gloo, else a gloo group of the same ranks (made here, when every rank makes its
-        # TensorParallel)
-        if dist.get_backend(group) == "gloo":
-            self.cpu_group = group
-        else:
-            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
-            self.cpu_group = dist.new_group(ranks, backend="gloo")
+        # Host-side messages (the engine's step inputs, agreed sizes) go over a gloo group of the
+        # same ranks, made here (when every rank makes its TensorParallel), with no practical
+        # timeout: the other ranks of a server wait for rank 0's next step as long as it is idle
+        # (the default 30 minutes would end them); a rank that dies closes its connections, which
+        # the others see at once.
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world))
+        self.cpu_group = dist.new_group(ranks, backend="gloo", timeout=MESSAGE_TIMEOUT)
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
 
     def broadcast_object(self, obj):
