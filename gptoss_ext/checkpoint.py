@@ -329,9 +329,9 @@ def load_model(path, device="auto", dtype=torch.bfloat16, tp=None):
     info = inspect_checkpoint(path)
     tensors = _check(info)
     info.tokenizer_check = _tokenizer_check(info)
-    config, shard, experts = info.config, None, None
+    config, shard, rows, experts = info.config, None, None, None
     if tp is not None:
-        from .parallel import check_kernels_serve, local_config, shard_tensor
+        from .parallel import check_kernels_serve, local_config, shard_rows, shard_tensor
 
         try:
             config = local_config(info.config, tp.world, tp.moe)
@@ -340,25 +340,31 @@ def load_model(path, device="auto", dtype=torch.bfloat16, tp=None):
             raise CheckpointError(f"{info.path}: {e}") from None
         experts = tp.experts(info.config)
         shard = functools.partial(shard_tensor, config=info.config, rank=tp.rank, world=tp.world, moe=tp.moe)
+        rows = functools.partial(shard_rows, config=info.config, rank=tp.rank, world=tp.world, moe=tp.moe)
     with torch.device("meta"):
         model = GptOss(config, dtype=dtype, quantized=info.quantized, experts=experts)
     state: dict[str, torch.Tensor] = {}
     handles = {}
     try:
         for src in info.sources():
+            # a share that is a range of rows (whole experts, the vocabulary's rows) is read alone
+            # from the file (the sources' combines act within each expert / row)
+            part_rows = rows(src.target) if rows else None
             parts = []
             for name in src.names:
                 f = tensors[name].file
                 if f not in handles:
                     handles[f] = safe_open(str(f), framework="pt", device="cpu")
-                t = handles[f].get_tensor(name)
+                t = handles[f].get_slice(name)[part_rows] if part_rows else handles[f].get_tensor(name)
                 parts.append(t if shard else t.to(device=device, dtype=dtype if src.kind == "float" else None))
                 del t
             whole = src.combine(parts)
             del parts
             if shard:        # this rank's slice of the tensor, and only that to the device
-                whole = shard(src.target, whole).to(device=device, dtype=dtype if src.kind == "float" else None,
-                                                    copy=True)     # (not a view that keeps the whole alive)
+                if not part_rows:
+                    whole = shard(src.target, whole)
+                whole = whole.to(device=device, dtype=dtype if src.kind == "float" else None,
+                                 copy=True)     # (not a view that keeps the whole alive)
             state[src.target] = whole
             del whole
         handles.clear()

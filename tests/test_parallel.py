@@ -238,3 +238,46 @@ def test_the_cli_under_torchrun_prints_the_single_process_text_once():
     zero = subprocess.run([sys.executable] + cmd + ["--tensor-parallel", "0"], capture_output=True, text=True,
                           timeout=600)
     assert zero.returncode == 2 and "--tensor-parallel must be >= 1" in zero.stderr
+
+
+@pytest.mark.parametrize("layout", ["original", "hf"])
+def test_the_loader_reads_only_a_ranks_rows_of_the_large_tensors(tmp_path, monkeypatch, layout):
+    """With the expert split, no rank reads an expert tensor or the vocabulary's matrices whole:
+    only its rows come off the file (safetensors slices); what it keeps equals the slices of the
+    whole model."""
+    import safetensors
+
+    from gptoss_ext import load_model
+    from gptoss_ext.synthetic import make_checkpoint
+
+    cfg = get_preset("tiny").replace(num_hidden_layers=1)
+    make_checkpoint(cfg, tmp_path / layout, layout=layout, seed=0)
+    whole = load_model(tmp_path / layout, device="cpu", dtype=torch.float32)
+    read_whole = []
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def get_tensor(self, name):
+            read_whole.append(name)
+            return self.f.get_tensor(name)
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+    class Rank:                               # what load_model uses of a TensorParallel
+        world, rank, moe = 2, 1, "expert"
+
+        def experts(self, config):
+            return (4, 4)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    part = load_model(tmp_path / layout, device="cpu", dtype=torch.float32, tp=Rank())
+    big = [n for n in read_whole if "expert" in n or "mlp1" in n or "mlp2" in n or "embed" in n or "lm_head" in n]
+    assert not big, big
+    assert read_whole                          # (the rest: norms, the gate, attention, read whole)
+    full = whole.state_dict()
+    for k, v in part.state_dict().items():
+        assert torch.equal(v, shard_tensor(k, full[k], cfg, 1, 2)), k

@@ -163,6 +163,26 @@ def shard_tensor(name: str, t: torch.Tensor, config: ModelConfig, rank: int, wor
     return t                                                                  # norms, the gate: every rank
 
 
+def shard_rows(name: str, config: ModelConfig, rank: int, world: int, moe: str = "expert") -> slice | None:
+    """The rows (first dimension) of tensor `name` that are this rank's whole share of it, when it
+    is one such range (the vocabulary's rows, a sink range, whole experts), else None: the loader
+    then reads only those rows of the file. Agrees with shard_tensor."""
+    c = config
+    if world == 1:
+        return None
+    leaf = name.split(".", 2)[-1] if name.startswith("block.") else name
+    if leaf in ("embedding.weight", "unembedding.weight"):
+        n = c.vocab_size // world
+    elif leaf == "attn.sinks":
+        n = c.num_attention_heads // world
+    elif moe == "expert" and leaf.startswith("mlp.") and leaf not in ("mlp.gate.weight", "mlp.gate.bias",
+                                                                       "mlp.norm.scale"):
+        n = c.num_experts // world
+    else:
+        return None
+    return slice(rank * n, (rank + 1) * n)
+
+
 def shard_model(model, tp: TensorParallel):
     """A copy of `model` (a full GptOss) holding only this rank's slices, with `tp` set."""
     from ..model import GptOss
