@@ -150,7 +150,7 @@ setup(
     # numpy: torch warns on every import without it
     install_requires=["torch>=2.4", "safetensors>=0.4", "tiktoken>=0.7", "numpy"],
     extras_require={"test": ["pytest>=7.3", "transformers>=4.55", "openai-harmony>=0.0.4", "fastapi>=0.110",
-                             "uvicorn>=0.29", "openai>=1.40", "httpx>=0.27"],
+                             "uvicorn>=0.29", "openai>=1.40", "httpx>=0.27", "aiohttp>=3.9"],
                     "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
                     "hf": ["transformers>=4.55"]},
     ext_modules=[Extension("gptoss_ext._C", sources=[])],

@@ -165,16 +165,16 @@ def cmd_bench_serve(args) -> int:
         raise UsageError("--mixed and --max-prefill-with-decodes must be >= 0")
     if args.base_url:                 # a running server, through HTTP
         try:
-            import httpx
+            import aiohttp
         except ImportError:
-            raise UsageError("bench-serve --base-url needs httpx: pip install httpx") from None
+            raise UsageError("bench-serve --base-url needs aiohttp: pip install aiohttp") from None
         from .server import bench as http_bench
 
         try:
             res = http_bench.run(args.base_url, num_requests=args.num_requests, input_len=args.input_len,
                                  output_len=args.output_len, rate=args.request_rate, concurrency=args.max_concurrency,
                                  api_key=args.api_key, shared_prefix=args.shared_prefix)
-        except httpx.TransportError as e:
+        except aiohttp.ClientConnectionError as e:
             raise UsageError(f"--base-url {args.base_url}: cannot reach the server ({type(e).__name__}: {e})") from None
         return _report(res, args.json, http_bench.format_table)
     import gptoss_ext as g
