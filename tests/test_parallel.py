@@ -114,6 +114,7 @@ def _drive_engines(full, local, cfg):
             eng.run_until_done()
             outs.append([h.request.output for h in hs])
         res[f"engine{i}"] = (outs[1], outs[0], dict(eng.stats))
+        res[f"held{i}"] = len(eng._sent)            # parameters the other rank still holds for rank 0
     return res
 
 
@@ -132,6 +133,7 @@ def test_a_broadcast_engine_runs_rank_0s_schedule_on_every_rank():
         assert got == want, key
         assert stats["steps"] > 1
     assert res[0]["engine1"][2]["preemptions"] >= 1
+    assert res[0]["held0"] == res[0]["held1"] == 0                   # ended requests: dropped there too
 
 
 def _idle_rank(rank: int, world: int, store: str, out: str) -> None:

@@ -139,7 +139,9 @@ class Engine:
             self._tp.broadcast_object({"engine": spec})
         if self._tp is not None:             # every rank's cache the same size: the smallest rank's
             num_blocks, num_window_blocks = self._tp.agree_min([num_blocks, num_window_blocks])
-        self._forget: list[int] = []         # (leader) requests whose generators the followers drop
+        self._forget: list[int] = []         # (leader) finished requests the followers can drop
+        self._sent: set[int] = set()         # (leader) requests whose sampling parameters they hold
+        self._params: dict[int, SamplingParams] = {}   # (follower) those parameters
         self._reseed: int | None = None      # (leader) a reseed the followers have not been told of
         self._stopped = False
         self.cache = PagedKVCache(c, num_blocks, max(num_window_blocks, 1), block_size, model.device, model.dtype)
@@ -207,11 +209,14 @@ class Engine:
         with self._lock:
             self.scheduler.abort(handle.request, reason)
             self.handles.pop(handle.request.id, None)
-            self._drop_generator(handle.request.id)
+            self._forget_request(handle.request.id)
         handle._deliver([], True)
 
-    def _drop_generator(self, rid: int) -> None:
-        if self._generators.pop(rid, None) is not None and self.broadcast:
+    def _forget_request(self, rid: int) -> None:
+        """A request ended: its generator goes, and the other ranks are told to drop what they hold."""
+        self._generators.pop(rid, None)
+        if rid in self._sent:
+            self._sent.discard(rid)
             self._forget.append(rid)
 
     def reseed(self, seed: int) -> None:
@@ -235,6 +240,9 @@ class Engine:
                     self._gen.manual_seed(msg["reseed"])
                 for rid in msg.get("forget", ()):
                     self._generators.pop(rid, None)
+                    self._params.pop(rid, None)
+                self._params.update(msg["params"])
+                msg["sampling"] = [(rid, self._params[rid]) for rid in msg["sampling"]]
                 self._execute(msg)
 
     def close(self) -> None:
@@ -347,7 +355,7 @@ class Engine:
             loop.call_soon_threadsafe(_set_all, events)
         for req in finished:
             self.handles.pop(req.id, None)
-            self._drop_generator(req.id)
+            self._forget_request(req.id)
         prof["resolve_s"] += time.perf_counter() - t1
         return touched
 
@@ -384,11 +392,16 @@ class Engine:
         t0 = time.perf_counter()
         inputs, reqs = self._inputs(plan, prev)
         if self.broadcast:
+            # the step's inputs as plain ints, and the sampling parameters of requests new to the
+            # other ranks (they keep them until told the request ended)
+            msg = dict(inputs, sampling=[rid for rid, _ in inputs["sampling"]],
+                       params={rid: p for rid, p in inputs["sampling"] if rid not in self._sent})
+            self._sent.update(msg["params"])
             if self._reseed is not None:
-                inputs["reseed"], self._reseed = self._reseed, None
+                msg["reseed"], self._reseed = self._reseed, None
             if self._forget:
-                inputs["forget"], self._forget = self._forget, []
-            self._tp.broadcast_object(inputs)
+                msg["forget"], self._forget = self._forget, []
+            self._tp.broadcast_object(msg)
         t1 = time.perf_counter()
         gpu = None
         if self._side is not None:
