@@ -8,7 +8,7 @@
 #     bench/gpu_run.sh OUT_DIR [bench names...]
 #
 #   STAGES     which stages run, in this order (default all but parallel): build kernel_tests tests sanitize
-#              bench e2e serve parallel (parallel: 2 GPUs, see the stage)
+#              bench e2e serve http parallel (http: the server's targets, wheels in .whl/; parallel: 2 GPUs)
 #   E2E        presets of the e2e stage (default "gpt-oss-20b gpt-oss-120b")
 #   BASELINE   a source tree of an earlier version (e.g. `git archive REV | tar -x -C DIR`): the e2e
 #              stage also builds it and runs its 20b benchmark on the same GPU (e2e_baseline.md), so
@@ -132,6 +132,35 @@ if want serve; then
       --max-prefill-with-decodes $cap --json "$OUT/serve_mixed_cap$cap.json" > "$OUT/serve_mixed_cap$cap.md" \
       2> "$LOGS/serve_mixed_cap$cap.log" || status=1
   done
+fi
+if want http; then
+  # The server's targets on the GPU (not in the default stages): 256 streaming clients through HTTP
+  # against the engine driven directly on the same requests (20b, 1k in / 256 out; target within
+  # 10 %), and one streaming client against generate() at batch 1 (target within 5 %). The image
+  # has no fastapi / uvicorn: wheels carried in .whl/ (git-ignored) go to a private site dir.
+  if ! $PY -c "import fastapi, uvicorn" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$LOGS/wheels.log" 2>&1 \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  stamp "http: serve gpt-oss-20b"
+  $PY -m gptoss_ext serve --preset gpt-oss-20b --port 8011 --max-num-seqs 256 --log-level warning \
+    > "$LOGS/serve_http.log" 2>&1 &
+  SP=$!
+  for i in $(seq 180); do curl -sf http://127.0.0.1:8011/health > /dev/null && break; sleep 1; done
+  for n in 256 1; do
+    stamp "http: $n clients"
+    $PY -m gptoss_ext bench-serve --base-url http://127.0.0.1:8011/v1 --num-requests $n --max-concurrency $n \
+      --input-len 1024 --output-len 256 --json "$OUT/http_$n.json" > "$OUT/http_$n.md" 2> "$LOGS/http_$n.log" || status=1
+  done
+  kill -INT $SP; wait $SP
+  for n in 256 1; do
+    stamp "http: the same $n requests direct"
+    $PY -m gptoss_ext bench-serve --preset gpt-oss-20b --num-requests $n --input-len 1024 --output-len 256 \
+      --static-batch 0 --json "$OUT/direct_$n.json" > "$OUT/direct_$n.md" 2> "$LOGS/direct_$n.log" || status=1
+  done
+  $PY bench/serve_overhead.py --json "$OUT/serve_overhead.json" > "$OUT/serve_overhead.md" \
+    2> "$LOGS/serve_overhead.log" || status=1
+  cat "$OUT"/http_256.md "$OUT"/direct_256.md 2>/dev/null | grep -E "output tok/s|per output"
 fi
 if want parallel; then
   # Several GPUs (not in the default stages): the 2-GPU tests, then 120b batch-1 decode on 1 and 2
