@@ -478,7 +478,7 @@ class GptOss(nn.Module):
         e = self._engine
         if e is not None and not e.scheduler.has_work():
             e.run_until_done()                   # a step still in flight for requests that were dropped
-        if (e is not None and e.blocks.full.num_blocks >= need and e.scheduler.max_num_seqs >= seqs
+        if (e is not None and e.num_full_blocks >= need and e.scheduler.max_num_seqs >= seqs
                 and (e.graphs is not None) == use_graph and not e.has_work()):
             return e
         self._engine = None

@@ -386,3 +386,30 @@ def test_admission_keeps_blocks_back_for_the_running_requests(model):
     assert counts[0.0] > 0 and counts[1.0] == 0
     with pytest.raises(ValueError, match="decode_reserve"):
         Engine(model, num_blocks=8, block_size=16, decode_reserve=1.5)
+
+
+def test_one_pool_serves_more_sequences_in_the_same_memory(model):
+    """gpt-oss's two layer groups take the same bytes a block, so by default they share one pool:
+    in the memory of separate pools (the window's sized for max_num_seqs) the shared pool runs more
+    sequences at once and preempts less, with every request's tokens unchanged."""
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(0, 200000, (40,), generator=g).tolist() for _ in range(8)]
+    kw = dict(block_size=16, max_num_seqs=8, max_num_batched_tokens=64, decode_reserve=0.0)
+    win = min(12, 8 * 2 + 64 // 16 + 1)                    # the engine's window sizing for these arguments
+    separate = Engine(model, num_blocks=12, num_window_blocks=win, **kw)
+    shared = Engine(model, num_blocks=12, **kw)
+    assert not separate.blocks.shared and shared.blocks.shared
+    assert shared.cache.nbytes() == separate.cache.nbytes()                     # the same memory
+    assert shared.cache.k["full"] is shared.cache.k["window"]
+    outs = {}
+    for name, eng in (("separate", separate), ("shared", shared)):
+        hs = [eng.add_request(p, SamplingParams(max_tokens=30, **GREEDY)) for p in ps]
+        eng.run_until_done()
+        outs[name] = [h.request.output for h in hs]
+        assert eng.blocks.pool.in_use() == 0 or eng.blocks.in_use() == (0, 0)
+    assert outs["shared"] == outs["separate"]
+    assert outs["shared"][:2] == [alone(model, p, 30) for p in ps[:2]]
+    assert shared.stats["peak_running"] > separate.stats["peak_running"]
+    assert shared.stats["preemptions"] <= separate.stats["preemptions"]
+    m = shared.metrics()
+    assert m["kv_pool_shared"] and m["kv_blocks_total"] == 12 + win

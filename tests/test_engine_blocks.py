@@ -92,3 +92,28 @@ def test_block_hashes_chain():
     b = block_hashes(list(range(32)) + [0] * 16, 16)
     assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
     assert block_hashes([1] * 16 + [2] * 16, 16)[1] != block_hashes([3] * 16 + [2] * 16, 16)[1]
+
+
+def test_one_pool_for_both_groups():
+    """shared: the window group's blocks come from the full group's pool and go back to it; each
+    group's copy of a prefix block is its own (the window's is another block)."""
+    bm = BlockManager(num_full_blocks=6, num_window_blocks=2, block_size=16, window=16, shared=True)
+    assert bm.pool.num_blocks == 8 and bm.window_blocks_per_seq() == 2
+    assert bm.capacity_tokens() == (8 - 2) * 16
+    toks = list(range(1, 100))
+    bm.allocate(1, 0, 48)                        # a prefill of 48: 3 full blocks and 3 window blocks
+    assert bm.in_use() == (3, 3) and bm.pool.available() == 2
+    assert not set(bm.tables(1).full) & set(bm.tables(1).window)
+    assert not bm.can_allocate(2, 0, 32)         # 2 full + 2 window > the 2 left: the window counts too
+    assert bm.can_allocate(2, 0, 16)
+    bm.advance(1, toks, 48)                      # registers 3 prefix blocks in both groups; the window
+    assert bm.in_use() == (3, 1) and bm.pool.available() == 4    # blocks 0, 1 go back to the one pool
+    bm.free(1)
+    assert bm.pool.available() == 8 and bm.in_use() == (0, 0)
+    assert bm.match_prefix(3, toks[:49]) == 48   # the full copies and the window copy are found apart
+    s = bm.tables(3)
+    assert len(s.full) == 3 and s.window[2] >= 0 and s.window[2] not in s.full
+    bm.free(3)
+    for i in range(4):                           # every block serves either group
+        bm.allocate(10 + i, 0, 1)
+    assert bm.in_use() == (4, 4) and bm.pool.available() == 0

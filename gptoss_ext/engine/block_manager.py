@@ -10,6 +10,12 @@ block groups, each its own pool of `block_size`-token blocks shared by all layer
 Block tables are lists of block ids indexed by logical block (position // block_size); window
 entries that were given back are -1 (the kernels never read them).
 
+One pool or two: when both groups have as many layers (gpt-oss alternates them), a block takes the
+same bytes in either, and the groups share one pool (`shared=True`): a block goes to whichever group
+needs it, so the window group holds only what the running sequences' windows use and every other
+block is there for the full group (vLLM's hybrid allocator does the same). Otherwise each group
+has its own pool.
+
 Prefix reuse: a full block is identified by the hash of (the previous block's hash, its token ids).
 When the last reference to a hashed block goes, the block stays in the pool's cache (LRU) until its
 space is needed, and a later sequence starting with the same tokens takes it instead of computing
@@ -90,6 +96,39 @@ class BlockPool:
                 self.free.append(b)
 
 
+class _GroupView:
+    """One group's side of a shared pool: its hashed blocks under their own keys (the window group's
+    copy of a prefix block is another block than the full group's)."""
+
+    def __init__(self, pool: BlockPool, tag: str):
+        self.pool, self.tag = pool, tag
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def available(self) -> int:
+        return self.pool.available()
+
+    def in_use(self) -> int:
+        return self.pool.in_use()
+
+    def allocate(self) -> int:
+        return self.pool.allocate()
+
+    def release(self, b: int) -> None:
+        self.pool.release(b)
+
+    def take_cached(self, h: int) -> int | None:
+        return self.pool.take_cached((self.tag, h))
+
+    def has(self, h: int) -> bool:
+        return self.pool.has((self.tag, h))
+
+    def register(self, b: int, h: int) -> None:
+        self.pool.register(b, (self.tag, h))
+
+
 def block_hashes(tokens: list[int], block_size: int) -> list[int]:
     """The chained hash of every full block of tokens."""
     out, h = [], 0
@@ -110,14 +149,22 @@ class SeqBlocks:
 
 
 class BlockManager:
-    """The two block groups of a paged cache and every sequence's tables."""
+    """The two block groups of a paged cache and every sequence's tables. shared: one pool of
+    num_full_blocks + num_window_blocks blocks for both groups (see the module's text)."""
 
-    def __init__(self, num_full_blocks: int, num_window_blocks: int, block_size: int, window: int):
+    def __init__(self, num_full_blocks: int, num_window_blocks: int, block_size: int, window: int,
+                 shared: bool = False):
         if block_size <= 0 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         self.block_size, self.window = block_size, window
-        self.full = BlockPool(num_full_blocks)
-        self.win = BlockPool(num_window_blocks) if window > 0 else None
+        self.shared = shared and window > 0
+        if self.shared:
+            self.pool = BlockPool(num_full_blocks + num_window_blocks)
+            self.full, self.win = _GroupView(self.pool, "full"), _GroupView(self.pool, "window")
+        else:
+            self.full = BlockPool(num_full_blocks)
+            self.win = BlockPool(num_window_blocks) if window > 0 else None
+            self.pool = self.full
         self.seqs: dict[int, SeqBlocks] = {}
         self.hit_tokens = 0          # prompt positions served from the prefix cache
         self.query_tokens = 0        # prompt positions looked up
@@ -138,7 +185,26 @@ class BlockManager:
 
     def can_allocate(self, seq_id: int, start: int, end: int) -> bool:
         f, w = self._needed(seq_id, start, end)
+        if self.shared:
+            return f + w <= self.pool.available()
         return f <= self.full.available() and (self.win is None or w <= self.win.available())
+
+    def window_blocks_per_seq(self) -> int:
+        """Window blocks a sequence holds at most (its window and the block being written)."""
+        return -(-self.window // self.block_size) + 1 if self.win is not None else 0
+
+    def capacity_tokens(self) -> int:
+        """Positions one sequence can hold when it has the cache to itself."""
+        n = self.full.num_blocks - (self.window_blocks_per_seq() if self.shared else 0)
+        return max(0, n) * self.block_size
+
+    def in_use(self) -> tuple[int, int]:
+        """Blocks held: (full group, window group); of a shared pool, counted from the tables (the
+        prefix cache's unreferenced blocks are free to take, so they are not counted)."""
+        if not self.shared:
+            return self.full.in_use(), self.win.in_use() if self.win is not None else 0
+        win = sum(1 for s in self.seqs.values() for b in s.window if b >= 0)
+        return self.pool.in_use() - win, win
 
     def _needed(self, seq_id: int, start: int, end: int) -> tuple[int, int]:
         """Blocks to allocate for queries at positions [start, end) (keys written there, and in a

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .block_manager import BlockManager
-from .cache import PagedKVCache
+from .cache import PagedKVCache, can_share
 from .scheduler import FINISHED, Request, SamplingParams, Scheduler, StepPlan
 
 
@@ -131,6 +131,10 @@ class Engine:
         # step's prefill chunks write before the older ones go back.
         per_seq = -(-window // block_size) + 1 if window else 0
         win_need = max_num_seqs * per_seq + (-(-max_num_batched_tokens // block_size) + 1 if window else 0)
+        # One pool for both groups where a block takes the same bytes in either (gpt-oss), unless
+        # the caller sized the window pool: the window group then holds only what the running
+        # sequences' windows use, and the full group has every other block.
+        shared = can_share(c) and num_window_blocks is None
         if num_window_blocks is None:
             num_window_blocks = win_need if num_blocks is None else min(num_blocks, win_need)
         if num_blocks is None:
@@ -144,8 +148,10 @@ class Engine:
         self._params: dict[int, SamplingParams] = {}   # (follower) those parameters
         self._reseed: int | None = None      # (leader) a reseed the followers have not been told of
         self._stopped = False
-        self.cache = PagedKVCache(c, num_blocks, max(num_window_blocks, 1), block_size, model.device, model.dtype)
-        self.blocks = BlockManager(num_blocks, max(num_window_blocks, 1), block_size, window)
+        self.num_full_blocks = num_blocks    # (shared: the pool has these and the window's blocks, for either)
+        self.cache = PagedKVCache(c, num_blocks, max(num_window_blocks, 1), block_size, model.device, model.dtype,
+                                  shared=shared)
+        self.blocks = BlockManager(num_blocks, max(num_window_blocks, 1), block_size, window, shared=shared)
         self.scheduler = Scheduler(self.blocks, self.max_model_len, max_num_seqs, max_num_batched_tokens,
                                    decode_reserve, max_prefill_with_decodes)
         self.max_blocks_per_seq = -(-self.max_model_len // block_size)
@@ -596,6 +602,6 @@ class Engine:
 
     def metrics(self) -> dict:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "kv_blocks_used": self.blocks.full.in_use(), "kv_blocks_total": self.blocks.full.num_blocks,
-                "window_blocks_used": self.blocks.win.in_use() if self.blocks.win else 0,
+                "kv_blocks_used": self.blocks.pool.in_use(), "kv_blocks_total": self.blocks.pool.num_blocks,
+                "window_blocks_used": self.blocks.in_use()[1], "kv_pool_shared": self.blocks.shared,
                 "prefix_hit_rate": self.blocks.hit_rate(), **self.stats}

@@ -171,7 +171,7 @@ class Scheduler:
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_model_len} "
                              "(and at least one must be left to generate)")
-        capacity = self.blocks.full.num_blocks * self.blocks.block_size
+        capacity = self.blocks.capacity_tokens()
         if len(prompt) + 1 > capacity:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the whole KV cache holds {capacity}")
 
@@ -245,6 +245,8 @@ class Scheduler:
                 if reserved is None:
                     reserved = self._decode_reserve_blocks(self.running)
                 prompt_blocks = -(-(req.num_tokens - req.computed) // self.blocks.block_size)
+                if self.blocks.shared:       # and its window's blocks, from the same pool
+                    prompt_blocks += self.blocks.window_blocks_per_seq()
                 if self.blocks.full.available() - prompt_blocks < reserved:
                     break
             if req.computed == 0 and req.id not in self.blocks.seqs:
@@ -276,8 +278,11 @@ class Scheduler:
             left = min(r.params.max_tokens - len(r.output) - r.pending, self.max_model_len - r.num_tokens,
                        self.RESERVE_CLIP_TOKENS)
             end = r.num_tokens + int(max(0, left) * self.decode_reserve)
-            held = len(self.blocks.seqs[r.id].full) if r.id in self.blocks.seqs else 0
-            total += max(0, -(-end // bs) - held)
+            s = self.blocks.seqs.get(r.id)
+            total += max(0, -(-end // bs) - (len(s.full) if s else 0))
+            if self.blocks.shared:           # one pool: its window blocks come from the same blocks
+                held = sum(1 for b in s.window if b >= 0) if s else 0
+                total += max(0, self.blocks.window_blocks_per_seq() - held)
         return total
 
     def _prefill_chunk(self, req: Request, budget: int, plan: StepPlan) -> int:

@@ -170,8 +170,10 @@ class EngineRunner:
 
         metric("gptoss_requests_running", "gauge", "Requests in the engine's running batch.", m["running"])
         metric("gptoss_requests_waiting", "gauge", "Requests queued for admission.", m["waiting"])
-        metric("gptoss_kv_blocks_used", "gauge", "KV-cache blocks in use (full-attention layers).", m["kv_blocks_used"])
-        metric("gptoss_kv_blocks_total", "gauge", "KV-cache blocks (full-attention layers).", m["kv_blocks_total"])
+        metric("gptoss_kv_blocks_used", "gauge", "KV-cache blocks in use (full-attention layers; with one pool for "
+               "both kinds of layer, all).", m["kv_blocks_used"])
+        metric("gptoss_kv_blocks_total", "gauge", "KV-cache blocks (full-attention layers; with one pool for both "
+               "kinds of layer, all).", m["kv_blocks_total"])
         metric("gptoss_kv_window_blocks_used", "gauge", "KV-cache blocks in use (sliding-window layers).",
                m["window_blocks_used"])
         metric("gptoss_prefix_cache_hit_rate", "gauge", "Prompt tokens served from the prefix cache / prompt "
