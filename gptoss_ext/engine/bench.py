@@ -69,6 +69,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], output_len: int, rate: 
             "total_tok_s": (out_tokens + in_tokens) / wall, "ttft_p50_ms": 1e3 * _pct(ttft, 50),
             "ttft_p99_ms": 1e3 * _pct(ttft, 99), "tpot_p50_ms": 1e3 * _pct(tpot, 50), "tpot_p99_ms": 1e3 * _pct(tpot, 99),
             "peak_concurrency": max(peak, m["peak_running"]), "kv_blocks_total": m["kv_blocks_total"],
+            "kv_pool_shared": m["kv_pool_shared"],
             "prefix_hit_rate": m["prefix_hit_rate"], "preemptions": m["preemptions"], "steps": m["steps"],
             "step_profile": step_profile(engine)}
 
@@ -179,7 +180,8 @@ def format_table(res: dict) -> str:
         lines.append(f"| {label} | {fmt.format(*(e[k] for k in keys))} | "
                      + (fmt.format(*(s[k] for k in keys)) if s else "-") + " |")
     lines.append(f"| peak concurrency | {e['peak_concurrency']} | {s['batch'] if s else '-'} |")
-    lines.append(f"| KV blocks | {e['kv_blocks_total']} | |")
+    lines.append(f"| KV blocks{' (one pool for both layer groups)' if e.get('kv_pool_shared') else ''} | "
+                 f"{e['kv_blocks_total']} | |")
     lines.append(f"| prefix hit rate | {100 * e['prefix_hit_rate']:.1f}% | |")
     lines.append(f"| preemptions | {e['preemptions']} | |")
     return "\n".join(lines + format_profile(e.get("step_profile", {})))
