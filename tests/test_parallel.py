@@ -105,8 +105,9 @@ def _drive_engines(full, local, cfg):
     params = [SamplingParams(max_tokens=12, temperature=0.0), SamplingParams(max_tokens=12, temperature=1.0, seed=4),
               SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=9), SamplingParams(max_tokens=14, temperature=1.0)]
     res = {}
+    # the second: 6 blocks a group, so requests wait and are preempted
     for i, kw in enumerate([dict(num_blocks=24, block_size=16, max_num_batched_tokens=32),
-                            dict(num_blocks=6, block_size=16)]):      # 6 blocks: requests wait and are preempted
+                            dict(num_blocks=6, num_window_blocks=6, block_size=16)]):
         outs = []
         for eng in (Engine(full, **kw), Engine(local, broadcast=True, **kw)):
             eng.reseed(77 + i)                      # the unseeded sampling: rank 0's reseed reaches rank 1

@@ -230,7 +230,7 @@ def follow_engines(model) -> None:
     while True:
         msg = tp.broadcast_object(None)
         if msg == "exit":
-            return
+            break
         if msg is None:                      # the close of an engine whose making failed on rank 0
             continue
         if not isinstance(msg, dict) or "engine" not in msg:
@@ -241,7 +241,10 @@ def follow_engines(model) -> None:
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
         if end == "exit":
-            return
+            break
+    # both sides past their last message before anyone tears a group down (a rank destroying its
+    # groups while the other's last send was still in flight aborted a process now and then)
+    dist.barrier(group=tp.cpu_group)
 
 
 def release_followers(model) -> None:
@@ -252,3 +255,4 @@ def release_followers(model) -> None:
     if getattr(tp, "engine", None) is not None:
         tp.engine.close()
     tp.broadcast_object("exit")
+    dist.barrier(group=tp.cpu_group)          # (follow_engines' side of it: see there)
