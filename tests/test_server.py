@@ -577,7 +577,7 @@ def test_a_failed_step_of_a_split_model_stops_its_engine():
     """With the model split over ranks (a broadcast engine), a step that failed on rank 0 may have
     left the other ranks inside its collectives: the runner stops (health then says the engine is
     down, new requests are refused) rather than step on. A one-process engine carries on."""
-    from gptoss_ext.server.runner import EngineRunner
+    from gptoss_ext.server.runner import EngineDown, EngineRunner
 
     class Failing:
         def __init__(self, broadcast):
@@ -595,7 +595,7 @@ def test_a_failed_step_of_a_split_model_stops_its_engine():
     time.sleep(0.2)
     assert not split.alive and not split.accepting and split.engine.steps == 1
     assert single.alive and single.accepting and single.engine.steps > 1
-    with pytest.raises(RuntimeError, match=r"engine stopped after a failed step \(RuntimeError: injected\)"):
+    with pytest.raises(EngineDown, match=r"engine stopped after a failed step \(RuntimeError: injected\)"):
         split.submit([1, 2], None)
     single._stop.set()
     single._thread.join(timeout=10)

@@ -198,12 +198,17 @@ class BlockManager:
         n = self.full.num_blocks - (self.window_blocks_per_seq() if self.shared else 0)
         return max(0, n) * self.block_size
 
+    def window_held(self, seq_id: int) -> int:
+        """Window blocks the sequence holds (those before window_released went back)."""
+        s = self.seqs.get(seq_id)
+        return sum(1 for b in s.window[s.window_released:] if b >= 0) if s else 0
+
     def in_use(self) -> tuple[int, int]:
         """Blocks held: (full group, window group); of a shared pool, counted from the tables (the
         prefix cache's unreferenced blocks are free to take, so they are not counted)."""
         if not self.shared:
             return self.full.in_use(), self.win.in_use() if self.win is not None else 0
-        win = sum(1 for s in self.seqs.values() for b in s.window if b >= 0)
+        win = sum(self.window_held(i) for i in self.seqs)
         return self.pool.in_use() - win, win
 
     def _needed(self, seq_id: int, start: int, end: int) -> tuple[int, int]:

@@ -175,6 +175,7 @@ class Engine:
         self._inflight: _Launched | None = None
         self._host, self._host_turn = None, 0
         self._side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        self._events, self._event_turn = [], 0
         if use_graphs:
             from .decode_graphs import DecodeGraphs
             model.prepare_kernels()
@@ -411,7 +412,13 @@ class Engine:
         t1 = time.perf_counter()
         gpu = None
         if self._side is not None:
-            gpu = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            # event pairs reused in turn (at most two steps are in flight; a pair is read when its
+            # step resolves), not two new CUDA events a step
+            if not self._events:
+                self._events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                                for _ in range(4)]
+            gpu = self._events[self._event_turn]
+            self._event_turn = (self._event_turn + 1) % len(self._events)
             gpu[0].record()
         out = self._execute(inputs)
         if gpu is not None:

@@ -281,8 +281,7 @@ class Scheduler:
             s = self.blocks.seqs.get(r.id)
             total += max(0, -(-end // bs) - (len(s.full) if s else 0))
             if self.blocks.shared:           # one pool: its window blocks come from the same blocks
-                held = sum(1 for b in s.window if b >= 0) if s else 0
-                total += max(0, self.blocks.window_blocks_per_seq() - held)
+                total += max(0, self.blocks.window_blocks_per_seq() - self.blocks.window_held(r.id))
         return total
 
     def _prefill_chunk(self, req: Request, budget: int, plan: StepPlan) -> int:

@@ -12,7 +12,7 @@ import time
 
 from .protocol import ApiError, Body
 from .responses import ResponseStore
-from .runner import EngineRunner
+from .runner import EngineDown, EngineRunner
 
 log = logging.getLogger("gptoss_ext.server")
 
@@ -47,7 +47,7 @@ class ServerContext:
         except RuntimeError as e:
             for h in handles:
                 self.runner.abort(h)
-            raise ApiError(503, str(e), code="engine_down" if "failed step" in str(e) else "shutting_down") from None
+            raise ApiError(503, str(e), code="engine_down" if isinstance(e, EngineDown) else "shutting_down") from None
         return handles
 
     def finished(self, rid: str, h, arrival: float, first: float | None, n_out: int, reason: str | None) -> None:

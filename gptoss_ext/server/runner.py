@@ -16,6 +16,10 @@ from ..engine import Engine, EngineStepError, RequestHandle, SamplingParams
 log = logging.getLogger("gptoss_ext.server")
 
 
+class EngineDown(RuntimeError):
+    """The engine thread stopped after a failed step (a model split over ranks): no more requests."""
+
+
 class Histogram:
     def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
         self.name, self.help, self.buckets = name, help, buckets
@@ -128,10 +132,11 @@ class EngineRunner:
 
     # ---- requests -------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
-        """Queue a request; ValueError (the request's own fault) or RuntimeError (shutting down)."""
+        """Queue a request; ValueError (the request's own fault), EngineDown, or RuntimeError (shutting
+        down)."""
         if not self.accepting:
             if not self.alive and self.last_error:
-                raise RuntimeError(f"the engine stopped after a failed step ({self.last_error})")
+                raise EngineDown(f"the engine stopped after a failed step ({self.last_error})")
             raise RuntimeError("the server is shutting down")
         h = self.engine.add_request(prompt, params)
         self._wake.set()
